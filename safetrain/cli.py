@@ -1,0 +1,263 @@
+"""The `safetrain` command.
+
+  safetrain --config=experiments/NAME.py[:ARG] --workdir=DIR [--config.a.b=V ...]
+  safetrain report WORKDIR
+
+Exit codes:
+  0    trained to train.steps (or the data ended, with train.repeat_data=False).
+  2    bad flags, config, experiment file, data or workdir: one message on
+       stderr naming the problem, no traceback, nothing trained.
+  3    diverged with recovery spent; the diagnosis is printed and the last
+       healthy checkpoint is intact.
+  143  stopped by SIGTERM or SIGINT (preemption): the current inner loop
+       finished, a healthy checkpoint was written and the records flushed.
+       Run the same command again to resume from that step. (A signal before
+       training starts or after it ends stops the command at once, also with
+       143: the last checkpoint is intact.)
+
+A run killed without warning (kill -9, power loss) resumes too: the same
+command restores the newest checkpoint that reads back whole, cleaning up a
+save that was cut short and setting damaged files aside in
+WORKDIR/checkpoints/corrupt/.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import signal
+import sys
+
+# Before TensorFlow is imported: keep its C++ start-up chatter off the terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 2, 3, 143
+
+_CONFIG_ARG = re.compile(r"^--?config(?:=(.*))?$")
+_OVERRIDE_ARG = re.compile(r"^--?(?:no)?config\.([^=]+)")
+_HELP = ("-h", "-help", "--help", "--helpfull", "-?")
+
+
+class UsageError(Exception):
+  """Bad command-line input: printed as one line, exit code 2."""
+
+
+def main_with_exit_code(argv: list[str]) -> int:
+  """Runs the command on `argv` (argv[0] is the program name).
+
+  Safe to call more than once in a process: every call parses its own flags.
+
+  Returns:
+    The exit code (see the module docstring).
+  """
+  try:
+    return _main(argv)
+  except UsageError as e:
+    print(f"safetrain: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _main(argv: list[str]) -> int:
+  if any(a in _HELP for a in argv[1:]):
+    print(__doc__.strip())
+    return EXIT_OK
+  module, file_config = _load_experiment(argv)
+  fv = flags.FlagValues()
+  config_flag = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Experiment file: path/to/experiment.py[:arg].",
+    flag_values=fv,
+    lock_config=True,
+    sys_argv=argv,
+  )
+  workdir_flag = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints and records.", flag_values=fv
+  )
+  _check_override_keys(argv, file_config)
+  try:
+    rest = fv(argv)
+  except Exception as e:  # noqa: BLE001 - absl and config_flags raise several kinds
+    raise UsageError(_one_line(e)) from None
+  if len(rest) > 1:
+    raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
+  workdir = workdir_flag.value
+  if not workdir:
+    raise UsageError("--workdir is required")
+  config = config_flag.value
+
+  import tensorflow as tf  # noqa: PLC0415 - after the cheap checks above
+
+  import safetrain  # noqa: PLC0415
+  from safetrain import experiment  # noqa: PLC0415
+
+  logging.set_verbosity(logging.INFO)
+  tf.get_logger().setLevel("WARNING")
+  try:
+    safetrain.validate(config)
+    trainer_cls = experiment.resolve_trainer(config.trainer, module)
+    _check_workdir(workdir)
+    trainer = trainer_cls(config, workdir)
+    result = trainer.fit()
+  except safetrain.DivergenceError as e:
+    print(f"safetrain: diverged: {e.diagnosis}", file=sys.stderr)
+    return EXIT_DIVERGED
+  except (
+    safetrain.ConfigError,
+    safetrain.BadInputError,
+    safetrain.PreflightError,
+    safetrain.WorkdirError,
+  ) as e:
+    raise UsageError(str(e)) from None
+  print(trainer.summary_line(result) + f", final loss {result.loss:.4g}")
+  if result.stopped == "preempted":
+    print(
+      f"safetrain: stopped by a signal at step {result.step} after checkpointing; "
+      "run the same command to resume.",
+      file=sys.stderr,
+    )
+    return EXIT_PREEMPTED
+  if result.stopped == "data_exhausted":
+    print(
+      f"safetrain: the training data ended at step {result.step} "
+      "(train.repeat_data=False); stopped there.",
+      file=sys.stderr,
+    )
+  return EXIT_OK
+
+
+def _load_experiment(argv: list[str]):
+  """Finds --config, imports the experiment file and checks get_config.
+
+  Returns the module (where config.trainer is looked up) and the config
+  get_config returns, before the overrides.
+
+  Done before absl parses the flags, so each problem gets its own message
+  instead of a wrapped traceback from the flag parser.
+  """
+  value = None
+  for i, a in enumerate(argv[1:], 1):
+    m = _CONFIG_ARG.match(a)
+    if m:
+      value = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+  if value is None:
+    raise UsageError("--config=experiments/NAME.py is required")
+  path, _, arg = value.partition(":")
+  if not path:
+    raise UsageError("--config needs a path: --config=experiments/NAME.py")
+  if not os.path.isfile(path):
+    raise UsageError(f"--config: no experiment file at {path}")
+  from safetrain import experiment  # noqa: PLC0415 - imports TensorFlow
+
+  try:
+    module = experiment.load_module(path)
+  except Exception as e:  # noqa: BLE001 - anything the user's file raises
+    raise UsageError(f"--config: cannot import {path}: {_one_line(e, typed=True)}") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise UsageError(f"--config: {path} defines no get_config(arg=None) function")
+  try:
+    config = get_config(arg) if arg else get_config()
+  except Exception as e:  # noqa: BLE001
+    call = f"get_config({arg!r})" if arg else "get_config()"
+    raise UsageError(f"--config: {call} in {path} failed: {_one_line(e, typed=True)}") from None
+  import ml_collections  # noqa: PLC0415
+
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UsageError(
+      f"--config: get_config() in {path} returned {type(config).__name__}, not an "
+      "ml_collections.ConfigDict (start from safetrain.default_config())"
+    )
+  return module, config
+
+
+def _check_override_keys(argv: list[str], config) -> None:
+  """An override of a key the config does not have names the key and the
+  closest existing ones (absl would say only AttributeError: 'stepz')."""
+  for a in argv[1:]:
+    m = _OVERRIDE_ARG.match(a)
+    if not m:
+      continue
+    node, done = config, []
+    for part in m.group(1).split("."):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        where = "config." + ".".join(done) if done else "config"
+        close = difflib.get_close_matches(part, keys, n=1)
+        hint = f"; did you mean {where}.{close[0]}?" if close else ""
+        if not keys:
+          raise UsageError(f"--config.{m.group(1)}: {where} is a value, not a group")
+        raise UsageError(
+          f"--config.{m.group(1)}: {where} has no key {part!r}{hint} "
+          f"(keys of {where}: {', '.join(sorted(keys))})"
+        )
+      node = node[part]
+      done.append(part)
+
+
+def _check_workdir(workdir: str) -> None:
+  """The workdir must be a directory we can write, before any training."""
+  from safetrain.errors import WorkdirError  # noqa: PLC0415
+
+  probe = os.path.join(workdir, f".safetrain-write-test-{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(
+      f"--workdir={workdir} is not a writable directory: {e.strerror or e}"
+    ) from None
+
+
+def _one_line(e: BaseException, typed: bool = False) -> str:
+  text = str(e).strip()
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  if len(lines) > 3:
+    lines = lines[-1:]  # a wrapped traceback: its last line is the error
+  text = " ".join(lines) or type(e).__name__
+  return f"{type(e).__name__}: {text}" if typed else text
+
+
+def run() -> None:
+  """Console-script entry point (`safetrain`, `python -m safetrain`)."""
+  if len(sys.argv) > 1 and sys.argv[1] == "report":
+    from safetrain import report  # noqa: PLC0415
+
+    sys.exit(report.main(sys.argv[2:]))
+  # What absl.app.run would set up: absl log lines on stderr, without the
+  # "logging before flag parsing" notice (this command parses its own flags).
+  flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
+  # Inside Trainer.fit a signal stops the run after the current loop; outside
+  # it (start-up, restore, final evaluation) there is nothing to finish.
+  signal.signal(signal.SIGTERM, _stop)
+  try:
+    code = main_with_exit_code(sys.argv)
+  except (_Stopped, KeyboardInterrupt):
+    print(
+      "safetrain: stopped by a signal outside the training loop; the last checkpoint "
+      "is intact: run the same command to resume.",
+      file=sys.stderr,
+    )
+    code = EXIT_PREEMPTED
+  sys.exit(code)
+
+
+class _Stopped(BaseException):
+  """SIGTERM outside the training loop (a BaseException, like KeyboardInterrupt,
+  so that no `except Exception` on the way swallows it)."""
+
+
+def _stop(signum, frame) -> None:
+  del frame
+  raise _Stopped(signum)
+
+
+if __name__ == "__main__":
+  run()

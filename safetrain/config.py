@@ -1,0 +1,305 @@
+"""The configuration of a safetrain run: every key, its default, and validation.
+
+`default_config()` is the one place where defaults live. Library code reads
+config fields directly (never `config.get(key, default)`), so a key that is not
+here does not exist, and a typo in an override is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import ml_collections
+
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam", "lion")
+SCHEDULES = ("constant", "warmup_constant", "cosine", "warmup_cosine", "linear")
+BAD_INPUTS = ("drop_rows", "skip_batch", "raise")
+PREFLIGHT = ("off", "warn", "strict")
+RECOVERY_DATA = ("skip", "replay")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+DRILL_VALUES = ("nan", "inf")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid. The message names the field, value and rule."""
+
+  def __init__(self, field: str, value, allowed: str):
+    self.field = field
+    self.value = value
+    self.allowed = allowed
+    super().__init__(f"config.{field} = {value!r} is invalid: {allowed}")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns a ConfigDict holding every key safetrain reads, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # What to run: the name of a Trainer subclass in the experiment file, or a
+  # dotted import path ("package.module.Class").
+  c.trainer = ""
+  # Loss used by the default `Trainer.compute_loss`: any keras.losses name, or
+  # softmax_cross_entropy / sigmoid_cross_entropy (from logits).
+  c.loss = "mse"
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 32
+  c.train.steps_per_loop = 100
+  c.train.log_every_steps = 100
+  # Repeat the training dataset when it ends; if False, a run whose data ends
+  # before train.steps stops cleanly there (checkpoint written, exit 0).
+  c.train.repeat_data = True
+  # tf.config.experimental.enable_op_determinism(): bit-exact CPU reruns.
+  c.train.deterministic = False
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # 0: evaluate only at the end of fit().
+  c.eval.steps = 10  # batches per evaluation; 0: the whole eval dataset.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_steps = 0
+  # Decay schedules end at learning_rate * end_lr_factor at train.steps.
+  c.optimizer.end_lr_factor = 0.0
+  c.optimizer.beta_1 = 0.9
+  c.optimizer.beta_2 = 0.999
+  c.optimizer.epsilon = 1e-7
+  c.optimizer.momentum = 0.0
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 0.0
+
+  c.precision = ml_collections.ConfigDict()
+  c.precision.policy = "float32"
+
+  c.loss_scale = ml_collections.ConfigDict()
+  c.loss_scale.initial = 2.0**15
+  c.loss_scale.growth_interval = 2000
+  c.loss_scale.growth_factor = 2.0
+  c.loss_scale.backoff_factor = 0.5
+  c.loss_scale.hysteresis = 2
+  c.loss_scale.min_scale = 1.0
+  c.loss_scale.max_scale = 2.0**24
+
+  c.clip = ml_collections.ConfigDict()
+  c.clip.global_norm = 1.0
+
+  c.guard = ml_collections.ConfigDict()
+  c.guard.check_inputs = True
+  c.guard.bad_inputs = "drop_rows"
+  c.guard.rollback_after = 3
+  c.guard.spike_detection = True
+  # Good steps whose loss feeds the running statistics before spikes count.
+  c.guard.spike_warmup_steps = 100
+  # A spike is a loss above mean + spike_threshold * max(deviation,
+  # spike_rel_floor * |mean|), with mean and mean absolute deviation tracked
+  # as exponential moving averages (decay spike_decay) of good steps only.
+  c.guard.spike_threshold = 10.0
+  c.guard.spike_rel_floor = 0.25
+  c.guard.spike_decay = 0.98
+  c.guard.preflight = "warn"
+  # Preflight flags an input feature whose largest |value| in the first batch
+  # exceeds this: unnormalized inputs are the classic cause of NaN losses.
+  c.guard.preflight_max_abs_input = 100.0
+  # Under mixed_float16, preflight flags a layer whose activations on the first
+  # batch exceed this fraction of float16's largest value (65504).
+  c.guard.preflight_fp16_margin = 0.1
+
+  c.recovery = ml_collections.ConfigDict()
+  c.recovery.enabled = True
+  c.recovery.max_rollbacks = 5
+  c.recovery.lr_backoff = 0.5
+  c.recovery.min_lr_scale = 1.0 / 64
+  c.recovery.data = "skip"
+  c.recovery.rewarm_steps = 0
+  c.recovery.budget_reset_steps = 1000
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.max_to_keep = 5
+
+  c.distribute = ml_collections.ConfigDict()
+  c.distribute.strategy = "auto"
+  c.distribute.cpu_replicas = 0  # >1 splits the CPU into that many devices.
+
+  # Fault injection for tests and fire drills. Steps are attempt numbers
+  # (1-based, counting skipped attempts too) written like "5" or "3,7-9".
+  c.drill = ml_collections.ConfigDict()
+  c.drill.loss_steps = ""
+  c.drill.grad_steps = ""
+  c.drill.input_steps = ""
+  c.drill.value = "nan"
+  c.drill.input_feature = 0
+  c.drill.input_rows = 1
+  c.drill.replica = -1  # -1: every replica; k: only replica k's shard.
+  return c
+
+
+_SPEC_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_steps(spec: str, field: str = "drill") -> list[tuple[int, int]]:
+  """Parses "3,7-9" into [(3, 3), (7, 9)]."""
+  ranges = []
+  if not spec.strip():
+    return ranges
+  for part in spec.split(","):
+    m = _SPEC_RE.match(part)
+    if not m:
+      raise ConfigError(field, spec, 'a list of steps like "5" or "3,7-9"')
+    lo = int(m.group(1))
+    hi = int(m.group(2) or lo)
+    if lo < 1 or hi < lo:
+      raise ConfigError(field, spec, "steps are >= 1 and ranges go upwards")
+    ranges.append((lo, hi))
+  return ranges
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(field, value, allowed)
+
+
+def _int(c, field: str, minimum: int) -> None:
+  value = _lookup(c, field)
+  _check(
+    isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+    field,
+    value,
+    f"an integer >= {minimum}",
+  )
+
+
+def _num(c, field: str, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
+  value = _lookup(c, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = ok and math.isfinite(value)
+  if ok:
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+  lb = "(" if lo_open else "["
+  rb = ")" if hi_open else "]"
+  _check(ok, field, value, f"a number in {lb}{lo}, {hi}{rb}")
+
+
+def _choice(c, field: str, allowed) -> None:
+  value = _lookup(c, field)
+  _check(value in allowed, field, value, "one of " + ", ".join(allowed))
+
+
+def _bool(c, field: str) -> None:
+  value = _lookup(c, field)
+  _check(isinstance(value, bool), field, value, "true or false")
+
+
+def _lookup(c, field: str):
+  node = c
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field once, before any TensorFlow work.
+
+  Raises:
+    ConfigError: naming the first invalid field, its value and what is allowed.
+  """
+  expected = default_config()
+  _check_keys(config, expected, "")
+  _int(config, "seed", 0)
+  _check(isinstance(config.trainer, str), "trainer", config.trainer, "a class name")
+  _check(isinstance(config.loss, str) and config.loss, "loss", config.loss, "a keras.losses name")
+  _int(config, "train.steps", 1)
+  _int(config, "train.batch_size", 1)
+  _int(config, "train.steps_per_loop", 1)
+  _check(
+    config.train.steps_per_loop <= config.train.steps,
+    "train.steps_per_loop",
+    config.train.steps_per_loop,
+    f"at most train.steps ({config.train.steps})",
+  )
+  _int(config, "train.log_every_steps", 1)
+  _bool(config, "train.repeat_data")
+  _bool(config, "train.deterministic")
+  _int(config, "eval.every_steps", 0)
+  _int(config, "eval.steps", 0)
+  _choice(config, "optimizer.name", OPTIMIZERS)
+  _num(config, "optimizer.learning_rate", 0.0, 1e6, lo_open=True)
+  _choice(config, "optimizer.schedule", SCHEDULES)
+  _int(config, "optimizer.warmup_steps", 0)
+  if config.optimizer.schedule.startswith("warmup_"):
+    _check(
+      0 < config.optimizer.warmup_steps < config.train.steps,
+      "optimizer.warmup_steps",
+      config.optimizer.warmup_steps,
+      f"> 0 and < train.steps ({config.train.steps}) for a warmup schedule",
+    )
+  _num(config, "optimizer.end_lr_factor", 0.0, 1.0)
+  _num(config, "optimizer.beta_1", 0.0, 1.0, hi_open=True)
+  _num(config, "optimizer.beta_2", 0.0, 1.0, hi_open=True)
+  _num(config, "optimizer.epsilon", 0.0, 1.0, lo_open=True)
+  _num(config, "optimizer.momentum", 0.0, 1.0, hi_open=True)
+  _bool(config, "optimizer.nesterov")
+  _num(config, "optimizer.weight_decay", 0.0, 1.0)
+  _choice(config, "precision.policy", POLICIES)
+  _num(config, "loss_scale.min_scale", 0.0, 2.0**64, lo_open=True)
+  _num(config, "loss_scale.max_scale", config.loss_scale.min_scale, 2.0**64)
+  _num(config, "loss_scale.initial", config.loss_scale.min_scale, config.loss_scale.max_scale)
+  _int(config, "loss_scale.growth_interval", 1)
+  _num(config, "loss_scale.growth_factor", 1.0, 1e3, lo_open=True)
+  _num(config, "loss_scale.backoff_factor", 0.0, 1.0, lo_open=True, hi_open=True)
+  _int(config, "loss_scale.hysteresis", 1)
+  _num(config, "clip.global_norm", 0.0, 1e12)
+  _bool(config, "guard.check_inputs")
+  _choice(config, "guard.bad_inputs", BAD_INPUTS)
+  _int(config, "guard.rollback_after", 1)
+  _bool(config, "guard.spike_detection")
+  _int(config, "guard.spike_warmup_steps", 1)
+  _num(config, "guard.spike_threshold", 0.0, 1e9, lo_open=True)
+  _num(config, "guard.spike_rel_floor", 0.0, 1e9)
+  _num(config, "guard.spike_decay", 0.0, 1.0, lo_open=True, hi_open=True)
+  _choice(config, "guard.preflight", PREFLIGHT)
+  _num(config, "guard.preflight_max_abs_input", 0.0, 1e38, lo_open=True)
+  _num(config, "guard.preflight_fp16_margin", 0.0, 1.0, lo_open=True)
+  _bool(config, "recovery.enabled")
+  _int(config, "recovery.max_rollbacks", 0)
+  _num(config, "recovery.lr_backoff", 0.0, 1.0, lo_open=True, hi_open=True)
+  _num(config, "recovery.min_lr_scale", 0.0, 1.0, lo_open=True)
+  _choice(config, "recovery.data", RECOVERY_DATA)
+  _int(config, "recovery.rewarm_steps", 0)
+  _int(config, "recovery.budget_reset_steps", 1)
+  _int(config, "checkpoint.every_steps", 1)
+  _int(config, "checkpoint.max_to_keep", 2)
+  _choice(config, "distribute.strategy", STRATEGIES)
+  _int(config, "distribute.cpu_replicas", 0)
+  for f in ("loss_steps", "grad_steps", "input_steps"):
+    spec = config.drill[f]
+    _check(isinstance(spec, str), f"drill.{f}", spec, 'a string like "3,7-9"')
+    parse_steps(spec, f"drill.{f}")
+  _choice(config, "drill.value", DRILL_VALUES)
+  _int(config, "drill.input_feature", 0)
+  _int(config, "drill.input_rows", 1)
+  _int(config, "drill.replica", -1)
+
+
+def _check_keys(config, expected, prefix: str) -> None:
+  """Unknown or missing keys (from a hand-built ConfigDict) are errors too."""
+  for key in config.keys():
+    if key not in expected:
+      raise ConfigError(prefix + key, config[key], "unknown key; see safetrain.default_config()")
+  for key in expected.keys():
+    name = prefix + key
+    if key not in config:
+      raise ConfigError(name, None, "missing; start from safetrain.default_config()")
+    if isinstance(expected[key], ml_collections.ConfigDict):
+      _check(
+        isinstance(config[key], ml_collections.ConfigDict), name, config[key], "a config group"
+      )
+      _check_keys(config[key], expected[key], name + ".")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  return config.to_dict()

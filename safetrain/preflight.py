@@ -1,0 +1,107 @@
+"""Preflight: a look at the first batch before step 1 (guard.preflight).
+
+The checks catch, before any update, what would otherwise surface as a NaN
+some steps later: non-finite or unnormalized input features, a non-finite
+initial loss or gradient, and under mixed_float16 layer activations at or near
+float16's largest value (65504). Each finding is one sentence that names the
+feature or the layer and says what to do. With guard.preflight=warn they are
+logged and printed; with strict, any finding stops the run (exit code 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from safetrain import forensics, guard
+
+
+def run(trainer, batch) -> list[str]:
+  """Returns findings (one sentence each) about `batch` and the initial model.
+
+  Args:
+    trainer: a built Trainer (model, optimizer and config in place).
+    batch: the first training batch, not distributed.
+
+  Returns:
+    The findings; an empty list for a healthy set-up. Nothing is modified.
+  """
+  g = trainer.config.guard
+  findings = []
+  nonfinite, unscaled = forensics.input_problems(batch, g.preflight_max_abs_input)
+  for where in nonfinite:
+    findings.append(
+      f"non-finite input in the first batch: {where}; guard.bad_inputs={g.bad_inputs} "
+      "will handle such rows during training, but the data needs cleaning"
+    )
+  for where in unscaled:
+    findings.append(
+      f"normalize {where} (inputs above guard.preflight_max_abs_input="
+      f"{forensics.fmt(g.preflight_max_abs_input)} make large activations and gradients; "
+      "standardize to mean 0, std 1)"
+    )
+  clean = _finite_rows_only(batch)
+  if clean is None:
+    return findings
+  # Under mixed_float16, gradients that overflow at the initial loss scale are
+  # routine (the scale adapts); only gradients non-finite unscaled are news.
+  rep = forensics.replay(trainer, clean, scale=1.0)
+  if rep.error is not None:
+    logging.warning("preflight: could not replay the first step eagerly: %s", rep.error)
+    return findings
+  culprit = forensics.forward_culprit(trainer, clean, rep, step=1)
+  if rep.loss is not None and not np.isfinite(rep.loss):
+    if culprit is None:
+      culprit = forensics.loss_culprit(trainer, clean, rep)
+    findings.append(f"the initial loss is {forensics.fmt(rep.loss)} on the first batch: {culprit}")
+  elif culprit is not None:
+    findings.append(f"a non-finite activation on the first batch: {culprit}")
+  elif not rep.grads_finite:
+    bad = [p for p, _, ok in rep.grads if not ok]
+    findings.append(
+      f"the initial gradients of {len(bad)} variables are non-finite on the first batch"
+      + (" (in float16, even with loss scale 1)" if trainer._fp16 else "")
+      + ": "
+      + ", ".join(bad[:3])
+      + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    )
+  if trainer._fp16:
+    findings += _fp16_findings(rep, g.preflight_fp16_margin)
+  return findings
+
+
+def _fp16_findings(rep: forensics.Replay, margin: float) -> list[str]:
+  if not rep.instrumented:
+    logging.info(
+      "preflight: the model's layers could not be inspected one by one; "
+      "the per-layer float16 range check is skipped"
+    )
+    return []
+  out, seen = [], set()
+  limit = margin * forensics.FLOAT16_MAX
+  for r in rep.layers:
+    if r.is_model or not r.leaf or r.outputs.dtype != "float16" or r.name in seen:
+      continue
+    if r.outputs.finite and r.outputs.max_abs >= limit:
+      seen.add(r.name)
+      out.append(
+        f"layer {r.name} ({r.cls}) reaches max |activation| {forensics.fmt(r.outputs.max_abs)} "
+        f"on the first batch, over {margin:.0%} of float16's max 65504 "
+        "(guard.preflight_fp16_margin), and will overflow as the weights grow: "
+        + forensics._FP16_ADVICE.format(name=r.name)
+      )
+  return out
+
+
+def _finite_rows_only(batch):
+  """The batch without rows holding NaN/Inf (as guard.bad_inputs=drop_rows
+  would train on), or None when no row is left."""
+  if not guard.float_leaves(batch):
+    return batch
+  row_ok, _ = guard.finite_rows(batch)
+  if bool(tf.reduce_all(row_ok)):
+    return batch
+  if not bool(tf.reduce_any(row_ok)):
+    return None
+  return guard.mask_rows(batch, row_ok)

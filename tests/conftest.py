@@ -1,0 +1,29 @@
+"""Shared test set-up.
+
+The CPU is split into two logical devices before TensorFlow initialises, so
+MirroredStrategy runs in-process on this CPU-only machine; single-device runs
+use the default strategy on the first one and are unaffected.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+  _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+tf.config.experimental.enable_op_determinism()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  return str(tmp_path / "run")

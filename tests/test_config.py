@@ -1,0 +1,104 @@
+"""Config defaults and validation."""
+
+import ml_collections
+import pytest
+
+import safetrain
+from safetrain import config as config_lib
+
+
+def test_defaults_validate_and_hold_every_design_group():
+  c = safetrain.default_config()
+  safetrain.validate(c)
+  for group in (
+    "train",
+    "eval",
+    "optimizer",
+    "precision",
+    "loss_scale",
+    "clip",
+    "guard",
+    "recovery",
+    "checkpoint",
+    "distribute",
+  ):
+    assert isinstance(c[group], ml_collections.ConfigDict), group
+  assert c.loss_scale.initial == 2**15 and c.loss_scale.hysteresis == 2
+  assert c.loss_scale.growth_interval == 2000 and c.loss_scale.max_scale == 2**24
+  assert c.clip.global_norm == 1.0
+  assert c.guard.bad_inputs == "drop_rows" and c.recovery.data == "skip"
+
+
+BAD = [
+  ("train.steps", 0),
+  ("train.steps", -5),
+  ("train.batch_size", 0),
+  ("train.steps_per_loop", 5000),
+  ("optimizer.name", "adamm"),
+  ("optimizer.learning_rate", 0.0),
+  ("optimizer.learning_rate", float("nan")),
+  ("optimizer.schedule", "cosinus"),
+  ("precision.policy", "float16"),
+  ("loss_scale.backoff_factor", 1.5),
+  ("loss_scale.min_scale", 0.0),
+  ("loss_scale.initial", 2.0**30),
+  ("loss_scale.hysteresis", 0),
+  ("clip.global_norm", -1.0),
+  ("guard.bad_inputs", "ignore"),
+  ("guard.rollback_after", 0),
+  ("guard.preflight", "loud"),
+  ("recovery.lr_backoff", 1.0),
+  ("recovery.lr_backoff", 0.0),
+  ("recovery.data", "rewind"),
+  ("recovery.min_lr_scale", 2.0),
+  ("checkpoint.every_steps", 0),
+  ("checkpoint.max_to_keep", 1),
+  ("distribute.strategy", "tpu"),
+  ("drill.loss_steps", "3-1"),
+  ("drill.grad_steps", "x"),
+  ("drill.value", "zero"),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD)
+def test_bad_value_is_rejected_naming_the_field(field, value):
+  c = safetrain.default_config()
+  group, key = field.split(".")
+  with c.unlocked():
+    c[group][key] = value
+  with pytest.raises(safetrain.ConfigError) as err:
+    safetrain.validate(c)
+  assert err.value.field == field
+  assert field in str(err.value) and repr(value) in str(err.value)
+
+
+def test_warmup_schedule_needs_warmup_steps():
+  c = safetrain.default_config()
+  c.optimizer.schedule = "warmup_cosine"
+  with pytest.raises(safetrain.ConfigError, match="optimizer.warmup_steps"):
+    safetrain.validate(c)
+
+
+def test_unknown_key_is_an_error():
+  c = safetrain.default_config()
+  with pytest.raises(AttributeError):
+    c.lock()
+    c.train.stepz = 3
+  c2 = safetrain.default_config()
+  c2.train.unlock()
+  c2.train.stepz = 3
+  with pytest.raises(safetrain.ConfigError, match="train.stepz"):
+    safetrain.validate(c2)
+
+
+def test_trainer_validates_before_any_tensorflow_work(tmp_path):
+  c = safetrain.default_config()
+  c.recovery.lr_backoff = 2.0
+  with pytest.raises(safetrain.ConfigError, match="recovery.lr_backoff"):
+    safetrain.Trainer(c, str(tmp_path))
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_parse_steps():
+  assert config_lib.parse_steps("3, 7-9") == [(3, 3), (7, 9)]
+  assert config_lib.parse_steps("") == []

@@ -1,0 +1,135 @@
+"""Preflight (guard.preflight): findings about the first batch before step 1."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from classification import SpiralTrainer
+from classification import get_config as spiral_config
+from common import TinyTrainer, tiny_config
+
+import safetrain
+from safetrain import preflight
+
+
+def built(cls, workdir, **overrides):
+  t = cls(tiny_config(**overrides), workdir)
+  t._build()
+  return t
+
+
+class UnscaledNaNTrainer(TinyTrainer):
+  """In the first batch, column 0 ranges over 1000..4000 and column 1 has NaN
+  in rows 0, 5 and 9."""
+
+  def build_train_dataset(self):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    x[:, 0] = 1000.0 + 200.0 * (np.arange(64) % 16)
+    x[[0, 5, 9], 1] = np.nan
+    y = np.zeros((64, 1), np.float32)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+
+class WideTrainer(TinyTrainer):
+  """Inputs of 1000: `first` outputs 40, `wide` outputs 40 * 8 * kernel."""
+
+  wide_kernel = 500.0  # 1.6e5: past float16's 65504
+
+  def build_model(self):
+    const = keras.initializers.Constant
+    return keras.Sequential(
+      [
+        keras.Input((4,)),
+        keras.layers.Dense(8, activation="relu", name="first", kernel_initializer=const(0.01)),
+        keras.layers.Dense(4, name="wide", kernel_initializer=const(self.wide_kernel)),
+        keras.layers.Dense(1, name="head", kernel_initializer=const(1e-4)),
+      ]
+    )
+
+  def build_train_dataset(self):
+    x = np.full((32, 4), 1000.0, np.float32)
+    y = np.zeros((32, 1), np.float32)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+
+class NearWideTrainer(WideTrainer):
+  wide_kernel = 25.0  # 8000: finite, but over 10% of 65504
+
+
+def test_unscaled_and_nan_inputs_are_named(workdir):
+  t = built(UnscaledNaNTrainer, workdir)
+  findings = preflight.run(t, t._first_batch)
+  unscaled = [f for f in findings if f.startswith("normalize")]
+  nan = [f for f in findings if "non-finite input" in f]
+  assert len(unscaled) == 1 and "x[:, 0]: range 1000..4000" in unscaled[0]
+  assert "x[:, 1]" not in unscaled[0]  # NaN is not "out of scale"
+  assert len(nan) == 1 and "x[:, 1] (NaN in 3 of 16 rows)" in nan[0]
+  # The rest of the batch is healthy: no loss or gradient finding.
+  assert len(findings) == 2, findings
+
+
+def test_the_threshold_is_a_config_key(workdir):
+  t = built(UnscaledNaNTrainer, workdir, **{"guard.preflight_max_abs_input": 1e4})
+  assert not [f for f in preflight.run(t, t._first_batch) if f.startswith("normalize")]
+
+
+def test_healthy_experiment_has_no_findings(workdir):
+  for policy in ("float32", "mixed_float16"):
+    c = spiral_config("smoke")
+    c.precision.policy = policy
+    t = SpiralTrainer(c, os.path.join(workdir, policy))
+    t._build()
+    assert preflight.run(t, t._first_batch) == []
+  t = built(TinyTrainer, os.path.join(workdir, "tiny"))
+  assert preflight.run(t, t._first_batch) == []
+
+
+def test_fp16_overflow_and_near_overflow_are_named_by_layer(workdir):
+  t = built(WideTrainer, os.path.join(workdir, "a"), **{"precision.policy": "mixed_float16"})
+  over = [f for f in preflight.run(t, t._first_batch) if "float16" in f]
+  assert len(over) == 1
+  assert "wide output overflowed float16" in over[0] and "max |activation| 1.6e5" in over[0]
+  assert 'dtype="float32"' in over[0] and "mixed_bfloat16" in over[0]
+
+  t = built(NearWideTrainer, os.path.join(workdir, "b"), **{"precision.policy": "mixed_float16"})
+  near = [f for f in preflight.run(t, t._first_batch) if "float16" in f]
+  assert len(near) == 1 and near[0].startswith("layer wide (Dense) reaches max |activation| 8000")
+  # The same model in float32 has nothing to fear from float16's range.
+  t = built(NearWideTrainer, os.path.join(workdir, "c"))
+  assert not [f for f in preflight.run(t, t._first_batch) if "float16" in f]
+
+
+class InfLossTrainer(TinyTrainer):
+  """A hand-written BCE: log(1 - p) is -inf where the sigmoid saturates to 1."""
+
+  def build_model(self):
+    return keras.Sequential(
+      [keras.Input((4,)), keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(50))]
+    )
+
+  def build_train_dataset(self):
+    x = np.ones((32, 4), np.float32)
+    return tf.data.Dataset.from_tensor_slices((x, np.zeros((32, 1), np.float32))).batch(16)
+
+  def compute_loss(self, model, batch, training):
+    x, y = batch
+    p = tf.clip_by_value(tf.sigmoid(model(x, training=training)), 0.0, 1.0)
+    return -tf.reduce_mean(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p))
+
+
+def test_nonfinite_initial_loss_names_the_loss(workdir):
+  t = built(InfLossTrainer, workdir)
+  (finding,) = preflight.run(t, t._first_batch)
+  assert finding.startswith("the initial loss is Inf")
+  assert "the loss function is the culprit" in finding and "Log op (-Inf)" in finding
+
+
+def test_strict_raises_before_step_one(workdir):
+  t = UnscaledNaNTrainer(tiny_config(**{"guard.preflight": "strict"}), workdir)
+  with pytest.raises(safetrain.PreflightError, match=r"normalize x\[:, 0\]"):
+    t.fit()
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "checkpoint"))
+  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))

@@ -1,0 +1,262 @@
+"""The failure zoo, end to end: each experiments/zoo_*.py smoke variant under
+safetrain (in-process), and the same scenario under plain Keras.
+
+The plain-Keras half keeps the zoo honest: every failing entry must really
+fail without safetrain (NaN loss), and the healthy control must really be
+healthy. Zoo item 1 is experiments/linear_regression.py; its safetrain run is
+tested end to end in test_experiments.py, its plain-Keras failure here.
+"""
+
+import json
+import os
+
+import keras
+import linear_regression
+import numpy as np
+import pytest
+import zoo_clipped_bce
+import zoo_fp16_overflow
+import zoo_nan_data
+import zoo_relu_unscaled
+import zoo_rnn_exploding
+import zoo_wide_healthy
+from common import all_finite
+
+import safetrain
+
+
+def fit(module, arg, workdir):
+  config = module.get_config(arg)
+  trainer = getattr(module, config.trainer)(config, str(workdir))
+  return trainer, trainer.fit()
+
+
+def records(workdir, name):
+  path = os.path.join(str(workdir), name)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plain_keras(model, optimizer, loss, x, y, steps=10, batch_size=32):
+  """model.compile + model.fit, no safetrain; returns (epoch loss, model)."""
+  n = steps * batch_size
+  model.compile(optimizer=optimizer, loss=loss)
+  history = model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+  return history.history["loss"][-1], model
+
+
+def weights_finite(model):
+  return all(np.all(np.isfinite(np.asarray(w, np.float32))) for w in model.get_weights())
+
+
+def kinds_actions(incidents):
+  return {(i["kind"], i["action"]) for i in incidents}
+
+
+# ----------------------------------------------------------- 1: linear regression
+
+
+def test_linear_regression_plain_keras_goes_nan():
+  keras.utils.set_random_seed(0)
+  x, y = linear_regression.make_data(320, 0)
+  model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+  loss, model = plain_keras(model, keras.optimizers.SGD(0.1), "mse", x, y)
+  assert np.isnan(loss)
+  assert not weights_finite(model)
+
+
+# ------------------------------------------------------------ 2: relu unscaled
+
+
+def test_relu_unscaled_clipping_keeps_sgd_finite_and_learning(tmp_path):
+  trainer, result = fit(zoo_relu_unscaled, "smoke", tmp_path)
+  assert result.incidents == []
+  assert result.step == 200 and result.skipped_steps == 0
+  assert all_finite(trainer)
+  # Targets are +-1000..10000 (mean square ~3.7e7); the run gets the MSE down
+  # by four orders of magnitude.
+  assert result.loss < 1e4
+  first = records(tmp_path, "metrics.jsonl")[0]
+  assert first["grad_norm"] > 1e6  # what clip.global_norm=1.0 tamed
+
+
+def test_relu_unscaled_plain_keras_goes_nan():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_relu_unscaled.make_data(1024, 0)
+  loss, model = plain_keras(zoo_relu_unscaled.make_model(), keras.optimizers.SGD(0.01), "mse", x, y)
+  assert np.isnan(loss)
+  assert not weights_finite(model)
+
+
+# --------------------------------------------------------------- 3: clipped BCE
+
+
+def test_clipped_bce_skips_nan_batches_rolls_back_and_blames_the_loss(tmp_path):
+  trainer, result = fit(zoo_clipped_bce, "smoke", tmp_path)
+  assert result.step == 100
+  assert {i["kind"] for i in result.incidents} == {"nonfinite_loss"}
+  assert kinds_actions(result.incidents) == {
+    ("nonfinite_loss", "skipped_step"),
+    ("nonfinite_loss", "rollback"),
+  }
+  assert result.skipped_steps > 0 and result.rollbacks >= 1
+  rollbacks = [i for i in result.incidents if i["action"] == "rollback"]
+  for inc in rollbacks:
+    # Forensics replayed the batch: the model's outputs were finite, the loss was not.
+    assert "the loss function is the culprit" in inc["diagnosis"]
+  assert all_finite(trainer)
+  assert result.eval_metrics["accuracy"] > 0.85
+
+
+def test_clipped_bce_plain_keras_goes_nan():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_clipped_bce.make_data(4096, 0)
+  loss, model = plain_keras(
+    zoo_clipped_bce.make_model(), keras.optimizers.Adam(0.01), zoo_clipped_bce.clipped_bce, x, y
+  )
+  assert np.isnan(loss)
+  assert not weights_finite(model)
+
+
+# ----------------------------------------------------------------- 4: NaN data
+
+
+def test_nan_data_rows_are_dropped_counted_and_reported(tmp_path):
+  trainer, result = fit(zoo_nan_data, "smoke", tmp_path)
+  assert result.step == 60 and result.skipped_steps == 0
+  assert result.incidents
+  assert kinds_actions(result.incidents) == {("nonfinite_inputs", "dropped_rows")}
+  assert all("x[:, " in i["diagnosis"] for i in result.incidents)
+  # Exactly the bad rows of the batches the run consumed were dropped.
+  # The trainer reads one batch off a first iterator (for preflight) before
+  # training, and a seeded shuffle reshuffles per iterator: do the same.
+  dataset = trainer.build_train_dataset().repeat()
+  next(iter(dataset.take(1)))
+  batches = dataset.take(result.attempts)
+  expected = sum(int(np.isnan(x.numpy()).any(axis=1).sum()) for x, _ in batches)
+  dropped = sum(
+    r["dropped_rows"] for r in records(tmp_path, "metrics.jsonl") if "dropped_rows" in r
+  )
+  assert dropped == expected > 0
+  assert all_finite(trainer)
+  assert result.loss < 0.5  # the target's variance is ~1.6
+
+
+def test_nan_data_impute_variant_learns_without_incidents(tmp_path):
+  trainer, result = fit(zoo_nan_data, "impute,smoke", tmp_path)
+  assert result.incidents == []
+  assert all(r.get("dropped_rows", 0) == 0 for r in records(tmp_path, "metrics.jsonl"))
+  assert all_finite(trainer)
+  assert result.loss < 0.2
+
+
+def test_nan_data_plain_keras_dies_silently():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_nan_data.make_data(2048, 0)
+  loss, model = plain_keras(zoo_nan_data.make_model(), keras.optimizers.Adam(0.01), "mse", x, y)
+  # No NaN in the reported loss (ReLU maps NaN to 0 on CPU), but the first
+  # kernel is NaN and the model predicts one constant: a stalled run.
+  assert not np.all(np.isfinite(model.layers[0].kernel.numpy()))
+  clean = x[~np.isnan(x).any(axis=1)][:256]
+  pred = model.predict(clean, verbose=0)
+  assert np.ptp(pred) == 0.0
+  assert loss > 1.0
+
+
+# ------------------------------------------------------------ 5: fp16 overflow
+
+
+def test_fp16_overflow_stops_with_a_diagnosis_naming_the_layer(tmp_path, caplog):
+  config = zoo_fp16_overflow.get_config("smoke")
+  trainer = zoo_fp16_overflow.Fp16OverflowTrainer(config, str(tmp_path))
+  with caplog.at_level("WARNING"), pytest.raises(safetrain.DivergenceError) as err:
+    trainer.fit()
+  # Preflight saw it on the first batch, before step 1.
+  preflight = [r.getMessage() for r in caplog.records if "preflight" in r.getMessage()]
+  assert any("projection" in m and "float16" in m for m in preflight), preflight
+  assert err.value.step == 0  # no update ever applied
+  incidents = records(tmp_path, "incidents.jsonl")
+  assert {i["kind"] for i in incidents} == {"nonfinite_loss"}
+  assert [i["action"] for i in incidents if i["action"] != "skipped_step"] == ["rollback", "abort"]
+  rollback = next(i for i in incidents if i["action"] == "rollback")
+  assert "projection" in rollback["diagnosis"] and "float16" in rollback["diagnosis"]
+  assert "projection" in err.value.diagnosis
+  assert os.path.exists(err.value.last_healthy_checkpoint + ".index")
+  assert all_finite(trainer)
+
+
+@pytest.mark.parametrize("variant, bound", [("bf16", 0.25), ("normalized", 0.15)])
+def test_fp16_overflow_fixes_train_fine(tmp_path, variant, bound):
+  trainer, result = fit(zoo_fp16_overflow, f"{variant},smoke", tmp_path)
+  assert result.incidents == []
+  assert result.step == 60 and result.skipped_steps == 0
+  assert all_finite(trainer)
+  assert result.loss < bound  # the target's variance is 0.35
+  if variant == "normalized":
+    assert trainer.model.layers[0].compute_dtype == "float16"
+    assert result.loss_scale == 2.0**15  # no overflow ever backed it off
+
+
+def test_fp16_overflow_plain_keras_goes_nan():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_fp16_overflow.make_data(2048, 0)
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model = zoo_fp16_overflow.make_model()
+    loss, model = plain_keras(model, keras.optimizers.Adam(0.01), "mse", x, y)
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  # LossScaleOptimizer skips every update, so the weights stay finite and the
+  # model never trains: a NaN loss on every step.
+  assert np.isnan(loss)
+
+
+# ----------------------------------------------------------- 6: exploding RNN
+
+
+def test_rnn_exploding_clipping_keeps_it_alive(tmp_path):
+  trainer, result = fit(zoo_rnn_exploding, "smoke", tmp_path)
+  assert result.incidents == []
+  assert result.step == 100 and result.skipped_steps == 0
+  assert all_finite(trainer)
+  assert records(tmp_path, "metrics.jsonl")[0]["grad_norm"] > 1e3
+  # Predicting the mean total scores 50/12 = 4.2.
+  assert result.loss < 2.0
+
+
+def test_rnn_exploding_plain_keras_goes_nan():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_rnn_exploding.make_data(320, 0)
+  loss, model = plain_keras(
+    zoo_rnn_exploding.make_model(), keras.optimizers.SGD(0.001), "mse", x, y
+  )
+  assert np.isnan(loss)
+  assert not weights_finite(model)
+
+
+# ------------------------------------------------------------ 7: healthy, wide
+
+
+def test_wide_healthy_guards_change_nothing(tmp_path):
+  guarded, r1 = fit(zoo_wide_healthy, "smoke", tmp_path / "guarded")
+  unguarded, r2 = fit(zoo_wide_healthy, "unguarded,smoke", tmp_path / "unguarded")
+  assert not unguarded.config.guard.check_inputs and not unguarded.config.recovery.enabled
+  assert r1.incidents == [] and r2.incidents == []
+  assert r1.step == r2.step == 30
+  assert all_finite(guarded)
+  for a, b in zip(guarded.model.get_weights(), unguarded.model.get_weights(), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert r1.loss == r2.loss
+
+
+def test_wide_healthy_plain_keras_is_healthy_too():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_wide_healthy.make_data(0)
+  model = zoo_wide_healthy.make_model()
+  model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+  losses = model.fit(x, y, batch_size=32, epochs=5, verbose=0).history["loss"]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  assert weights_finite(model)
