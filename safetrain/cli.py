@@ -24,6 +24,7 @@ WORKDIR/checkpoints/corrupt/.
 from __future__ import annotations
 
 import difflib
+import logging as std_logging
 import os
 import re
 import signal
@@ -224,6 +225,16 @@ def _one_line(e: BaseException, typed: bool = False) -> str:
   return f"{type(e).__name__}: {text}" if typed else text
 
 
+def _quiet_library_info(record) -> bool:
+  """Drops INFO lines TensorFlow and Keras log through absl (for example the
+  checkpoint saver's "Sharding callback duration" on every save); their
+  warnings and errors still show."""
+  if record.levelno >= std_logging.WARNING:
+    return True
+  path = record.pathname.replace("\\", "/")
+  return not any(f"/{lib}/" in path for lib in ("tensorflow", "keras", "tf_keras"))
+
+
 def run() -> None:
   """Console-script entry point (`safetrain`, `python -m safetrain`)."""
   if len(sys.argv) > 1 and sys.argv[1] == "report":
@@ -234,6 +245,7 @@ def run() -> None:
   # "logging before flag parsing" notice (this command parses its own flags).
   flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   # Inside Trainer.fit a signal stops the run after the current loop; outside
   # it (start-up, restore, final evaluation) there is nothing to finish.
   signal.signal(signal.SIGTERM, _stop)

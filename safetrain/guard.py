@@ -107,7 +107,7 @@ class SpikeDetector(tf.Module):
   first, so one outlier cannot drag the statistics towards itself.
 
   Args:
-    enabled: False turns detection off (statistics are still kept).
+    enabled: False turns detection off (and stops keeping the statistics).
     warmup_steps: good steps observed before a spike can be declared.
     threshold: deviations above the mean that make a spike.
     rel_floor: the deviation used is at least rel_floor * |mean|, so a very
@@ -134,27 +134,41 @@ class SpikeDetector(tf.Module):
     self.dev = tf.Variable(0.0, trainable=False, name="dev")
     self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="count")
 
-  def _limit(self) -> tf.Tensor:
-    dev = tf.maximum(self.dev, self.rel_floor * tf.abs(self.mean))
-    return self.mean + self.threshold * dev
+  # The compiled loop carries the statistics as tensors (mean, dev, count) and
+  # writes them back once per loop: variable reads and writes inside the step
+  # would chain every step's ops behind them.
 
-  def is_spike(self, loss: tf.Tensor) -> tf.Tensor:
+  def read(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The statistics as tensors, to carry through the compiled loop."""
+    return (self.mean.read_value(), self.dev.read_value(), self.count.read_value())
+
+  def write(self, stats) -> None:
+    """Stores statistics carried through the loop."""
+    mean, dev, count = stats
+    self.mean.assign(mean)
+    self.dev.assign(dev)
+    self.count.assign(count)
+
+  def _limit(self, mean: tf.Tensor, dev: tf.Tensor) -> tf.Tensor:
+    return mean + self.threshold * tf.maximum(dev, self.rel_floor * tf.abs(mean))
+
+  def is_spike(self, stats, loss: tf.Tensor) -> tf.Tensor:
+    """Whether `loss` is a spike against the carried statistics."""
     if not self.enabled:
       return tf.constant(False)
-    return tf.logical_and(self.count >= self.warmup_steps, loss > self._limit())
+    mean, dev, count = stats
+    return tf.logical_and(count >= self.warmup_steps, loss > self._limit(mean, dev))
 
-  def observe(self, loss: tf.Tensor) -> None:
-    """Feeds a good step's finite loss into the statistics."""
-
-    def first():
-      self.mean.assign(loss)
-      self.dev.assign(0.0)
-
-    def later():
-      x = tf.minimum(loss, self._limit())
-      d = self.decay
-      self.dev.assign(d * self.dev + (1 - d) * tf.abs(x - self.mean))
-      self.mean.assign(d * self.mean + (1 - d) * x)
-
-    tf.cond(self.count == 0, first, later)
-    self.count.assign_add(1)
+  def observe(self, stats, loss: tf.Tensor, good: tf.Tensor):
+    """The statistics after a step: fed by `loss` if the step was good."""
+    mean, dev, count = stats
+    x = tf.minimum(loss, self._limit(mean, dev))
+    d = self.decay
+    first = count == 0
+    new_dev = tf.where(first, 0.0, d * dev + (1 - d) * tf.abs(x - mean))
+    new_mean = tf.where(first, loss, d * mean + (1 - d) * x)
+    return (
+      tf.where(good, new_mean, mean),
+      tf.where(good, new_dev, dev),
+      count + tf.cast(good, count.dtype),
+    )

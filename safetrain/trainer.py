@@ -481,7 +481,7 @@ class Trainer:
     weight = tf.cast(local_kept, tf.float32) / tf.maximum(tf.cast(global_kept, tf.float32), 1.0)
     return batch, weight, input_skip, dropped, leaf_bad, cols
 
-  def _replica_step(self, batch, attempt):
+  def _replica_step(self, batch, attempt, spike_stats):
     """One guarded step on this replica's shard (replica context).
 
     Everything that decides (loss, gradients, their norm, input counts) is
@@ -542,7 +542,7 @@ class Trainer:
     )
     cls = tf.where(~loss_finite, guard.DIVERGENCE, cls)
     if self._spike.enabled:
-      spike = (cls == guard.GOOD) & self._spike.is_spike(loss)
+      spike = (cls == guard.GOOD) & self._spike.is_spike(spike_stats, loss)
       cls = tf.where(spike, guard.DIVERGENCE, cls)
       kind = tf.where(spike, guard.LOSS_SPIKE, kind)
     cls = tf.where(input_skip, guard.SKIPPED_BATCH, cls)
@@ -603,8 +603,6 @@ class Trainer:
         strategy.extended.call_for_each_replica(apply_on_replica, args=(grads, norm))
       for var, value in zip(self._replica_state, state_mean):
         var.assign(first(value))
-      if self._spike.enabled:
-        self._spike.observe(loss)
       if self._fp16:
         self._loss_scale.update(tf.constant(True))
       return tf.constant(0)
@@ -650,6 +648,7 @@ class Trainer:
       leaf_bad=tf.zeros([n_leaves], tf.int32),
       cols=tf.fill([n_leaves], -1),
       metrics={k: tf.constant(0.0) for k in self._metric_names},
+      spike=self._spike.read() if self._spike.enabled else (),
     )
     while s["applied"] < n and s["attempts"] < max_attempts and s["stop"] == _STOP_NONE:
       if c.train.repeat_data:
@@ -664,6 +663,8 @@ class Trainer:
     self._run.consecutive_bad.assign(s["bad_run"])
     self._recovery.attempts.assign_add(s["attempts"])
     self._data.position.assign_add(s["attempts"])
+    if self._spike.enabled:
+      self._spike.write(s["spike"])
     # The rate the last update used (the schedule follows optimizer.iterations).
     lr = tf.cast(self.optimizer._learning_rate(self.optimizer.iterations - 1), tf.float32)
     return dict(
@@ -693,7 +694,7 @@ class Trainer:
     first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
     attempts = s["attempts"] + 1
     step_now = base["step"] + s["applied"] + 1
-    out = strategy.run(self._replica_step, args=(batch, base["attempts"] + attempts))
+    out = strategy.run(self._replica_step, args=(batch, base["attempts"] + attempts, s["spike"]))
     out = tf.nest.map_structure(first, out)
     cls = out["cls"]
     good = cls == guard.GOOD
@@ -718,6 +719,7 @@ class Trainer:
       leaf_bad=s["leaf_bad"],
       cols=s["cols"],
       metrics={k: v + out["metrics"][k] for k, v in s["metrics"].items()},
+      spike=self._spike.observe(s["spike"], out["loss"], good) if self._spike.enabled else (),
     )
     if c.guard.check_inputs:
       new["leaf_bad"] = s["leaf_bad"] + out["leaf_bad"]

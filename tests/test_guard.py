@@ -191,6 +191,9 @@ def test_nonfinite_loss_is_divergence_and_spike_stats_stay_clean(tmp_path):
   assert r.rollbacks == 0 and r.skipped_steps == 2
   assert [(i["kind"], i["count"]) for i in r.incidents] == [("nonfinite_loss", 2)]
   assert np.isfinite(t._spike.mean.numpy()) and np.isfinite(t._spike.dev.numpy())
+  # The statistics carried through the compiled loop are stored after it, fed
+  # by the 10 good steps only.
+  assert int(t._spike.count.numpy()) == 10 and t._spike.mean.numpy() > 0
 
 
 def test_loss_spike_is_detected_after_warmup(tmp_path):
