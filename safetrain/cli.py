@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import logging as std_logging
+import math
 import os
 import re
 import signal
@@ -114,7 +115,9 @@ def _main(argv: list[str]) -> int:
     safetrain.WorkdirError,
   ) as e:
     raise UsageError(str(e)) from None
-  print(trainer.summary_line(result) + f", final loss {result.loss:.4g}")
+  # No loop ran when the workdir was already at train.steps: no loss to show.
+  loss = f", final loss {result.loss:.4g}" if math.isfinite(result.loss) else ""
+  print(trainer.summary_line(result) + loss)
   if result.stopped == "preempted":
     print(
       f"safetrain: stopped by a signal at step {result.step} after checkpointing; "

@@ -83,3 +83,16 @@ def test_workdir_layout(tmp_path):
     assert key in rec
   events = os.listdir(tmp_path / "events")
   assert events and events[0].startswith("events.out.tfevents")
+
+
+def test_the_command_on_a_finished_workdir_exits_0_and_shows_no_nan_loss(tmp_path, capsys):
+  from safetrain import cli
+
+  config = os.path.join(os.path.dirname(__file__), "fixtures", "configs", "kill_drill.py")
+  argv = ["safetrain", f"--config={config}", f"--workdir={tmp_path}", "--config.train.steps=10"]
+  assert cli.main_with_exit_code(argv) == 0
+  first = capsys.readouterr().out
+  assert "step 10:" in first and "final loss" in first
+  assert cli.main_with_exit_code(argv) == 0
+  again = capsys.readouterr().out
+  assert "step 10:" in again and "nan" not in again
