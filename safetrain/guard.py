@@ -136,14 +136,18 @@ class SpikeDetector(tf.Module):
 
   # The compiled loop carries the statistics as tensors (mean, dev, count) and
   # writes them back once per loop: variable reads and writes inside the step
-  # would chain every step's ops behind them.
+  # would chain every step's ops behind them. Disabled, they are () throughout.
 
-  def read(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  def read(self) -> tuple:
     """The statistics as tensors, to carry through the compiled loop."""
+    if not self.enabled:
+      return ()
     return (self.mean.read_value(), self.dev.read_value(), self.count.read_value())
 
   def write(self, stats) -> None:
     """Stores statistics carried through the loop."""
+    if not self.enabled:
+      return
     mean, dev, count = stats
     self.mean.assign(mean)
     self.dev.assign(dev)
@@ -161,6 +165,8 @@ class SpikeDetector(tf.Module):
 
   def observe(self, stats, loss: tf.Tensor, good: tf.Tensor):
     """The statistics after a step: fed by `loss` if the step was good."""
+    if not self.enabled:
+      return ()
     mean, dev, count = stats
     x = tf.minimum(loss, self._limit(mean, dev))
     d = self.decay

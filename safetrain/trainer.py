@@ -42,7 +42,8 @@ class FitResult:
 
   Attributes:
     step: applied updates (skipped steps do not count).
-    loss: mean training loss over the good steps of the last loop.
+    loss: mean training loss over the good steps of the last loop (NaN when
+      no loop ran, as on a workdir already at train.steps).
     incidents: the incident records of the run (as in incidents.jsonl).
     rollbacks: rollbacks performed over the whole run, resumes included.
     lr_scale: the learning-rate scale recovery left in force.
@@ -648,7 +649,7 @@ class Trainer:
       leaf_bad=tf.zeros([n_leaves], tf.int32),
       cols=tf.fill([n_leaves], -1),
       metrics={k: tf.constant(0.0) for k in self._metric_names},
-      spike=self._spike.read() if self._spike.enabled else (),
+      spike=self._spike.read(),
     )
     while s["applied"] < n and s["attempts"] < max_attempts and s["stop"] == _STOP_NONE:
       if c.train.repeat_data:
@@ -663,8 +664,7 @@ class Trainer:
     self._run.consecutive_bad.assign(s["bad_run"])
     self._recovery.attempts.assign_add(s["attempts"])
     self._data.position.assign_add(s["attempts"])
-    if self._spike.enabled:
-      self._spike.write(s["spike"])
+    self._spike.write(s["spike"])
     # The rate the last update used (the schedule follows optimizer.iterations).
     lr = tf.cast(self.optimizer._learning_rate(self.optimizer.iterations - 1), tf.float32)
     return dict(
@@ -719,7 +719,7 @@ class Trainer:
       leaf_bad=s["leaf_bad"],
       cols=s["cols"],
       metrics={k: v + out["metrics"][k] for k, v in s["metrics"].items()},
-      spike=self._spike.observe(s["spike"], out["loss"], good) if self._spike.enabled else (),
+      spike=self._spike.observe(s["spike"], out["loss"], good),
     )
     if c.guard.check_inputs:
       new["leaf_bad"] = s["leaf_bad"] + out["leaf_bad"]

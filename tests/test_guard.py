@@ -210,6 +210,21 @@ def test_loss_spike_is_detected_after_warmup(tmp_path):
   assert r.step == 35 and r.rollbacks == 0
 
 
+def test_spike_detection_off_neither_flags_nor_keeps_statistics(tmp_path):
+  class SpikyTrainer(OrderedTrainer):
+    def build_train_dataset(self):
+      x, y = regression_data(n=16 * 40)
+      y[16 * 30 : 16 * 31] *= 1000.0
+      return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+  c = tiny_config(**{"train.steps": 35, "guard.spike_warmup_steps": 10})
+  c.guard.spike_detection = False
+  t = SpikyTrainer(c, str(tmp_path))
+  r = t.fit()
+  assert r.incidents == [] and r.step == 35 and r.attempts == 35
+  assert int(t._spike.count.numpy()) == 0
+
+
 def test_healthy_runs_have_no_spikes_or_incidents(tmp_path):
   r = TinyTrainer(
     tiny_config(**{"train.steps": 60, "guard.spike_warmup_steps": 5}), str(tmp_path)

@@ -7,6 +7,7 @@ import numpy as np
 from common import TinyTrainer, tiny_config, weights
 
 import safetrain
+from safetrain import cli
 
 
 class DropoutTrainer(TinyTrainer):
@@ -86,8 +87,6 @@ def test_workdir_layout(tmp_path):
 
 
 def test_the_command_on_a_finished_workdir_exits_0_and_shows_no_nan_loss(tmp_path, capsys):
-  from safetrain import cli
-
   config = os.path.join(os.path.dirname(__file__), "fixtures", "configs", "kill_drill.py")
   argv = ["safetrain", f"--config={config}", f"--workdir={tmp_path}", "--config.train.steps=10"]
   assert cli.main_with_exit_code(argv) == 0
