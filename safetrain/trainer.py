@@ -633,8 +633,9 @@ class Trainer:
     c = self.config
     max_attempts = 2 * n + c.guard.rollback_after
     n_leaves = len(self._leaf_names)
-    base = dict(step=self._run.step.read_value(), attempts=self._recovery.attempts.read_value())
     s = dict(
+      run_step=self._run.step.read_value(),
+      run_attempt=self._recovery.attempts.read_value(),
       applied=tf.constant(0, tf.int64),
       attempts=tf.constant(0, tf.int64),
       bad_run=self._run.consecutive_bad.read_value(),
@@ -653,11 +654,11 @@ class Trainer:
     )
     while s["applied"] < n and s["attempts"] < max_attempts and s["stop"] == _STOP_NONE:
       if c.train.repeat_data:
-        s = self._loop_step(s, base, next(iterator))
+        s = self._loop_step(s, next(iterator))
       else:
         optional = iterator.get_next_as_optional()
         if optional.has_value():
-          s = self._loop_step(s, base, optional.get_value())
+          s = self._loop_step(s, optional.get_value())
         else:
           s = dict(s, stop=tf.constant(_STOP_DATA_END))
     self._run.step.assign_add(s["applied"])
@@ -686,15 +687,20 @@ class Trainer:
       metric_sums=s["metrics"],
     )
 
-  def _loop_step(self, s: dict, base: dict, batch) -> dict:
+  def _loop_step(self, s: dict, batch) -> dict:
     """One attempt inside the compiled loop: run the guarded step on every
     replica and fold its outcome into the loop state `s`."""
     c = self.config
     strategy = self._strategy
     first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
     attempts = s["attempts"] + 1
-    step_now = base["step"] + s["applied"] + 1
-    out = strategy.run(self._replica_step, args=(batch, base["attempts"] + attempts, s["spike"]))
+    # The run's own counters are carried absolute and moved by one add each:
+    # sums like base + count + 1 become an AddN that Grappler's memory
+    # optimizer turns into a TemporaryVariable, which leaks across while-loop
+    # iterations on large models (AlreadyExistsError on the next call).
+    step_now = s["run_step"] + 1
+    attempt_now = s["run_attempt"] + 1
+    out = strategy.run(self._replica_step, args=(batch, attempt_now, s["spike"]))
     out = tf.nest.map_structure(first, out)
     cls = out["cls"]
     good = cls == guard.GOOD
@@ -705,6 +711,8 @@ class Trainer:
     if c.guard.bad_inputs == "raise":
       stop = tf.where(cls == guard.SKIPPED_BATCH, _STOP_RAISE, stop)
     new = dict(
+      run_step=s["run_step"] + tf.cast(good, tf.int64),
+      run_attempt=attempt_now,
       applied=s["applied"] + tf.cast(good, tf.int64),
       attempts=attempts,
       bad_run=bad_run,
