@@ -7,9 +7,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from safetrain.config import ConfigError, default_config, validate
+from safetrain.data import unpack_batch
 from safetrain.errors import BadInputError, DivergenceError, PreflightError, WorkdirError
 from safetrain.records import read_jsonl
-from safetrain.trainer import FitResult, Trainer, unpack_batch
+from safetrain.trainer import FitResult, Trainer
 
 __all__ = [
   "BadInputError",

@@ -190,6 +190,12 @@ class CheckpointStore:
       )
     )
 
+  def replace_objects(self, **objects) -> None:
+    """Swaps tracked objects (a re-created data iterator) for later saves."""
+    self.objects = dict(self.objects, **objects)
+    self.checkpoint = tf.train.Checkpoint(**self.objects)
+    self._make_managers()
+
   def save(self, step: int) -> str:
     path = self.manager.save(checkpoint_number=step)
     if not self.write:
@@ -222,6 +228,25 @@ class CheckpointStore:
       return self._own_latest
     path = self.latest_path()
     return step_of(path) if path else None
+
+  def restore_model_readonly(self, objects: dict, healthy: Callable[[], bool]) -> str | None:
+    """Restores `objects` from the newest committed checkpoint that reads back
+    and is `healthy`, older ones after it; returns its path, or None.
+
+    Read-only: nothing is repaired, moved or deleted, so it is safe beside a
+    run that is writing the directory (evaluation of a live workdir).
+    """
+    for step in reversed(list(scan(self.directory).listed)):
+      path = os.path.join(self.directory, f"ckpt-{step}")
+      try:
+        tf.train.Checkpoint(**objects).restore(path).expect_partial()
+      except (tf.errors.OpError, ValueError, AssertionError) as e:
+        logging.warning("cannot read %s (%s); trying an older checkpoint", path, _why(e))
+        continue
+      if healthy():
+        return path
+      logging.warning("%s holds non-finite values; trying an older checkpoint", path)
+    return None
 
   def restore_path(self, path: str) -> None:
     """Restores the full checkpoint at `path` (a non-chief worker resuming

@@ -24,11 +24,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from safetrain import checkpointing, distribute, forensics, guard, preflight
+from safetrain import checkpointing, distribute, evaluation, forensics, guard, preflight
 from safetrain import config as config_lib
+from safetrain import data as data_lib
 from safetrain import optimizers as optimizers_lib
 from safetrain.drill import Drill
-from safetrain.errors import BadInputError, DivergenceError, PreflightError
+from safetrain.errors import BadInputError, DivergenceError, PreflightError, WorkdirError
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.records import JsonlWriter, read_jsonl
 
@@ -71,18 +72,28 @@ class FitResult:
 class _RunState(tf.Module):
   """State that rolls back with the model."""
 
-  def __init__(self):
+  def __init__(self, precision: str):
     super().__init__(name="run_state")
     self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     self.consecutive_bad = tf.Variable(0, dtype=tf.int64, trainable=False, name="consecutive_bad")
+    # The policy the checkpoint was written under: a resume under another one
+    # starts the loss scale afresh.
+    self.precision = tf.Variable(precision, dtype=tf.string, trainable=False, name="precision")
 
 
 class _DataState(tf.Module):
-  """Batches consumed. Rolls back only with recovery.data=replay."""
+  """Batches consumed, and what the data looked like. Rolls back only with
+  recovery.data=replay."""
 
-  def __init__(self):
+  def __init__(self, data: data_lib.TrainData):
     super().__init__(name="data_state")
     self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="position")
+    # Compared on resume with the dataset the resumed run builds.
+    self.spec = tf.Variable(data.spec_text, dtype=tf.string, trainable=False, name="spec")
+    self.rows = tf.Variable(data.batch_rows or 0, dtype=tf.int64, trainable=False, name="rows")
+    self.fingerprint = tf.Variable(
+      data.fingerprint, dtype=tf.string, trainable=False, name="fingerprint"
+    )
 
 
 class _RecoveryState(tf.Module):
@@ -127,9 +138,14 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_lib.validate(config)
-    self.config = config
+    self.config, clamped = config_lib.fit_to_steps(config)
+    if clamped:
+      logging.info("Fitted to train.steps=%d: %s.", config.train.steps, ", ".join(clamped))
     self.workdir = os.fspath(workdir)
     self._built = False
+    # True once the model holds a trained or restored state (fit() ran, or
+    # evaluate() restored a checkpoint).
+    self._state_ready = False
     self._stop_signal = None
     self.model: keras.Model | None = None
     self.optimizer: keras.optimizers.Optimizer | None = None
@@ -177,12 +193,30 @@ class Trainer:
     Traced into the compiled step (inside the graph, in replica context), so
     it must be graph-safe: no Python side effects, no `.numpy()`. The loss is
     the mean over the batch it is given (after bad rows are dropped). The
-    default applies `config.loss` to `model(x)` and `y`.
+    default applies `config.loss` to `model(x)` and `y` and adds the model's
+    regularization losses, as Keras `fit` does. An override that wants them
+    adds `self.regularization_loss(model)` after calling the model.
     """
-    x, y, sample_weight = unpack_batch(batch)
+    x, y, sample_weight = data_lib.unpack_batch(batch)
     pred = model(x, training=training)
     pred = tf.nest.map_structure(lambda p: tf.cast(p, tf.float32), pred)
-    return self._loss_fn(y, pred, sample_weight=sample_weight)
+    loss = self._loss_fn(y, pred, sample_weight=sample_weight)
+    return loss + self.regularization_loss(model)
+
+  def regularization_loss(self, model: keras.Model) -> tf.Tensor:
+    """The sum of `model.losses`, in float32: kernel, bias and activity
+    regularizers and `add_loss` terms, as Keras `fit` adds them to the loss.
+
+    Call it in `compute_loss` after the model's forward pass (activity
+    regularizers and `add_loss` terms come from that call). It is part of the
+    loss the guard checks: a non-finite term makes a non-finite loss.
+    """
+    losses = [tf.reduce_sum(tf.cast(term, tf.float32)) for term in model.losses]
+    if not losses:
+      return tf.constant(0.0)
+    # A sum of a stacked vector, not tf.add_n: an AddN of many terms inside the
+    # compiled loop is what Grappler rewrites into temporary variables.
+    return tf.reduce_sum(tf.stack(losses))
 
   # ------------------------------------------------------------- building
 
@@ -219,8 +253,7 @@ class Trainer:
 
   def _build_in_scope(self) -> None:
     c = self.config
-    self._run = _RunState()
-    self._data = _DataState()
+    self._run = _RunState(c.precision.policy)
     self._recovery = _RecoveryState()
     ls = c.loss_scale
     self._loss_scale = DynamicLossScale(
@@ -242,13 +275,20 @@ class Trainer:
       decay=g.spike_decay,
     )
 
-    dataset = self._make_train_dataset()
-    dist_ds = self._strategy.experimental_distribute_dataset(dataset)
-    self._iterator = iter(dist_ds)
-    # A distributed iterator cannot be checkpointed: its data position is, and
-    # resume and replay re-create it there (`_seek_data`).
-    self._iterator_in_checkpoint = distribute.is_checkpointable(self._iterator)
-    self._leaf_names = guard.leaf_names(self._element_spec)
+    self._train_data = data_lib.TrainData(
+      self.build_train_dataset, repeat=c.train.repeat_data, strategy=self._strategy
+    )
+    self._element_spec = self._train_data.element_spec
+    self._first_batch = self._train_data.first_batch
+    self._leaf_names = self._train_data.leaf_names
+    self._iterator = self._train_data.iterator()
+    # An iterator that cannot be checkpointed (distributed, or a pipeline with
+    # state outside the graph) is found again by its data position: resume
+    # and replay re-create it there (`_seek_data`).
+    self._iterator_in_checkpoint = self._train_data.checkpointable(self._iterator)
+    if self._train_data.stateful is not None:
+      data_lib.log_position_based(self._train_data.stateful)
+    self._data = _DataState(self._train_data)
 
     self.model = self.build_model()
     if not isinstance(self.model, keras.Model):
@@ -291,7 +331,12 @@ class Trainer:
     )
     self._train_loop_fn = tf.function(self._train_loop)
     self._all_finite_fn = tf.function(self._all_finite)
-    self._eval_step_fn = None
+    self._evaluator = evaluation.Evaluator(
+      strategy=self._strategy,
+      build_dataset=self.build_eval_dataset,
+      compute_loss=lambda batch: self._call_compute_loss(self.model, batch, training=False),
+      steps=c.eval.steps,
+    )
 
   def _sample_loss(self):
     """compute_loss on the first batch, eagerly. A batch that does not fit the
@@ -311,30 +356,64 @@ class Trainer:
         "with x as the model's input."
       ) from e
 
-  def _make_train_dataset(self) -> tf.data.Dataset:
-    """Builds, checks and repeats the training dataset; reads the first batch."""
-    dataset = self.build_train_dataset()
-    if not isinstance(dataset, tf.data.Dataset):
-      raise BadInputError(
-        f"build_train_dataset() returned {type(dataset).__name__}, not a tf.data.Dataset"
+  def _resume_data(self) -> None:
+    """Finds the data position of a restored checkpoint in this run's dataset.
+
+    A dataset whose element spec changed (another train.batch_size, say)
+    cannot take the checkpointed iterator: it is re-created from
+    build_train_dataset() at the same number of examples in. A dataset whose
+    first batch changed (the data was fixed) is said once in the log.
+    """
+    d, data = self._data, self._train_data
+    saved_spec = d.spec.numpy().decode()
+    if saved_spec != data.spec_text:
+      saved_rows, position = int(d.rows.numpy()), int(d.position.numpy())
+      if saved_rows and data.batch_rows:
+        position = position * saved_rows // data.batch_rows
+      logging.warning(
+        "The training data changed shape since the checkpoint (it yielded %s, now %s): "
+        "the data iterator is re-created from build_train_dataset() at batch %d (the "
+        "same number of examples in) instead of restored, so the batch order from here "
+        "differs from an uninterrupted run.",
+        saved_spec,
+        data.spec_text,
+        position,
       )
-    self._element_spec = dataset.element_spec
-    _check_element_spec(self._element_spec)
-    if self.config.train.repeat_data:
-      dataset = dataset.repeat()
-    self._first_batch = next(iter(dataset.take(1)), None)
-    if self._first_batch is None:
-      raise BadInputError("build_train_dataset() returned an empty dataset")
-    return dataset
+      d.position.assign(position)
+      self._iterator = data.iterator(position)
+      if self._iterator_in_checkpoint:
+        self._checkpoints.replace_objects(iterator=self._iterator)
+    elif not self._iterator_in_checkpoint:
+      self._seek_data()
+    if d.fingerprint.numpy().decode() != data.fingerprint:
+      logging.warning(
+        "The first training batch differs from the one the checkpointed run read: the "
+        "data (or an unseeded shuffle) changed. %s",
+        "The rest of the current epoch still comes from the checkpointed iterator's "
+        "buffers (the old data); the new data is read from the next pass on."
+        if self._iterator_in_checkpoint
+        else "The iterator is re-created from the new data.",
+      )
+    d.spec.assign(data.spec_text)
+    d.rows.assign(data.batch_rows or 0)
+    d.fingerprint.assign(data.fingerprint)
+
+  def _resume_precision(self) -> None:
+    saved = self._run.precision.numpy().decode()
+    policy = self.config.precision.policy
+    if saved != policy:
+      self._loss_scale.reset()
+      logging.warning(
+        "Resuming a %s checkpoint under precision.policy=%s: the loss scale starts afresh at %g.",
+        saved,
+        policy,
+        float(self._loss_scale.scale.numpy()),
+      )
+      self._run.precision.assign(policy)
 
   def _seek_data(self) -> None:
-    """Re-creates a distributed iterator at `data.position`.
-
-    The dataset is built afresh and read exactly as at build time, so a seeded
-    shuffle yields the same batches; then the consumed batches are skipped.
-    """
-    dataset = self._make_train_dataset().skip(int(self._data.position.numpy()))
-    self._iterator = iter(self._strategy.experimental_distribute_dataset(dataset))
+    """Re-creates an iterator that is not checkpointed at `data.position`."""
+    self._iterator = self._train_data.iterator(int(self._data.position.numpy()))
 
   def _wrap_learning_rate(self, optimizer) -> None:
     base = optimizer._learning_rate  # Keras keeps either a schedule or a variable.
@@ -744,53 +823,38 @@ class Trainer:
   # ----------------------------------------------------------- evaluation
 
   def evaluate(self) -> dict[str, float]:
-    """Evaluates on `build_eval_dataset()` for `eval.steps` batches (0: all).
+    """Evaluates the model on `build_eval_dataset()`.
 
-    Returns {} when there is no eval dataset. Runs a compiled step per batch.
+    Each batch counts by its rows, so the result is the mean over the examples
+    seen, a short last batch included, as Keras `model.evaluate` reports it.
+    `eval.steps` limits the batches (0, the default: the whole set). On a
+    trainer that has not trained or resumed in this process, it first restores
+    the workdir's newest healthy checkpoint (WorkdirError when there is none),
+    so `Trainer(config, workdir).evaluate()` evaluates the trained model.
+
+    Returns:
+      {name: mean} for the loss and compute_loss's metrics, plus `examples`
+      (how many were evaluated); {} when there is no eval dataset.
     """
     self._build()
-    if not hasattr(self, "_eval_dataset"):
-      ds = self.build_eval_dataset()
-      self._eval_dataset = (
-        None if ds is None else self._strategy.experimental_distribute_dataset(ds)
+    if not self._state_ready:
+      self._restore_for_inference()
+    return self._evaluator()
+
+  def _restore_for_inference(self) -> None:
+    """Loads the newest committed checkpoint that reads back finite into the
+    model, without repairing or moving anything (a run may be writing)."""
+    path = self._checkpoints.restore_model_readonly(
+      dict(model=self.model, model_variables=list(self.model.variables)),
+      healthy=lambda: bool(self._all_finite_fn()),
+    )
+    if path is None:
+      raise WorkdirError(
+        f"no healthy checkpoint in {self._checkpoints.directory} to evaluate: train first "
+        "(fit()), or point the trainer at the workdir of a trained run"
       )
-    if self._eval_dataset is None:
-      return {}
-    if self._eval_step_fn is None:
-      self._eval_step_fn = tf.function(self._eval_step)
-    totals: dict[str, float] = {}
-    batches = 0
-    for batch in self._eval_dataset:
-      out = self._eval_step_fn(batch)
-      for k, v in out.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-      batches += 1
-      if self.config.eval.steps and batches >= self.config.eval.steps:
-        break
-    return {k: v / max(batches, 1) for k, v in totals.items()}
-
-  def _eval_step(self, batch):
-    def replica(batch):
-      loss, metrics = self._call_compute_loss(self.model, batch, training=False)
-      return dict(metrics, loss=loss)
-
-    if self._strategy.num_replicas_in_sync == 1:
-      out = self._strategy.run(replica, args=(batch,))
-      return {k: self._strategy.reduce("mean", v, axis=None) for k, v in out.items()}
-
-    def weighted(batch):
-      # Shards of a last, short batch differ in size or are empty (whose mean
-      # is NaN): weigh each replica's means by its rows.
-      rows = tf.shape(tf.nest.flatten(batch)[0])[0]
-      out = replica(batch)
-      w = tf.cast(rows, tf.float32)
-      out = {k: tf.where(rows > 0, v * w, 0.0) for k, v in out.items()}
-      return dict(out, _rows=w)
-
-    out = self._strategy.run(weighted, args=(batch,))
-    sums = {k: self._strategy.reduce("sum", v, axis=None) for k, v in out.items()}
-    rows = tf.maximum(sums.pop("_rows"), 1.0)
-    return {k: v / rows for k, v in sums.items()}
+    logging.info("Evaluating the model of %s", path)
+    self._state_ready = True
 
   # ----------------------------------------------------------- outer loop
 
@@ -812,8 +876,10 @@ class Trainer:
     )
     self._incidents: list[dict] = []
     resumed = self._restore_latest()
-    if resumed is not None and not self._iterator_in_checkpoint:
-      self._seek_data()
+    self._state_ready = True
+    if resumed is not None:
+      self._resume_data()
+      self._resume_precision()
     self._write_config(resumed)
     if resumed is None:
       self._run_preflight()
@@ -840,7 +906,19 @@ class Trainer:
         step0 = self._step()
         n = self._next_loop_length(step0)
         t0 = time.perf_counter()
-        out = self._train_loop_fn(self._iterator, tf.constant(n, tf.int64))
+        try:
+          out = self._train_loop_fn(self._iterator, tf.constant(n, tf.int64))
+        except tf.errors.OpError as e:
+          cause = data_lib.pipeline_failure(e)
+          if cause is None:
+            raise
+          # The loop's updates are in the variables but not in the counters:
+          # nothing of it is saved, the last checkpoint stays the resume point.
+          raise BadInputError(
+            f"the training data pipeline failed after step {step0} ({cause}). The last "
+            f"checkpoint ({self._checkpoints.latest_path()}) is intact: fix the data and run "
+            "the same command to resume."
+          ) from None
         out = tf.nest.map_structure(lambda t: t.numpy(), out)
         dt = time.perf_counter() - t0
         step = self._step()
@@ -912,11 +990,20 @@ class Trainer:
     return result
 
   def summary_line(self, result: FitResult) -> str:
-    return (
+    """One line about a finished fit(): incidents, recovery, the last eval."""
+    text = (
       f"step {result.step}: {len(result.incidents)} incidents, "
       f"{result.rollbacks} rollbacks, lr scale {result.lr_scale:.4g}, "
       f"{result.batches_skipped} batches skipped, {result.skipped_steps} steps skipped"
     )
+    ev = dict(result.eval_metrics)
+    n = ev.pop(evaluation.EXAMPLES, None)
+    if n is not None:
+      shown = ", ".join(
+        f"{k} {v:.4g}" for k, v in sorted(ev.items(), key=lambda kv: kv[0] != "loss")
+      )
+      text += f"; eval on {n} examples: {shown}"
+    return text
 
   def _step(self) -> int:
     return int(self._run.step.numpy())
@@ -1255,39 +1342,6 @@ _KIND_TEXT = {
   "loss_scale_floor": ("float16 gradients overflowed with the loss scale at loss_scale.min_scale."),
   "nonfinite_params": "a model or optimizer variable became non-finite after an update.",
 }
-
-
-def unpack_batch(batch):
-  """Splits a batch into (x, y, sample_weight)."""
-  if isinstance(batch, dict):
-    if "x" not in batch or "y" not in batch:
-      raise ValueError(
-        "dict batches for the default compute_loss need keys 'x' and 'y'; "
-        f"got {sorted(batch)}. Override compute_loss for other layouts."
-      )
-    return batch["x"], batch["y"], batch.get("sample_weight")
-  if isinstance(batch, (tuple, list)):
-    if len(batch) == 2:
-      return batch[0], batch[1], None
-    if len(batch) == 3:
-      return tuple(batch)
-  raise ValueError(
-    "batches for the default compute_loss are (x, y), (x, y, sample_weight) "
-    f"or dicts with 'x' and 'y'; got {type(batch).__name__}"
-  )
-
-
-def _check_element_spec(spec) -> None:
-  for s in tf.nest.flatten(spec):
-    if not isinstance(s, tf.TensorSpec):
-      raise BadInputError(
-        f"the training dataset yields {type(s).__name__}; safetrain "
-        "needs dense tensors (x, y) or dicts of them"
-      )
-    if s.shape.rank == 0:
-      raise BadInputError(
-        "the training dataset yields scalars; batch it with dataset.batch(config.train.batch_size)"
-      )
 
 
 def _keep_rows(batch, row_ok, any_kept):
