@@ -172,6 +172,9 @@ class CheckpointStore:
     self.max_to_keep = max_to_keep
     self.checkpoint = tf.train.Checkpoint(**objects)
     self.repairs: list[str] = []  # what restore_latest cleaned up or set aside
+    # False after a restore that had to leave the data iterator out (the input
+    # pipeline changed since the save).
+    self.iterator_restored = False
     self._own_latest: int | None = None  # non-chief: the step of its last save
     self._make_managers()
 
@@ -346,6 +349,7 @@ class CheckpointStore:
     except Exception as e:  # noqa: BLE001 - any failure to read the index is damage
       return _why(e)
     self._check_compatible(path, saved)
+    self.iterator_restored = "iterator" in self.objects
     try:
       self.checkpoint.restore(path).assert_existing_objects_matched()
     except Exception as e:  # noqa: BLE001 - told apart below
@@ -356,10 +360,17 @@ class CheckpointStore:
         verify(path)
       except Exception as damage:  # noqa: BLE001
         return _why(damage)
-      raise WorkdirError(
-        f"the checkpoint {path} does not fit this trainer{self._owner_note()}: {_why(e)}. "
-        "Use a new --workdir, or the experiment that wrote this one."
-      ) from e
+      if self.iterator_restored and "DeserializeIterator" in str(e):
+        # The input pipeline's definition changed since the save: everything
+        # else restores, and the trainer finds the data again by position.
+        rest = {k: v for k, v in self.objects.items() if k != "iterator"}
+        tf.train.Checkpoint(**rest).restore(path).expect_partial()
+        self.iterator_restored = False
+      else:
+        raise WorkdirError(
+          f"the checkpoint {path} does not fit this trainer{self._owner_note()}: {_why(e)}. "
+          "Use a new --workdir, or the experiment that wrote this one."
+        ) from e
     if healthy is not None and not healthy():
       return "it restores non-finite values"
     return None

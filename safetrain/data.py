@@ -168,21 +168,28 @@ class TrainData:
       raise BadInputError("build_train_dataset() returned an empty dataset")
     return dataset, batch, stateful
 
-  def iterator(self, position: int = 0):
+  def iterator(self, position: int = 0, *, checkpointed: bool = False):
     """An iterator over the (distributed) batches, `position` batches in.
 
     The first call uses the dataset built in the constructor; later ones build
     it afresh and read it exactly as the first time, so a seeded pipeline
-    yields the same batches, then skip the consumed ones.
+    yields the same batches, then skip the consumed ones: with
+    `Dataset.skip`, or, for an iterator that will be checkpointed, by reading
+    them (a `skip` in its pipeline would not match a fresh pipeline on the
+    next resume).
     """
     if self._first_dataset is not None:
       dataset, self._first_dataset = self._first_dataset, None
     else:
       dataset, _, _ = self._prepare()
-    if position:
+    if position and not checkpointed:
       dataset = dataset.skip(position)
     # Under the default strategy this is the dataset itself.
-    return iter(self.strategy.experimental_distribute_dataset(dataset))
+    iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+    if position and checkpointed:
+      for _ in range(position):
+        next(iterator)
+    return iterator
 
   def checkpointable(self, iterator) -> bool:
     """Whether tf.train.Checkpoint can save `iterator` (a plain iterator of a

@@ -359,30 +359,35 @@ class Trainer:
   def _resume_data(self) -> None:
     """Finds the data position of a restored checkpoint in this run's dataset.
 
-    A dataset whose element spec changed (another train.batch_size, say)
-    cannot take the checkpointed iterator: it is re-created from
-    build_train_dataset() at the same number of examples in. A dataset whose
-    first batch changed (the data was fixed) is said once in the log.
+    A checkpointed iterator that does not fit this run's pipeline (its
+    definition or element spec changed: another train.batch_size, a new map)
+    is re-created from build_train_dataset() at the same number of examples
+    in. A dataset whose first batch changed (the data was fixed) is said once
+    in the log.
     """
     d, data = self._data, self._train_data
     saved_spec = d.spec.numpy().decode()
-    if saved_spec != data.spec_text:
+    changed = saved_spec != data.spec_text
+    if self._iterator_in_checkpoint and (changed or not self._checkpoints.iterator_restored):
       saved_rows, position = int(d.rows.numpy()), int(d.position.numpy())
       if saved_rows and data.batch_rows:
         position = position * saved_rows // data.batch_rows
+      what = (
+        f"the data changed shape since the checkpoint (it yielded {saved_spec}, now "
+        f"{data.spec_text})"
+        if changed
+        else "the input pipeline's definition changed since the checkpoint"
+      )
       logging.warning(
-        "The training data changed shape since the checkpoint (it yielded %s, now %s): "
-        "the data iterator is re-created from build_train_dataset() at batch %d (the "
+        "%s: the data iterator is re-created from build_train_dataset() at batch %d (the "
         "same number of examples in) instead of restored, so the batch order from here "
         "differs from an uninterrupted run.",
-        saved_spec,
-        data.spec_text,
+        what[0].upper() + what[1:],
         position,
       )
       d.position.assign(position)
-      self._iterator = data.iterator(position)
-      if self._iterator_in_checkpoint:
-        self._checkpoints.replace_objects(iterator=self._iterator)
+      self._iterator = data.iterator(position, checkpointed=True)
+      self._checkpoints.replace_objects(iterator=self._iterator)
     elif not self._iterator_in_checkpoint:
       self._seek_data()
     if d.fingerprint.numpy().decode() != data.fingerprint:
@@ -391,8 +396,8 @@ class Trainer:
         "data (or an unseeded shuffle) changed. %s",
         "The rest of the current epoch still comes from the checkpointed iterator's "
         "buffers (the old data); the new data is read from the next pass on."
-        if self._iterator_in_checkpoint
-        else "The iterator is re-created from the new data.",
+        if self._iterator_in_checkpoint and self._checkpoints.iterator_restored and not changed
+        else "The iterator was re-created from the new data.",
       )
     d.spec.assign(data.spec_text)
     d.rows.assign(data.batch_rows or 0)
