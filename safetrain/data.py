@@ -79,6 +79,11 @@ def batch_rows(spec) -> int | None:
   return None
 
 
+def hash64(text: str) -> int:
+  """A stable non-negative int64 hash of a text (to keep in a variable)."""
+  return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)
+
+
 def checksum(batch) -> str:
   """A hash of a batch's values, to tell whether the data changed."""
   h = hashlib.sha1()
