@@ -284,7 +284,7 @@ def fit_to_steps(config: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
   """Returns a copy of a validated config whose intervals fit `train.steps`.
 
   A shorter run (to try something) should not need five other keys changed:
-  as Keras clamps `steps_per_execution`, the loop length and the log, eval and
+  as Keras clamps `steps_per_execution`, the loop length and the eval and
   checkpoint intervals are clamped to `train.steps`, and a warm-up that would
   not end before it is cut to a tenth of the run.
 
@@ -303,7 +303,6 @@ def fit_to_steps(config: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
 
   for group, key in (
     ("train", "steps_per_loop"),
-    ("train", "log_every_steps"),
     ("eval", "every_steps"),
     ("checkpoint", "every_steps"),
   ):

@@ -5,6 +5,7 @@ MirroredStrategy runs in-process on this CPU-only machine; single-device runs
 use the default strategy on the first one and are unaffected.
 """
 
+import gc
 import os
 import sys
 
@@ -27,3 +28,18 @@ tf.config.experimental.enable_op_determinism()
 @pytest.fixture
 def workdir(tmp_path):
   return str(tmp_path / "run")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+  """Collects each test's garbage when it ends, and freezes what survives.
+
+  TensorFlow keeps about 9,000 objects of every trainer's traced graphs alive
+  for the life of the process; by the end of the suite the heap held 1.5
+  million objects, and each full collection Python's collector started in
+  the middle of a later test walked all of them (up to 90 s of one test's
+  time). Frozen objects are never walked again.
+  """
+  yield
+  gc.collect()
+  gc.freeze()
