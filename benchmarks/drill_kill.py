@@ -117,9 +117,12 @@ def metrics_lines(workdir: str) -> int:
     return 0
 
 
-def wait_for_progress(p: subprocess.Popen, workdir: str, timeout: float = 300) -> bool:
-  """Waits until `p` writes a metrics record; False if it exits first."""
-  base = metrics_lines(workdir)
+def wait_for_progress(
+  p: subprocess.Popen, workdir: str, timeout: float = 300, base: int | None = None
+) -> bool:
+  """Waits until `p` writes a metrics record (more than `base` lines, by
+  default the count now); False if it exits first."""
+  base = metrics_lines(workdir) if base is None else base
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if p.poll() is not None:

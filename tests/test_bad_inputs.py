@@ -201,7 +201,9 @@ def test_lowering_train_steps_below_the_step_reached_is_noted(tmp_path, capsys):
   args = [f"--config={GOOD}", f"--workdir={tmp_path}"]
   code, _, _ = _run([*args, "--config.train.steps=5"], capsys)
   assert code == 0
-  code, out, err = _run([*args, "--config.train.steps=3"], capsys)
+  code, out, err = _run(
+    [*args, "--config.train.steps=3", "--config.train.steps_per_loop=1"], capsys
+  )
   assert code == 0 and "step 5:" in out
   assert "note: the workdir was already at step 5, past train.steps=3" in err
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -94,7 +95,9 @@ def test_a_double_launch_trains_once_and_the_second_run_exits_2_naming_the_holde
     done = [p for p in procs if p.poll() is not None]
     for p in procs:
       if p.poll() is None:
-        p.send_signal(signal.SIGTERM)  # the winner: stop it, it has shown enough
+        # The winner: once it has recorded a loop, stop it; it has shown enough.
+        drill.wait_for_progress(p, workdir, base=0)
+        p.send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=120) for p in procs]
   assert len(done) == 1, f"both runs were still training after 120 s (exit codes {codes})"
   loser = procs.index(done[0])
@@ -432,6 +435,33 @@ def test_a_bad_older_checkpoint_is_set_aside_when_a_rollback_reaches_it(run, cap
   assert 20 not in [s for s, _ in trainer._checkpoints.checkpoints()]
 
 
+def test_a_rollback_with_no_readable_checkpoint_left_stops_and_deletes_nothing(run):
+  """Every checkpoint is damaged on disk at the moment a rollback looks for a
+  target: each is set aside, and the run stops with DivergenceError (exit 3)
+  instead of restoring garbage; every file is kept in corrupt/."""
+  d = _ckpt_dir(run)
+  c = tiny_config(**dict(BASE, **{"train.steps": 40}))
+  c.drill.loss_steps = "27-29"
+  trainer = TinyTrainer(c, str(run))
+  trainer._build()
+  find = trainer._rollback_target
+  evidence = []
+
+  def damage_then_find():
+    for n in sorted(os.listdir(d)):
+      if n.startswith("ckpt-") and ".data-" in n:
+        _flip_bytes(os.path.join(d, n))
+    evidence.extend(sorted(_files(d)[n] for n in _files(d) if n.startswith("ckpt-")))
+    return find()
+
+  trainer._rollback_target = damage_then_find
+  with pytest.raises(safetrain.DivergenceError, match="no checkpoint is left to roll back to"):
+    trainer.fit()
+  corrupt = _files(os.path.join(d, checkpointing.CORRUPT_DIR))
+  assert sorted(corrupt.values()) == sorted(evidence) and len(evidence) == 6
+  assert not checkpointing.scan(d).files
+
+
 # ------------------------------------------------------------- 7: I/O faults
 
 
@@ -503,34 +533,39 @@ def test_a_workdir_path_too_long_for_the_files_below_it_exits_2_before_training(
   assert os.listdir(work) == []
 
 
+def _as_nobody(path):
+  """(command prefix, env) that run a child as an unprivileged user owning
+  `path`, so that permission bits stop it (root ignores them); as is, when
+  not root."""
+  env = dict(os.environ, PYTHONPATH=ROOT, HOME=str(path), MPLCONFIGDIR=str(path))
+  if os.geteuid() != 0:
+    return [], env
+  if shutil.which("setpriv") is None:
+    pytest.skip("needs setpriv(1) to drop root")
+  os.chown(path, 65534, 65534)
+  return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], env
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_real_full_disk_and_a_workdir_made_read_only_mid_run(tmp_path):
-  """Slow (four processes): the command on a 96 KiB tmpfs (a real ENOSPC),
-  and on one remounted read-only while it trains (a real EROFS), in a
-  private mount namespace; each exits 2 with one line, and after the cause
-  is fixed the same command resumes from the last committed checkpoint."""
+  """Slow (four processes). A real ENOSPC: the command on a 96 KiB tmpfs in a
+  private mount namespace; then, with room made, the same command resumes. A
+  real EACCES: the workdir made read-only (chmod -R a-w) while the command
+  trains as an unprivileged user; then, made writable again, it resumes.
+  Each fault ends in exit 2 and one line naming the path and the cause."""
   mnt = tmp_path / "mnt"
   mnt.mkdir()
   cmd = " ".join(drill.command(str(mnt / "run"), 3000))
   script = f"""
-set -u
 mount -t tmpfs -o size=96k tmpfs {mnt} || exit 77
 {cmd} > {tmp_path}/full.log 2>&1; echo "full=$?"
-ls {mnt}/run/checkpoints > {tmp_path}/full.ls
 mount -o remount,size=64m {mnt}
 {cmd} --config.train.steps=40 > {tmp_path}/resumed.log 2>&1; echo "resumed=$?"
-rm -rf {mnt}/run
-{cmd} > {tmp_path}/ro.log 2>&1 &
-pid=$!
-while ! grep -q loss {mnt}/run/metrics.jsonl 2>/dev/null; do sleep 0.05; done
-mount -o remount,ro {mnt}
-wait $pid; echo "ro=$?"
-mount -o remount,rw {mnt}
-{cmd} --config.train.steps=40 > {tmp_path}/ro_resumed.log 2>&1; echo "ro_resumed=$?"
 """
+  unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
   p = subprocess.run(
-    ["unshare", "-rm", "sh", "-c", script],
+    [*unshare, "sh", "-c", script],
     capture_output=True,
     text=True,
     timeout=600,
@@ -540,12 +575,30 @@ mount -o remount,rw {mnt}
   if p.returncode == 77 or "Operation not permitted" in p.stderr:
     pytest.skip(f"no private tmpfs mount here: {p.stderr.strip()[:200]}")
   codes = dict(line.split("=") for line in p.stdout.split())
-  full, ro = (tmp_path / "full.log").read_text(), (tmp_path / "ro.log").read_text()
+  full = (tmp_path / "full.log").read_text()
   assert codes["full"] == "2", full[-3000:]
-  _one_error_line(2, full, "No space left on device", "Nothing committed was lost")
-  assert codes["resumed"] == "0", (tmp_path / "resumed.log").read_text()[-3000:]
-  assert "Resumed from" in (tmp_path / "resumed.log").read_text()
-  assert codes["ro"] == "2", ro[-3000:]
-  _one_error_line(2, ro, "Read-only file system", "Nothing committed was lost")
-  assert codes["ro_resumed"] == "0", (tmp_path / "ro_resumed.log").read_text()[-3000:]
-  assert "Resumed from" in (tmp_path / "ro_resumed.log").read_text()
+  _one_error_line(2, full, "ckpt-", "No space left on device", "Nothing committed was lost")
+  resumed = (tmp_path / "resumed.log").read_text()
+  assert codes["resumed"] == "0" and "Resumed from" in resumed, resumed[-3000:]
+
+  # Outside pytest's temporary directory, which only root may enter.
+  home = tempfile.mkdtemp(prefix="safetrain-ro-")
+  try:
+    work = os.path.join(home, "run")
+    prefix, env = _as_nobody(home)
+    with open(tmp_path / "ro.log", "wb") as log:
+      run = subprocess.Popen(
+        [*prefix, *drill.command(work, 3000)], cwd=ROOT, env=env, stdout=log, stderr=log
+      )
+      assert drill.wait_for_progress(run, work, base=0)
+      subprocess.run(["chmod", "-R", "a-w", work], check=True)
+      code = run.wait(timeout=300)
+    ro = (tmp_path / "ro.log").read_text()
+    assert code == 2, ro[-3000:]
+    _one_error_line(2, ro, work, "Permission denied", "Nothing committed was lost")
+    subprocess.run(["chmod", "-R", "u+w", work], check=True)
+    p = subprocess.run([*prefix, *drill.command(work, 40)], cwd=ROOT, env=env, capture_output=True)
+    assert p.returncode == 0 and b"Resumed from" in p.stderr, p.stderr[-3000:]
+  finally:
+    subprocess.run(["chmod", "-R", "u+w", home])
+    shutil.rmtree(home, ignore_errors=True)
