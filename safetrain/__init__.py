@@ -16,7 +16,7 @@ from safetrain.records import read_jsonl
 _LAZY = {
   "FitResult": "safetrain.trainer",
   "Trainer": "safetrain.trainer",
-  "unpack_batch": "safetrain.trainer",
+  "unpack_batch": "safetrain.data",
 }
 
 

@@ -241,6 +241,9 @@ class CheckpointStore:
     self.generation_key = generation_key
     self.checkpoint = tf.train.Checkpoint(**objects)
     self.repairs: list[str] = []  # what restore_latest cleaned up or set aside
+    # False after a restore that had to leave the data iterator out (the input
+    # pipeline changed since the save).
+    self.iterator_restored = False
     self._current: int | None = None  # the step of the last save or restore
     # Built on first use: CheckpointManager's constructor fails on a damaged
     # state file, which restore_latest repairs first.
@@ -276,6 +279,13 @@ class CheckpointStore:
         self.checkpoint, self.directory, max_to_keep=self.max_to_keep, checkpoint_name="ckpt"
       )
     )
+
+  def replace_objects(self, **objects) -> None:
+    """Swaps tracked objects (a re-created data iterator) for later saves."""
+    self.objects = dict(self.objects, **objects)
+    self.carry = {k: self.objects[k] for k in self.carry}
+    self.checkpoint = tf.train.Checkpoint(**self.objects)
+    self._make_managers()
 
   # --------------------------------------------------------------- saving
 
@@ -411,6 +421,25 @@ class CheckpointStore:
     checkpoint restored on resume, or the one a rollback restored (whose side
     state holds the rest). The same on every worker."""
     return self._current
+
+  def restore_model_readonly(self, objects: dict, healthy: Callable[[], bool]) -> str | None:
+    """Restores `objects` from the newest committed checkpoint that reads back
+    and is `healthy`, older ones after it; returns its path, or None.
+
+    Read-only: nothing is repaired, moved or deleted, so it is safe beside a
+    run that is writing the directory (evaluation of a live workdir).
+    """
+    for step in reversed(list(scan(self.directory).listed)):
+      path = os.path.join(self.directory, f"ckpt-{step}")
+      try:
+        tf.train.Checkpoint(**objects).restore(path).expect_partial()
+      except (tf.errors.OpError, ValueError, AssertionError) as e:
+        logging.warning("cannot read %s (%s); trying an older checkpoint", path, _why(e))
+        continue
+      if healthy():
+        return path
+      logging.warning("%s holds non-finite values; trying an older checkpoint", path)
+    return None
 
   def restore_path(self, path: str) -> None:
     """Restores the full checkpoint at `path` (a non-chief worker resuming
@@ -603,6 +632,7 @@ class CheckpointStore:
     except Exception as e:  # noqa: BLE001 - any failure to read the index is damage
       return _why(e)
     self._check_compatible(path, saved)
+    self.iterator_restored = "iterator" in self.objects
     try:
       self.checkpoint.restore(path).assert_existing_objects_matched()
     except Exception as e:  # noqa: BLE001 - told apart below
@@ -614,10 +644,17 @@ class CheckpointStore:
         verify(path)
       except Exception as damage:  # noqa: BLE001
         return _why(damage)
-      raise WorkdirError(
-        f"the checkpoint {path} does not fit this trainer{self._owner_note()}: {_why(e)}. "
-        "Use a new --workdir, or the experiment that wrote this one."
-      ) from e
+      if self.iterator_restored and "DeserializeIterator" in str(e):
+        # The input pipeline's definition changed since the save: everything
+        # else restores, and the trainer finds the data again by position.
+        rest = {k: v for k, v in self.objects.items() if k != "iterator"}
+        tf.train.Checkpoint(**rest).restore(path).expect_partial()
+        self.iterator_restored = False
+      else:
+        raise WorkdirError(
+          f"the checkpoint {path} does not fit this trainer{self._owner_note()}: {_why(e)}. "
+          "Use a new --workdir, or the experiment that wrote this one."
+        ) from e
     if healthy is not None and not healthy():
       return "it restores non-finite values"
     return None
@@ -689,10 +726,20 @@ class CheckpointStore:
     prefix = os.path.join(self.directory, f"rollback-{pointer.state}")
     try:
       tf.train.Checkpoint(**self.carry).read(prefix).assert_existing_objects_matched()
-    except Exception as e:  # noqa: BLE001 - damage: resume without it
-      if not quiet:
-        self._set_aside_rollback_state(scan(self.directory), _why(e))
-      return
+    except Exception as e:  # noqa: BLE001 - told apart below
+      rest = {k: v for k, v in self.carry.items() if k != "iterator"}
+      try:
+        verify(prefix)
+        if len(rest) == len(self.carry) or "DeserializeIterator" not in str(e):
+          raise e
+        # The input pipeline changed since the rollback: the rest applies, and
+        # the trainer finds the data again by position (as for a checkpoint).
+        tf.train.Checkpoint(**rest).read(prefix).expect_partial()
+        self.iterator_restored = False
+      except Exception as damage:  # noqa: BLE001 - damage: resume without it
+        if not quiet:
+          self._set_aside_rollback_state(scan(self.directory), _why(damage))
+        return
     if not quiet:
       self._note(
         f"applied the state of the rollback to ckpt-{pointer.base} ({prefix}): the run "

@@ -7,6 +7,7 @@ here does not exist, and a typo in an override is an error.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -56,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # 0: evaluate only at the end of fit().
-  c.eval.steps = 10  # batches per evaluation; 0: the whole eval dataset.
+  c.eval.steps = 0  # batches per evaluation; 0: the whole eval dataset.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"
@@ -224,12 +225,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "train.steps", 1, MAX_STEPS)
   _int(config, "train.batch_size", 1, MAX_INT32)
   _int(config, "train.steps_per_loop", 1, MAX_STEPS)
-  _check(
-    config.train.steps_per_loop <= config.train.steps,
-    "train.steps_per_loop",
-    config.train.steps_per_loop,
-    f"at most train.steps ({config.train.steps})",
-  )
   _int(config, "train.log_every_steps", 1, MAX_STEPS)
   _bool(config, "train.repeat_data")
   _bool(config, "train.deterministic")
@@ -241,10 +236,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "optimizer.warmup_steps", 0, MAX_STEPS)
   if config.optimizer.schedule.startswith("warmup_"):
     _check(
-      0 < config.optimizer.warmup_steps < config.train.steps,
+      config.optimizer.warmup_steps > 0,
       "optimizer.warmup_steps",
       config.optimizer.warmup_steps,
-      f"> 0 and < train.steps ({config.train.steps}) for a warmup schedule",
+      "> 0 for a warmup schedule",
     )
   _num(config, "optimizer.end_lr_factor", 0.0, 1.0)
   _num(config, "optimizer.beta_1", 0.0, 1.0, hi_open=True)
@@ -292,6 +287,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "drill.input_feature", 0, MAX_INT32)
   _int(config, "drill.input_rows", 1, MAX_INT32)
   _int(config, "drill.replica", -1, MAX_INT32)
+
+
+def fit_to_steps(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """Returns a copy of a validated config whose intervals fit `train.steps`.
+
+  A shorter run (to try something) should not need five other keys changed:
+  as Keras clamps `steps_per_execution`, the loop length and the log, eval and
+  checkpoint intervals are clamped to `train.steps`, and a warm-up that would
+  not end before it is cut to a tenth of the run.
+
+  Returns:
+    (the resolved copy, one "key: old -> new" note per clamped key).
+  """
+  config = copy.deepcopy(config)
+  steps = config.train.steps
+  notes = []
+
+  def clamp(group: str, key: str, value: int) -> None:
+    old = config[group][key]
+    if old != value:
+      config[group][key] = value
+      notes.append(f"{group}.{key} {old} -> {value}")
+
+  for group, key in (
+    ("train", "steps_per_loop"),
+    ("train", "log_every_steps"),
+    ("eval", "every_steps"),
+    ("checkpoint", "every_steps"),
+  ):
+    clamp(group, key, min(config[group][key], steps))
+  if config.optimizer.schedule.startswith("warmup_") and config.optimizer.warmup_steps >= steps:
+    clamp("optimizer", "warmup_steps", steps // 10)
+  return config, notes
 
 
 def _check_keys(config, expected, prefix: str) -> None:

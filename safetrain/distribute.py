@@ -91,12 +91,6 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   return task_type == "worker" and task_id == 0 and "chief" not in cluster
 
 
-def is_checkpointable(iterator) -> bool:
-  """True for a plain tf.data iterator; False for a distributed one, which
-  tf.train.Checkpoint cannot save."""
-  return isinstance(iterator, tf.__internal__.tracking.Trackable)
-
-
 def num_workers(strategy: tf.distribute.Strategy) -> int:
   """How many worker processes take part (1 unless multi-worker)."""
   resolver = getattr(strategy, "cluster_resolver", None)

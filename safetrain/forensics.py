@@ -23,18 +23,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from safetrain import guard
+from safetrain import guard, kinds
 
 FLOAT16_MAX = 65504.0
 
-_TEXT = {
-  "nonfinite_inputs": "non-finite values in the input batch.",
-  "nonfinite_loss": "the loss was not finite.",
-  "nonfinite_grads": "the loss was finite but some gradients were not.",
-  "loss_spike": "the loss jumped far above its running mean.",
-  "loss_scale_floor": "float16 gradients overflowed with the loss scale at its floor.",
-  "nonfinite_params": "a model or optimizer variable became non-finite after an update.",
-}
 
 _FP16_ADVICE = (
   "normalize the inputs, use precision.policy=mixed_bfloat16, or keep {name} in "
@@ -510,11 +502,11 @@ def diagnose(trainer, *, kind: str, batch, step: int) -> str:
     return _diagnose(trainer, kind=kind, batch=batch, step=step)
   except Exception as e:  # noqa: BLE001 - forensics must not hide the incident
     logging.warning("forensics failed: %s", e)
-    return _TEXT.get(kind, "the step diverged.")
+    return kinds.text(kind)
 
 
 def _diagnose(trainer, *, kind: str, batch, step: int) -> str:
-  base = _TEXT.get(kind, "the step diverged.")
+  base = kinds.text(kind)
   if kind == "nonfinite_params":
     return _diagnose_params(trainer, step)
   if batch is None:
@@ -584,7 +576,7 @@ def _diagnose_params(trainer, step: int) -> str:
     if tf.as_dtype(v.dtype).is_floating and not stats(np.asarray(v.numpy())).finite
   ]
   if not bad:
-    return _TEXT["nonfinite_params"]
+    return kinds.text("nonfinite_params")
   names = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
   return (
     f"After the update of step {step}, these variables are non-finite: {names}. The "

@@ -1,27 +1,17 @@
-"""In-graph guards: the input check, the loss-spike detector, step classes.
+"""In-graph guards: the input check and its policy, the gradient norm, the
+step's classification.
 
-Everything here runs inside the compiled inner loop.
+Everything here runs inside the compiled inner loop, in replica context
+unless said otherwise. The classes and kinds it reports are in `kinds`.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import tensorflow as tf
 
-# Step classes, as counted per loop.
-GOOD, OVERFLOW, DIVERGENCE, SKIPPED_BATCH = 0, 1, 2, 3
-
-# Incident kinds (DESIGN.md). The index is the in-graph code.
-KINDS = (
-  "nonfinite_inputs",
-  "nonfinite_loss",
-  "nonfinite_grads",
-  "loss_spike",
-  "loss_scale_floor",
-  "nonfinite_params",
-)
-NONFINITE_INPUTS, NONFINITE_LOSS, NONFINITE_GRADS, LOSS_SPIKE, LOSS_SCALE_FLOOR = range(5)
-NONFINITE_PARAMS = 5
-NO_KIND = -1
+from safetrain import kinds
 
 
 def flatten_with_names(structure, prefix: str = "") -> list[tuple[str, object]]:
@@ -99,82 +89,188 @@ def mask_rows(batch, row_ok: tf.Tensor):
   return tf.nest.map_structure(lambda t: tf.boolean_mask(t, row_ok), batch)
 
 
-class SpikeDetector(tf.Module):
-  """Robust running loss statistics that a NaN can never poison.
+def keep_rows(batch, row_ok, any_kept):
+  """Drops bad rows; a shard with none left keeps row 0, sanitised, so it can
+  still take part in the step's collectives (its loss weight is 0)."""
 
-  The mean and the mean absolute deviation are exponential moving averages
-  fed only by good steps' finite losses, each clipped to the spike threshold
-  first, so one outlier cannot drag the statistics towards itself.
+  def sanitise(t):
+    t = t[:1]
+    return tf.where(tf.math.is_finite(t), t, tf.zeros_like(t)) if t.dtype.is_floating else t
+
+  return tf.cond(
+    any_kept, lambda: mask_rows(batch, row_ok), lambda: tf.nest.map_structure(sanitise, batch)
+  )
+
+
+class InputCheck(NamedTuple):
+  """What the input guard decided about one replica's batch."""
+
+  batch: Any  # what the model sees: bad rows dropped under drop_rows
+  weight: tf.Tensor | None  # this replica's share of the global loss; None on one replica
+  skip: tf.Tensor  # bool: the step is skipped (no usable row, or skip_batch/raise)
+  dropped: tf.Tensor  # int32: rows dropped over all replicas
+  leaf_bad: tf.Tensor  # int32[L]: bad rows per float leaf, for messages
+  cols: tf.Tensor  # int32[L]: first bad column per float leaf, or -1
+
+
+class InputGuard:
+  """Finds non-finite rows in a batch and applies `guard.bad_inputs`.
+
+  A clean batch costs one finiteness reduction per floating leaf; the per-row
+  and per-column work runs only when something is bad. With several replicas
+  every decision is taken on counts summed over all of them, so one replica's
+  bad rows are a decision for all.
 
   Args:
-    enabled: False turns detection off (and stops keeping the statistics).
-    warmup_steps: good steps observed before a spike can be declared.
-    threshold: deviations above the mean that make a spike.
-    rel_floor: the deviation used is at least rel_floor * |mean|, so a very
-      smooth loss curve does not make every small wiggle a spike.
-    decay: EMA decay of both statistics.
+    enabled: `guard.check_inputs`.
+    policy: `guard.bad_inputs`: drop_rows, skip_batch or raise.
+    leaf_count: the number of floating-point leaves of a batch.
   """
 
-  def __init__(
-    self,
-    *,
-    enabled: bool = True,
-    warmup_steps: int = 100,
-    threshold: float = 10.0,
-    rel_floor: float = 0.25,
-    decay: float = 0.98,
-  ):
-    super().__init__(name="spike_detector")
-    self.enabled = enabled
-    self.warmup_steps = warmup_steps
-    self.threshold = threshold
-    self.rel_floor = rel_floor
-    self.decay = decay
-    self.mean = tf.Variable(0.0, trainable=False, name="mean")
-    self.dev = tf.Variable(0.0, trainable=False, name="dev")
-    self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="count")
+  def __init__(self, *, enabled: bool, policy: str, leaf_count: int):
+    self.enabled = enabled and leaf_count > 0
+    self.drop = policy == "drop_rows"
+    self.leaf_count = leaf_count
 
-  # The compiled loop carries the statistics as tensors (mean, dev, count) and
-  # writes them back once per loop: variable reads and writes inside the step
-  # would chain every step's ops behind them. Disabled, they are () throughout.
-
-  def read(self) -> tuple:
-    """The statistics as tensors, to carry through the compiled loop."""
+  def __call__(self, batch, ctx: tf.distribute.ReplicaContext) -> InputCheck:
+    n_rep = ctx.num_replicas_in_sync
+    no_bad = tf.zeros([self.leaf_count], tf.int32)
+    no_cols = tf.fill([self.leaf_count], -1)
     if not self.enabled:
-      return ()
-    return (self.mean.read_value(), self.dev.read_value(), self.count.read_value())
+      weight = None
+      if n_rep > 1:
+        # Unchecked, each replica's mean still counts by its rows.
+        rows = tf.shape(tf.nest.flatten(batch)[0])[0]
+        total = tf.cast(ctx.all_reduce("sum", rows), tf.float32)
+        weight = tf.cast(rows, tf.float32) / tf.maximum(total, 1.0)
+      return InputCheck(batch, weight, tf.constant(False), tf.constant(0), no_bad, no_cols)
+    if n_rep == 1:
+      return self._one_replica(batch, no_bad, no_cols)
+    return self._replicas(batch, ctx, n_rep, no_cols)
 
-  def write(self, stats) -> None:
-    """Stores statistics carried through the loop."""
-    if not self.enabled:
-      return
-    mean, dev, count = stats
-    self.mean.assign(mean)
-    self.dev.assign(dev)
-    self.count.assign(count)
+  def _one_replica(self, batch, no_bad, no_cols) -> InputCheck:
+    oks = [tf.reduce_all(tf.math.is_finite(t)) for _, t in float_leaves(batch)]
+    all_ok = oks[0] if len(oks) == 1 else tf.reduce_all(tf.stack(oks))
 
-  def _limit(self, mean: tf.Tensor, dev: tf.Tensor) -> tf.Tensor:
-    return mean + self.threshold * tf.maximum(dev, self.rel_floor * tf.abs(mean))
+    def clean():
+      return batch, tf.constant(False), tf.constant(0), no_bad, no_cols
 
-  def is_spike(self, stats, loss: tf.Tensor) -> tf.Tensor:
-    """Whether `loss` is a spike against the carried statistics."""
-    if not self.enabled:
-      return tf.constant(False)
-    mean, dev, count = stats
-    return tf.logical_and(count >= self.warmup_steps, loss > self._limit(mean, dev))
+    def dirty():
+      row_ok, leaf_bad = finite_rows(batch)
+      cols = bad_columns(batch)
+      rows = tf.size(row_ok)
+      bad = rows - tf.reduce_sum(tf.cast(row_ok, tf.int32))
+      if not self.drop:
+        return batch, tf.constant(True), tf.constant(0), leaf_bad, cols
+      kept = rows - bad
+      kept_batch = keep_rows(batch, row_ok, kept > 0)
+      return kept_batch, kept <= 0, tf.where(kept > 0, bad, 0), leaf_bad, cols
 
-  def observe(self, stats, loss: tf.Tensor, good: tf.Tensor):
-    """The statistics after a step: fed by `loss` if the step was good."""
-    if not self.enabled:
-      return ()
-    mean, dev, count = stats
-    x = tf.minimum(loss, self._limit(mean, dev))
-    d = self.decay
-    first = count == 0
-    new_dev = tf.where(first, 0.0, d * dev + (1 - d) * tf.abs(x - mean))
-    new_mean = tf.where(first, loss, d * mean + (1 - d) * x)
-    return (
-      tf.where(good, new_mean, mean),
-      tf.where(good, new_dev, dev),
-      count + tf.cast(good, count.dtype),
-    )
+    batch, skip, dropped, leaf_bad, cols = tf.cond(all_ok, clean, dirty)
+    return InputCheck(batch, None, skip, dropped, leaf_bad, cols)
+
+  def _replicas(self, batch, ctx, n_rep: int, no_cols) -> InputCheck:
+    n_leaves = self.leaf_count
+    rows = tf.shape(tf.nest.flatten(batch)[0])[0]
+    row_ok, leaf_bad = finite_rows(batch)
+    local_bad = rows - tf.reduce_sum(tf.cast(row_ok, tf.int32))
+    local_kept = rows - local_bad if self.drop else rows
+    local_cols = tf.cond(local_bad > 0, lambda: bad_columns(batch), lambda: no_cols)
+    # Each replica's bad columns (+1; 0 for none) in its own row, so the sum
+    # tells every replica the columns of all: the message names the column
+    # whichever shard held the bad row.
+    slots = tf.one_hot(ctx.replica_id_in_sync_group, n_rep, dtype=tf.int32)[:, None]
+    slots = tf.reshape(slots * (local_cols + 1)[None, :], [-1])
+    sums = ctx.all_reduce("sum", tf.concat([[local_bad, local_kept], leaf_bad, slots], 0))
+    global_bad, global_kept = sums[0], sums[1]
+    leaf_bad = sums[2 : 2 + n_leaves]
+    all_cols = tf.reshape(sums[2 + n_leaves :], [n_rep, n_leaves]) - 1
+    cols = tf.reduce_min(tf.where(all_cols >= 0, all_cols, tf.int32.max), axis=0)
+    cols = tf.where(cols == tf.int32.max, -1, cols)
+    if self.drop:
+      skip = global_kept <= 0
+      # A shard left empty still runs forward on one sanitised row with weight
+      # 0, so every replica takes part in the collectives that follow.
+      batch = tf.cond(
+        local_bad > 0, lambda: keep_rows(batch, row_ok, local_kept > 0), lambda: batch
+      )
+    else:
+      skip = global_bad > 0
+    dropped = tf.where(self.drop & ~skip, global_bad, 0)
+    weight = tf.cast(local_kept, tf.float32) / tf.maximum(tf.cast(global_kept, tf.float32), 1.0)
+    return InputCheck(batch, weight, skip, dropped, leaf_bad, cols)
+
+
+def finite_and_norm(grads: list) -> tuple[tf.Tensor, tf.Tensor]:
+  """(all gradients finite, their global norm).
+
+  The common case costs one norm: a finite norm proves every gradient finite.
+  Only a non-finite norm pays for the element-wise check, and finite gradients
+  whose squares overflow get a rescaled norm, never inf.
+  """
+  if not grads:
+    return tf.constant(True), tf.constant(0.0)
+  norm = tf.linalg.global_norm(grads)
+
+  def slow():
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+
+    def rescaled():
+      m = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in grads]))
+      return m * tf.linalg.global_norm([g / m for g in grads])
+
+    return finite, tf.cond(finite, rescaled, lambda: norm)
+
+  return tf.cond(tf.math.is_finite(norm), lambda: (tf.constant(True), norm), slow)
+
+
+def clip(grads: list, norm: tf.Tensor, max_norm: float) -> list:
+  """Scales gradients whose global `norm` (finite) exceeds `max_norm` > 0.
+
+  Unlike `tf.clip_by_global_norm`, it is only called with a finite norm, so
+  it never turns finite gradients into NaN.
+  """
+  factor = tf.minimum(1.0, max_norm / tf.maximum(norm, 1e-30))
+  return [g * factor for g in grads]
+
+
+# classify()'s conditions in priority order (inputs skipped, loss, gradients at
+# the floor or outside float16, float16 overflow, spike, good) and their class.
+_CLASS = (kinds.SKIPPED_BATCH, kinds.DIVERGENCE, kinds.DIVERGENCE, kinds.OVERFLOW)
+_CLASS += (kinds.DIVERGENCE, kinds.GOOD)
+
+
+def classify(
+  *,
+  input_skip: tf.Tensor,
+  loss_finite: tf.Tensor,
+  grads_finite: tf.Tensor,
+  spike: tf.Tensor,
+  fp16: bool,
+  at_floor: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """(step class, incident kind) of an attempted step, as int32 codes.
+
+  In priority order: inputs the guard skipped; a non-finite loss; non-finite
+  gradients, which under mixed_float16 are a routine overflow unless the loss
+  scale is at its floor; a loss spike; else good (kind NO_KIND). Computed as
+  a handful of vector ops: this runs on every step.
+  """
+  grads_kind = kinds.LOSS_SCALE_FLOOR if fp16 else kinds.NONFINITE_GRADS
+  table_kind = tf.constant(
+    [
+      kinds.NONFINITE_INPUTS,
+      kinds.NONFINITE_LOSS,
+      grads_kind,
+      kinds.NO_KIND,
+      kinds.LOSS_SPIKE,
+      kinds.NO_KIND,
+    ]
+  )
+  bad_grads = tf.logical_not(grads_finite)
+  hard = tf.logical_and(bad_grads, at_floor) if fp16 else bad_grads
+  conditions = tf.stack(
+    [input_skip, tf.logical_not(loss_finite), hard, bad_grads, spike, tf.constant(True)]
+  )
+  first = tf.argmax(tf.cast(conditions, tf.int32), output_type=tf.int32)
+  return tf.gather(tf.constant(_CLASS), first), tf.gather(table_kind, first)

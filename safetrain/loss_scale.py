@@ -50,11 +50,18 @@ class DynamicLossScale(tf.Module):
     self.min_scale = min_scale
     self.max_scale = max_scale
     init = initial if enabled else 1.0
+    self.initial = init
     self.scale = tf.Variable(init, dtype=tf.float32, trainable=False, name="scale")
     self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
     self.hysteresis_left = tf.Variable(
       hysteresis, dtype=tf.int64, trainable=False, name="hysteresis_left"
     )
+
+  def reset(self) -> None:
+    """Back to the initial scale and counters (a resume under a new policy)."""
+    self.scale.assign(self.initial)
+    self.good_steps.assign(0)
+    self.hysteresis_left.assign(self.hysteresis)
 
   def at_floor(self) -> tf.Tensor:
     return self.scale <= self.min_scale

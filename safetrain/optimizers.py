@@ -75,6 +75,8 @@ class _WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
     self.warmup_steps = warmup_steps
 
   def __call__(self, step):
+    if self.warmup_steps <= 0:  # a run too short for a warm-up
+      return tf.constant(self.learning_rate, tf.float32)
     frac = tf.cast(step + 1, tf.float32) / float(self.warmup_steps)
     return self.learning_rate * tf.minimum(frac, 1.0)
 

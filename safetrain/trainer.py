@@ -9,7 +9,6 @@ checkpoints, summaries, metrics and incidents, evaluates, and runs recovery.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging as py_logging
 import os
@@ -24,17 +23,17 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from safetrain import checkpointing, distribute, forensics, guard, preflight
+from safetrain import checkpointing, distribute, evaluation, forensics, guard, kinds, preflight
 from safetrain import config as config_lib
+from safetrain import data as data_lib
 from safetrain import optimizers as optimizers_lib
+from safetrain import spike as spike_lib
+from safetrain import step as step_lib
 from safetrain import workdir as workdir_lib
 from safetrain.drill import Drill
-from safetrain.errors import BadInputError, DivergenceError, PreflightError
+from safetrain.errors import BadInputError, DivergenceError, PreflightError, WorkdirError
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.records import JsonlWriter, read_jsonl
-
-_STOP_NONE, _STOP_ROLLBACK, _STOP_DATA_END, _STOP_RAISE = 0, 1, 2, 3
-_NUM_KINDS = len(guard.KINDS)
 
 
 @dataclasses.dataclass
@@ -72,18 +71,31 @@ class FitResult:
 class _RunState(tf.Module):
   """State that rolls back with the model."""
 
-  def __init__(self):
+  def __init__(self, precision: str):
     super().__init__(name="run_state")
     self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     self.consecutive_bad = tf.Variable(0, dtype=tf.int64, trainable=False, name="consecutive_bad")
+    # The policy the checkpoint was written under (an index into
+    # config.POLICIES; numbers, since strings cannot be mirrored): a resume
+    # under another one starts the loss scale afresh.
+    self.precision = tf.Variable(
+      config_lib.POLICIES.index(precision), dtype=tf.int64, trainable=False, name="precision"
+    )
 
 
 class _DataState(tf.Module):
-  """Batches consumed. Rolls back only with recovery.data=replay."""
+  """Batches consumed, and what the data looked like. Rolls back only with
+  recovery.data=replay."""
 
-  def __init__(self):
+  def __init__(self, data: data_lib.TrainData):
     super().__init__(name="data_state")
     self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="position")
+    # Compared on resume with the dataset the resumed run builds (as hashes:
+    # strings cannot be mirrored over replicas).
+    v = lambda x, name: tf.Variable(x, dtype=tf.int64, trainable=False, name=name)  # noqa: E731
+    self.spec = v(data_lib.hash64(data.spec_text), "spec")
+    self.rows = v(data.batch_rows or 0, "rows")
+    self.fingerprint = v(data_lib.hash64(data.fingerprint), "fingerprint")
 
 
 class _RecoveryState(tf.Module):
@@ -128,9 +140,14 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_lib.validate(config)
-    self.config = config
+    self.config, clamped = config_lib.fit_to_steps(config)
+    if clamped:
+      logging.info("Fitted to train.steps=%d: %s.", config.train.steps, ", ".join(clamped))
     self.workdir = os.fspath(workdir)
     self._built = False
+    # True once the model holds a trained or restored state (fit() ran, or
+    # evaluate() restored a checkpoint).
+    self._state_ready = False
     self._stop_signal = None
     self.model: keras.Model | None = None
     self.optimizer: keras.optimizers.Optimizer | None = None
@@ -178,12 +195,30 @@ class Trainer:
     Traced into the compiled step (inside the graph, in replica context), so
     it must be graph-safe: no Python side effects, no `.numpy()`. The loss is
     the mean over the batch it is given (after bad rows are dropped). The
-    default applies `config.loss` to `model(x)` and `y`.
+    default applies `config.loss` to `model(x)` and `y` and adds the model's
+    regularization losses, as Keras `fit` does. An override that wants them
+    adds `self.regularization_loss(model)` after calling the model.
     """
-    x, y, sample_weight = unpack_batch(batch)
+    x, y, sample_weight = data_lib.unpack_batch(batch)
     pred = model(x, training=training)
     pred = tf.nest.map_structure(lambda p: tf.cast(p, tf.float32), pred)
-    return self._loss_fn(y, pred, sample_weight=sample_weight)
+    loss = self._loss_fn(y, pred, sample_weight=sample_weight)
+    return loss + self.regularization_loss(model)
+
+  def regularization_loss(self, model: keras.Model) -> tf.Tensor:
+    """The sum of `model.losses`, in float32: kernel, bias and activity
+    regularizers and `add_loss` terms, as Keras `fit` adds them to the loss.
+
+    Call it in `compute_loss` after the model's forward pass (activity
+    regularizers and `add_loss` terms come from that call). It is part of the
+    loss the guard checks: a non-finite term makes a non-finite loss.
+    """
+    losses = [tf.reduce_sum(tf.cast(term, tf.float32)) for term in model.losses]
+    if not losses:
+      return tf.constant(0.0)
+    # A sum of a stacked vector, not tf.add_n: an AddN of many terms inside the
+    # compiled loop is what Grappler rewrites into temporary variables.
+    return tf.reduce_sum(tf.stack(losses))
 
   # ------------------------------------------------------------- building
 
@@ -220,8 +255,7 @@ class Trainer:
 
   def _build_in_scope(self) -> None:
     c = self.config
-    self._run = _RunState()
-    self._data = _DataState()
+    self._run = _RunState(c.precision.policy)
     self._recovery = _RecoveryState()
     ls = c.loss_scale
     self._loss_scale = DynamicLossScale(
@@ -235,7 +269,7 @@ class Trainer:
       enabled=self._fp16,
     )
     g = c.guard
-    self._spike = guard.SpikeDetector(
+    self._spike = spike_lib.SpikeDetector(
       enabled=g.spike_detection,
       warmup_steps=g.spike_warmup_steps,
       threshold=g.spike_threshold,
@@ -243,13 +277,20 @@ class Trainer:
       decay=g.spike_decay,
     )
 
-    dataset = self._make_train_dataset()
-    dist_ds = self._strategy.experimental_distribute_dataset(dataset)
-    self._iterator = iter(dist_ds)
-    # A distributed iterator cannot be checkpointed: its data position is, and
-    # resume and replay re-create it there (`_seek_data`).
-    self._iterator_in_checkpoint = distribute.is_checkpointable(self._iterator)
-    self._leaf_names = guard.leaf_names(self._element_spec)
+    self._train_data = data_lib.TrainData(
+      self.build_train_dataset, repeat=c.train.repeat_data, strategy=self._strategy
+    )
+    self._element_spec = self._train_data.element_spec
+    self._first_batch = self._train_data.first_batch
+    self._leaf_names = self._train_data.leaf_names
+    self._iterator = self._train_data.iterator()
+    # An iterator that cannot be checkpointed (distributed, or a pipeline with
+    # state outside the graph) is found again by its data position: resume
+    # and replay re-create it there (`_seek_data`).
+    self._iterator_in_checkpoint = self._train_data.checkpointable(self._iterator)
+    if self._train_data.stateful is not None:
+      data_lib.log_position_based(self._train_data.stateful)
+    self._data = _DataState(self._train_data)
 
     self.model = self.build_model()
     if not isinstance(self.model, keras.Model):
@@ -296,9 +337,40 @@ class Trainer:
       carry=("data", "recovery", "iterator"),
       generation_key="recovery/rollbacks_total/.ATTRIBUTES/VARIABLE_VALUE",
     )
-    self._train_loop_fn = tf.function(self._train_loop)
+    self._loop = step_lib.GuardedLoop(
+      strategy=self._strategy,
+      model=self.model,
+      optimizer=self.optimizer,
+      compute_loss=self._call_compute_loss,
+      loss_scale=self._loss_scale,
+      spike=self._spike,
+      drill=self._drill,
+      input_guard=guard.InputGuard(
+        enabled=c.guard.check_inputs, policy=c.guard.bad_inputs, leaf_count=len(self._leaf_names)
+      ),
+      clip_norm=c.clip.global_norm,
+      rollback_after=c.guard.rollback_after,
+      raise_on_bad_inputs=c.guard.bad_inputs == "raise",
+      repeat_data=c.train.repeat_data,
+      variables=step_lib.LoopVariables(
+        step=self._run.step,
+        consecutive_bad=self._run.consecutive_bad,
+        attempts=self._recovery.attempts,
+        position=self._data.position,
+      ),
+      replica_state=self._replica_state,
+      stash=self._stash,
+      skip_keras_all_reduce=self._skip_keras_all_reduce,
+      metric_names=self._metric_names,
+    )
+    self._train_loop_fn = self._loop.function
     self._all_finite_fn = tf.function(self._all_finite)
-    self._eval_step_fn = None
+    self._evaluator = evaluation.Evaluator(
+      strategy=self._strategy,
+      build_dataset=self.build_eval_dataset,
+      compute_loss=lambda batch: self._call_compute_loss(self.model, batch, training=False),
+      steps=c.eval.steps,
+    )
 
   def _sample_loss(self):
     """compute_loss on the first batch, eagerly. A batch that does not fit the
@@ -318,30 +390,68 @@ class Trainer:
         "with x as the model's input."
       ) from e
 
-  def _make_train_dataset(self) -> tf.data.Dataset:
-    """Builds, checks and repeats the training dataset; reads the first batch."""
-    dataset = self.build_train_dataset()
-    if not isinstance(dataset, tf.data.Dataset):
-      raise BadInputError(
-        f"build_train_dataset() returned {type(dataset).__name__}, not a tf.data.Dataset"
+  def _resume_data(self) -> None:
+    """Finds the data position of a restored checkpoint in this run's dataset.
+
+    A checkpointed iterator that does not fit this run's pipeline (its
+    definition or element spec changed: another train.batch_size, a new map)
+    is re-created from build_train_dataset() at the same number of examples
+    in. A dataset whose first batch changed (the data was fixed) is said once
+    in the log.
+    """
+    d, data = self._data, self._train_data
+    changed = int(d.spec.numpy()) != data_lib.hash64(data.spec_text)
+    if self._iterator_in_checkpoint and (changed or not self._checkpoints.iterator_restored):
+      saved_rows, position = int(d.rows.numpy()), int(d.position.numpy())
+      if saved_rows and data.batch_rows:
+        position = position * saved_rows // data.batch_rows
+      what = (
+        f"the data changed shape since the checkpoint (batches of {saved_rows or '?'} rows "
+        f"then, {data.spec_text} now)"
+        if changed
+        else "the input pipeline's definition changed since the checkpoint"
       )
-    self._element_spec = dataset.element_spec
-    _check_element_spec(self._element_spec)
-    if self.config.train.repeat_data:
-      dataset = dataset.repeat()
-    self._first_batch = next(iter(dataset.take(1)), None)
-    if self._first_batch is None:
-      raise BadInputError("build_train_dataset() returned an empty dataset")
-    return dataset
+      logging.warning(
+        "%s: the data iterator is re-created from build_train_dataset() at batch %d (the "
+        "same number of examples in) instead of restored, so the batch order from here "
+        "differs from an uninterrupted run.",
+        what[0].upper() + what[1:],
+        position,
+      )
+      d.position.assign(position)
+      self._iterator = data.iterator(position, checkpointed=True)
+      self._checkpoints.replace_objects(iterator=self._iterator)
+    elif not self._iterator_in_checkpoint:
+      self._seek_data()
+    if int(d.fingerprint.numpy()) != data_lib.hash64(data.fingerprint):
+      logging.warning(
+        "The first training batch differs from the one the checkpointed run read: the "
+        "data (or an unseeded shuffle) changed. %s",
+        "The rest of the current epoch still comes from the checkpointed iterator's "
+        "buffers (the old data); the new data is read from the next pass on."
+        if self._iterator_in_checkpoint and self._checkpoints.iterator_restored and not changed
+        else "The iterator was re-created from the new data.",
+      )
+    d.spec.assign(data_lib.hash64(data.spec_text))
+    d.rows.assign(data.batch_rows or 0)
+    d.fingerprint.assign(data_lib.hash64(data.fingerprint))
+
+  def _resume_precision(self) -> None:
+    saved = config_lib.POLICIES[int(self._run.precision.numpy())]
+    policy = self.config.precision.policy
+    if saved != policy:
+      self._loss_scale.reset()
+      logging.warning(
+        "Resuming a %s checkpoint under precision.policy=%s: the loss scale starts afresh at %g.",
+        saved,
+        policy,
+        float(self._loss_scale.scale.numpy()),
+      )
+      self._run.precision.assign(config_lib.POLICIES.index(policy))
 
   def _seek_data(self) -> None:
-    """Re-creates a distributed iterator at `data.position`.
-
-    The dataset is built afresh and read exactly as at build time, so a seeded
-    shuffle yields the same batches; then the consumed batches are skipped.
-    """
-    dataset = self._make_train_dataset().skip(int(self._data.position.numpy()))
-    self._iterator = iter(self._strategy.experimental_distribute_dataset(dataset))
+    """Re-creates an iterator that is not checkpointed at `data.position`."""
+    self._iterator = self._train_data.iterator(int(self._data.position.numpy()))
 
   def _wrap_learning_rate(self, optimizer) -> None:
     base = optimizer._learning_rate  # Keras keeps either a schedule or a variable.
@@ -416,331 +526,6 @@ class Trainer:
       loss, metrics = out, {}
     return tf.cast(loss, tf.float32), {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
-  def _input_guard(self, batch, ctx, n_rep: int):
-    """Finds non-finite rows; applies guard.bad_inputs (replica context).
-
-    Returns (batch for the model, loss weight or None, input_skip, dropped
-    rows, bad rows per float leaf, first bad column per float leaf). A clean
-    batch costs one finiteness reduction per leaf; the rest runs only when
-    something is bad.
-    """
-    c = self.config
-    n_leaves = len(self._leaf_names)
-    no_bad = tf.zeros([n_leaves], tf.int32)
-    no_cols = tf.fill([n_leaves], -1)
-    drop = c.guard.bad_inputs == "drop_rows"
-    if not c.guard.check_inputs or not n_leaves:
-      weight = None
-      if n_rep > 1:
-        # Unchecked, each replica's mean still counts by its rows.
-        rows = tf.shape(tf.nest.flatten(batch)[0])[0]
-        total = tf.cast(ctx.all_reduce("sum", rows), tf.float32)
-        weight = tf.cast(rows, tf.float32) / tf.maximum(total, 1.0)
-      return batch, weight, tf.constant(False), tf.constant(0), no_bad, no_cols
-    if n_rep == 1:
-      oks = [tf.reduce_all(tf.math.is_finite(t)) for _, t in guard.float_leaves(batch)]
-      all_ok = oks[0] if len(oks) == 1 else tf.reduce_all(tf.stack(oks))
-
-      def clean():
-        return batch, tf.constant(False), tf.constant(0), no_bad, no_cols
-
-      def dirty():
-        row_ok, leaf_bad = guard.finite_rows(batch)
-        cols = guard.bad_columns(batch)
-        rows = tf.size(row_ok)
-        bad = rows - tf.reduce_sum(tf.cast(row_ok, tf.int32))
-        if not drop:
-          return batch, tf.constant(True), tf.constant(0), leaf_bad, cols
-        kept = rows - bad
-        kept_batch = _keep_rows(batch, row_ok, kept > 0)
-        return kept_batch, kept <= 0, tf.where(kept > 0, bad, 0), leaf_bad, cols
-
-      batch, input_skip, dropped, leaf_bad, cols = tf.cond(all_ok, clean, dirty)
-      return batch, None, input_skip, dropped, leaf_bad, cols
-
-    # Several replicas: every decision is taken on counts summed over all of
-    # them, so one replica's bad rows are a decision for all.
-    rows = tf.shape(tf.nest.flatten(batch)[0])[0]
-    row_ok, leaf_bad = guard.finite_rows(batch)
-    local_bad = rows - tf.reduce_sum(tf.cast(row_ok, tf.int32))
-    local_kept = rows - local_bad if drop else rows
-    local_cols = tf.cond(local_bad > 0, lambda: guard.bad_columns(batch), lambda: no_cols)
-    # Each replica's bad columns (+1; 0 for none) in its own row, so the sum
-    # tells every replica the columns of all: the message names the column
-    # whichever shard held the bad row.
-    slots = tf.one_hot(ctx.replica_id_in_sync_group, n_rep, dtype=tf.int32)[:, None]
-    slots = tf.reshape(slots * (local_cols + 1)[None, :], [-1])
-    sums = ctx.all_reduce("sum", tf.concat([[local_bad, local_kept], leaf_bad, slots], 0))
-    global_bad, global_kept = sums[0], sums[1]
-    leaf_bad = sums[2 : 2 + n_leaves]
-    all_cols = tf.reshape(sums[2 + n_leaves :], [n_rep, n_leaves]) - 1
-    cols = tf.reduce_min(tf.where(all_cols >= 0, all_cols, tf.int32.max), axis=0)
-    cols = tf.where(cols == tf.int32.max, -1, cols)
-    if drop:
-      input_skip = global_kept <= 0
-      # A shard left empty still runs forward on one sanitised row with weight
-      # 0, so every replica takes part in the collectives that follow.
-      batch = tf.cond(
-        local_bad > 0, lambda: _keep_rows(batch, row_ok, local_kept > 0), lambda: batch
-      )
-    else:
-      input_skip = global_bad > 0
-    dropped = tf.where(drop & ~input_skip, global_bad, 0)
-    weight = tf.cast(local_kept, tf.float32) / tf.maximum(tf.cast(global_kept, tf.float32), 1.0)
-    return batch, weight, input_skip, dropped, leaf_bad, cols
-
-  def _replica_step(self, batch, attempt, spike_stats):
-    """One guarded step on this replica's shard (replica context).
-
-    Everything that decides (loss, gradients, their norm, input counts) is
-    reduced over replicas first, so every replica classifies the step alike.
-    """
-    ctx = tf.distribute.get_replica_context()
-    n_rep = ctx.num_replicas_in_sync
-    batch = self._drill.corrupt_inputs(batch, attempt)
-    batch, weight, input_skip, dropped, leaf_bad, cols = self._input_guard(batch, ctx, n_rep)
-
-    model = self.model
-    variables = model.trainable_variables
-    nt_before = [tf.identity(v) for v in model.non_trainable_variables]
-    scale = self._loss_scale.scale.value() if self._fp16 else None
-    with tf.GradientTape() as tape:
-      loss, metrics = self._call_compute_loss(model, batch, training=True)
-      loss = self._drill.corrupt_loss(loss, attempt)
-      if weight is not None:
-        # A replica left without rows (a short last batch) adds nothing: its
-        # mean over no rows is NaN.
-        loss = tf.where(weight > 0, loss * weight, 0.0)
-        metrics = {k: tf.where(weight > 0, v * weight, 0.0) for k, v in metrics.items()}
-      scaled = loss * scale if self._fp16 else loss
-    grads = tape.gradient(scaled, variables)
-    present = [i for i, g in enumerate(grads) if g is not None]
-    grads = [_to_dense_float32(grads[i]) for i in present]
-    if self._fp16:
-      grads = [g / scale for g in grads]
-    if n_rep > 1 and grads:
-      # A replica without rows contributes nothing, and BatchNorm's backward
-      # pass over no rows is NaN (0 * NaN statistics).
-      grads = tf.cond(weight > 0, lambda: grads, lambda: [tf.zeros_like(g) for g in grads])
-    grads = self._drill.corrupt_grads(grads, attempt) if grads else grads
-    if n_rep > 1:
-      reduced = ctx.all_reduce("sum", [loss, metrics] + ([grads] if grads else []))
-      loss, metrics = reduced[0], reduced[1]
-      grads = reduced[2] if grads else []
-    # The replicas' BatchNorm statistics, weighed by their rows like the loss.
-    state_mean = (
-      ctx.all_reduce(
-        "sum", [tf.where(weight > 0, v * weight, tf.zeros_like(v)) for v in self._replica_state]
-      )
-      if self._replica_state
-      else []
-    )
-
-    loss_finite = tf.math.is_finite(loss)
-    grads_finite, norm = _finite_and_norm(grads)
-    if self._fp16:
-      at_floor = self._loss_scale.at_floor()
-      grad_kind = tf.where(at_floor, guard.LOSS_SCALE_FLOOR, guard.NO_KIND)
-      grad_cls = tf.where(at_floor, guard.DIVERGENCE, guard.OVERFLOW)
-    else:
-      grad_kind, grad_cls = guard.NONFINITE_GRADS, guard.DIVERGENCE
-    cls = tf.where(~grads_finite, grad_cls, tf.where(loss_finite, guard.GOOD, guard.DIVERGENCE))
-    kind = tf.where(
-      ~loss_finite, guard.NONFINITE_LOSS, tf.where(grads_finite, guard.NO_KIND, grad_kind)
-    )
-    cls = tf.where(~loss_finite, guard.DIVERGENCE, cls)
-    if self._spike.enabled:
-      spike = (cls == guard.GOOD) & self._spike.is_spike(spike_stats, loss)
-      cls = tf.where(spike, guard.DIVERGENCE, cls)
-      kind = tf.where(spike, guard.LOSS_SPIKE, kind)
-    cls = tf.where(input_skip, guard.SKIPPED_BATCH, cls)
-    kind = tf.where(input_skip | (dropped > 0), guard.NONFINITE_INPUTS, kind)
-
-    if self._stash is not None:
-      tf.cond(cls == guard.DIVERGENCE, lambda: self._stash_batch(batch), tf.no_op)
-
-    ctx.merge_call(
-      functools.partial(self._apply_or_skip, present=present),
-      args=(cls, loss, grads, norm, nt_before, state_mean),
-    )
-    good = cls == guard.GOOD
-    norm_good = tf.where(good, norm, 0.0)
-    return dict(
-      cls=cls,
-      cls_hot=tf.one_hot(cls, 4),
-      # one_hot of NO_KIND (-1) is all zeros.
-      kind_hot=tf.one_hot(kind, _NUM_KINDS),
-      sums=tf.stack([tf.cast(dropped, tf.float32), tf.where(good, loss, 0.0), norm_good]),
-      norm_good=norm_good,
-      loss=loss,
-      leaf_bad=leaf_bad,
-      cols=cols,
-      metrics={k: tf.where(good, v, 0.0) for k, v in metrics.items()},
-    )
-
-  def _stash_batch(self, batch):
-    for var, t in zip(self._stash, tf.nest.flatten(batch)):
-      if var is not None:
-        var.assign(t)
-    return tf.no_op()
-
-  def _apply_or_skip(self, strategy, cls, loss, grads, norm, nt_before, state_mean, *, present):
-    """Cross-replica: apply the update on a good step, else leave state as is.
-
-    The branch runs in cross-replica context because `apply_gradients` under
-    MirroredStrategy calls merge_call, which a cond in replica context cannot
-    contain (the pattern of Keras's LossScaleOptimizer._tf_apply).
-    """
-    first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
-    cls, loss, norm = first(cls), first(loss), first(norm)
-    clip = float(self.config.clip.global_norm)
-    variables = [self.model.trainable_variables[i] for i in present]
-    n_rep = strategy.num_replicas_in_sync
-
-    def apply_on_replica(grads, norm):
-      if clip > 0:
-        factor = tf.minimum(1.0, clip / tf.maximum(norm, 1e-30))
-        grads = [g * factor for g in grads]
-      if n_rep > 1 and not self._skip_keras_all_reduce:
-        # Keras sums gradients across replicas again; they are already reduced.
-        grads = [g / n_rep for g in grads]
-      self.optimizer.apply_gradients(zip(grads, variables))
-
-    def good():
-      if variables:
-        strategy.extended.call_for_each_replica(apply_on_replica, args=(grads, norm))
-      for var, value in zip(self._replica_state, state_mean):
-        var.assign(first(value))
-      if self._fp16:
-        self._loss_scale.update(tf.constant(True))
-      return tf.constant(0)
-
-    def skip():
-      # A skipped step must not leave its mark in BatchNorm statistics or RNG
-      # state either: put back what the forward pass changed.
-      for var, value in zip(self.model.non_trainable_variables, nt_before):
-        var.assign(first(value))
-      if self._fp16:
-        tf.cond(
-          cls == guard.OVERFLOW,
-          lambda: self._loss_scale.update(tf.constant(False)) or tf.constant(0),
-          lambda: tf.constant(0),
-        )
-      return tf.constant(0)
-
-    tf.cond(cls == guard.GOOD, good, skip)
-
-  def _train_loop(self, iterator, n):
-    """Runs guarded steps until `n` are applied, recovery is needed, or the
-    data ends. Compiled once; `n` is a tensor so it never retraces.
-
-    Counters are carried through the loop and written to variables once at
-    the end: per-step variable traffic is what makes a guarded loop slow.
-    """
-    c = self.config
-    max_attempts = 2 * n + c.guard.rollback_after
-    n_leaves = len(self._leaf_names)
-    s = dict(
-      run_step=self._run.step.read_value(),
-      run_attempt=self._recovery.attempts.read_value(),
-      applied=tf.constant(0, tf.int64),
-      attempts=tf.constant(0, tf.int64),
-      bad_run=self._run.consecutive_bad.read_value(),
-      counts=tf.zeros([4]),
-      kinds=tf.zeros([_NUM_KINDS]),
-      sums=tf.zeros([3]),  # dropped rows, loss of good steps, norm of good steps
-      kind_first=tf.fill([_NUM_KINDS], tf.constant(-1, tf.int64)),
-      kind_last=tf.fill([_NUM_KINDS], tf.constant(-1, tf.int64)),
-      norm_max=tf.constant(0.0),
-      last_loss=tf.constant(float("nan")),
-      stop=tf.constant(_STOP_NONE),
-      leaf_bad=tf.zeros([n_leaves], tf.int32),
-      cols=tf.fill([n_leaves], -1),
-      metrics={k: tf.constant(0.0) for k in self._metric_names},
-      spike=self._spike.read(),
-    )
-    while s["applied"] < n and s["attempts"] < max_attempts and s["stop"] == _STOP_NONE:
-      if c.train.repeat_data:
-        s = self._loop_step(s, next(iterator))
-      else:
-        optional = iterator.get_next_as_optional()
-        if optional.has_value():
-          s = self._loop_step(s, optional.get_value())
-        else:
-          s = dict(s, stop=tf.constant(_STOP_DATA_END))
-    self._run.step.assign_add(s["applied"])
-    self._run.consecutive_bad.assign(s["bad_run"])
-    self._recovery.attempts.assign_add(s["attempts"])
-    self._data.position.assign_add(s["attempts"])
-    self._spike.write(s["spike"])
-    # The rate the last update used (the schedule follows optimizer.iterations).
-    lr = tf.cast(self.optimizer._learning_rate(self.optimizer.iterations - 1), tf.float32)
-    return dict(
-      applied=s["applied"],
-      attempts=s["attempts"],
-      counts=tf.cast(s["counts"], tf.int64),
-      kind_counts=tf.cast(s["kinds"], tf.int64),
-      kind_first=s["kind_first"],
-      kind_last=s["kind_last"],
-      loss_sum=s["sums"][1],
-      norm_sum=s["sums"][2],
-      norm_max=s["norm_max"],
-      last_loss=s["last_loss"],
-      dropped=tf.cast(s["sums"][0], tf.int64),
-      stop=s["stop"],
-      lr=lr,
-      leaf_bad=s["leaf_bad"],
-      cols=s["cols"],
-      metric_sums=s["metrics"],
-    )
-
-  def _loop_step(self, s: dict, batch) -> dict:
-    """One attempt inside the compiled loop: run the guarded step on every
-    replica and fold its outcome into the loop state `s`."""
-    c = self.config
-    strategy = self._strategy
-    first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
-    attempts = s["attempts"] + 1
-    # The run's own counters are carried absolute and moved by one add each:
-    # sums like base + count + 1 become an AddN that Grappler's memory
-    # optimizer turns into a TemporaryVariable, which leaks across while-loop
-    # iterations on large models (AlreadyExistsError on the next call).
-    step_now = s["run_step"] + 1
-    attempt_now = s["run_attempt"] + 1
-    out = strategy.run(self._replica_step, args=(batch, attempt_now, s["spike"]))
-    out = tf.nest.map_structure(first, out)
-    cls = out["cls"]
-    good = cls == guard.GOOD
-    hit = out["kind_hot"] > 0
-    bad_run = tf.where(good, tf.constant(0, tf.int64), s["bad_run"])
-    bad_run += tf.cast(cls == guard.DIVERGENCE, tf.int64)
-    stop = tf.where(bad_run >= c.guard.rollback_after, _STOP_ROLLBACK, s["stop"])
-    if c.guard.bad_inputs == "raise":
-      stop = tf.where(cls == guard.SKIPPED_BATCH, _STOP_RAISE, stop)
-    new = dict(
-      run_step=s["run_step"] + tf.cast(good, tf.int64),
-      run_attempt=attempt_now,
-      applied=s["applied"] + tf.cast(good, tf.int64),
-      attempts=attempts,
-      bad_run=bad_run,
-      counts=s["counts"] + out["cls_hot"],
-      kinds=s["kinds"] + out["kind_hot"],
-      sums=s["sums"] + out["sums"],
-      kind_first=tf.where(hit & (s["kind_first"] < 0), step_now, s["kind_first"]),
-      kind_last=tf.where(hit, step_now, s["kind_last"]),
-      norm_max=tf.maximum(s["norm_max"], out["norm_good"]),
-      last_loss=out["loss"],
-      stop=stop,
-      leaf_bad=s["leaf_bad"],
-      cols=s["cols"],
-      metrics={k: v + out["metrics"][k] for k, v in s["metrics"].items()},
-      spike=self._spike.observe(s["spike"], out["loss"], good),
-    )
-    if c.guard.check_inputs:
-      new["leaf_bad"] = s["leaf_bad"] + out["leaf_bad"]
-      new["cols"] = tf.where(s["cols"] < 0, out["cols"], s["cols"])
-    return new
-
   def _all_finite(self):
     variables = self.model.variables + self.optimizer.variables
     flags = [
@@ -751,53 +536,38 @@ class Trainer:
   # ----------------------------------------------------------- evaluation
 
   def evaluate(self) -> dict[str, float]:
-    """Evaluates on `build_eval_dataset()` for `eval.steps` batches (0: all).
+    """Evaluates the model on `build_eval_dataset()`.
 
-    Returns {} when there is no eval dataset. Runs a compiled step per batch.
+    Each batch counts by its rows, so the result is the mean over the examples
+    seen, a short last batch included, as Keras `model.evaluate` reports it.
+    `eval.steps` limits the batches (0, the default: the whole set). On a
+    trainer that has not trained or resumed in this process, it first restores
+    the workdir's newest healthy checkpoint (WorkdirError when there is none),
+    so `Trainer(config, workdir).evaluate()` evaluates the trained model.
+
+    Returns:
+      {name: mean} for the loss and compute_loss's metrics, plus `examples`
+      (how many were evaluated); {} when there is no eval dataset.
     """
     self._build()
-    if not hasattr(self, "_eval_dataset"):
-      ds = self.build_eval_dataset()
-      self._eval_dataset = (
-        None if ds is None else self._strategy.experimental_distribute_dataset(ds)
+    if not self._state_ready:
+      self._restore_for_inference()
+    return self._evaluator()
+
+  def _restore_for_inference(self) -> None:
+    """Loads the newest committed checkpoint that reads back finite into the
+    model, without repairing or moving anything (a run may be writing)."""
+    path = self._checkpoints.restore_model_readonly(
+      dict(model=self.model, model_variables=list(self.model.variables)),
+      healthy=lambda: bool(self._all_finite_fn()),
+    )
+    if path is None:
+      raise WorkdirError(
+        f"no healthy checkpoint in {self._checkpoints.directory} to evaluate: train first "
+        "(fit()), or point the trainer at the workdir of a trained run"
       )
-    if self._eval_dataset is None:
-      return {}
-    if self._eval_step_fn is None:
-      self._eval_step_fn = tf.function(self._eval_step)
-    totals: dict[str, float] = {}
-    batches = 0
-    for batch in self._eval_dataset:
-      out = self._eval_step_fn(batch)
-      for k, v in out.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-      batches += 1
-      if self.config.eval.steps and batches >= self.config.eval.steps:
-        break
-    return {k: v / max(batches, 1) for k, v in totals.items()}
-
-  def _eval_step(self, batch):
-    def replica(batch):
-      loss, metrics = self._call_compute_loss(self.model, batch, training=False)
-      return dict(metrics, loss=loss)
-
-    if self._strategy.num_replicas_in_sync == 1:
-      out = self._strategy.run(replica, args=(batch,))
-      return {k: self._strategy.reduce("mean", v, axis=None) for k, v in out.items()}
-
-    def weighted(batch):
-      # Shards of a last, short batch differ in size or are empty (whose mean
-      # is NaN): weigh each replica's means by its rows.
-      rows = tf.shape(tf.nest.flatten(batch)[0])[0]
-      out = replica(batch)
-      w = tf.cast(rows, tf.float32)
-      out = {k: tf.where(rows > 0, v * w, 0.0) for k, v in out.items()}
-      return dict(out, _rows=w)
-
-    out = self._strategy.run(weighted, args=(batch,))
-    sums = {k: self._strategy.reduce("sum", v, axis=None) for k, v in out.items()}
-    rows = tf.maximum(sums.pop("_rows"), 1.0)
-    return {k: v / rows for k, v in sums.items()}
+    logging.info("Evaluating the model of %s", path)
+    self._state_ready = True
 
   # ----------------------------------------------------------- outer loop
 
@@ -839,8 +609,10 @@ class Trainer:
     )
     self._incidents: list[dict] = []
     resumed = self._restore_latest()
-    if resumed is not None and not self._iterator_in_checkpoint:
-      self._seek_data()
+    self._state_ready = True
+    if resumed is not None:
+      self._resume_data()
+      self._resume_precision()
     self._write_config(resumed)
     if resumed is None:
       self._run_preflight()
@@ -867,21 +639,32 @@ class Trainer:
         step0 = self._step()
         n = self._next_loop_length(step0)
         t0 = time.perf_counter()
-        out = self._train_loop_fn(self._iterator, tf.constant(n, tf.int64))
-        out = tf.nest.map_structure(lambda t: t.numpy(), out)
+        try:
+          out = self._loop(self._iterator, n)
+        except tf.errors.OpError as e:
+          cause = data_lib.pipeline_failure(e)
+          if cause is None:
+            raise
+          # The loop's updates are in the variables but not in the counters:
+          # nothing of it is saved, the last checkpoint stays the resume point.
+          raise BadInputError(
+            f"the training data pipeline failed after step {step0} ({cause}). The last "
+            f"checkpoint ({self._checkpoints.latest_path()}) is intact: fix the data and run "
+            "the same command to resume."
+          ) from None
         dt = time.perf_counter() - t0
         step = self._step()
-        applied = int(out["applied"])
+        applied = int(out.applied)
         if applied:
-          last_loss = float(out["loss_sum"]) / applied
+          last_loss = float(out.loss_sum) / applied
         record = self._loop_record(out, step, dt)
         params_ok = bool(self._all_finite_fn())
         self._record_loop_incidents(out, params_ok)
-        stop = int(out["stop"])
-        if stop == _STOP_RAISE:
+        stop = int(out.stop)
+        if stop == step_lib.STOP_RAISE:
           self._save_checkpoint()
           raise BadInputError(self._bad_input_message(out))
-        if stop == _STOP_ROLLBACK or not params_ok:
+        if stop == step_lib.STOP_ROLLBACK or not params_ok:
           kind = "nonfinite_params" if not params_ok else self._last_kind(out)
           self._recover(kind, out)
           record.update(rollback=True, step=self._step())
@@ -890,7 +673,7 @@ class Trainer:
           c.eval.every_steps
           and self._step() % c.eval.every_steps == 0
           and self._step() < c.train.steps
-          and stop != _STOP_ROLLBACK
+          and stop != step_lib.STOP_ROLLBACK
         ):
           eval_metrics = self.evaluate()
           record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
@@ -899,7 +682,7 @@ class Trainer:
         progress.update(self._step(), dt, applied, record)
         if self._step() % c.checkpoint.every_steps == 0 or self._stop_signal:
           self._save_checkpoint()
-        if stop == _STOP_DATA_END:
+        if stop == step_lib.STOP_DATA_END:
           logging.warning(
             "The training data ended at step %d before train.steps=%d; "
             "stopping cleanly (train.repeat_data is False).",
@@ -908,10 +691,10 @@ class Trainer:
           )
           stopped = "data_exhausted"
           break
-        if applied == 0 and int(out["counts"][guard.SKIPPED_BATCH]) == int(out["attempts"]):
+        if applied == 0 and int(out.counts[kinds.SKIPPED_BATCH]) == int(out.attempts):
           self._save_checkpoint()
           raise BadInputError(
-            f"no usable batch in {int(out['attempts'])} consecutive batches after step "
+            f"no usable batch in {int(out.attempts)} consecutive batches after step "
             f"{self._step()}: every one had non-finite inputs ({self._bad_leaves(out)}); "
             "clean the data or check the input pipeline"
           )
@@ -939,11 +722,20 @@ class Trainer:
     return result
 
   def summary_line(self, result: FitResult) -> str:
-    return (
+    """One line about a finished fit(): incidents, recovery, the last eval."""
+    text = (
       f"step {result.step}: {len(result.incidents)} incidents, "
       f"{result.rollbacks} rollbacks, lr scale {result.lr_scale:.4g}, "
       f"{result.batches_skipped} batches skipped, {result.skipped_steps} steps skipped"
     )
+    ev = dict(result.eval_metrics)
+    n = ev.pop(evaluation.EXAMPLES, None)
+    if n is not None:
+      shown = ", ".join(
+        f"{k} {v:.4g}" for k, v in sorted(ev.items(), key=lambda kv: kv[0] != "loss")
+      )
+      text += f"; eval on {n} examples: {shown}"
+    return text
 
   def _step(self) -> int:
     return int(self._run.step.numpy())
@@ -956,27 +748,27 @@ class Trainer:
     return max(1, min(min(bounds) - step, c.train.steps_per_loop))
 
   def _loop_record(self, out, step: int, dt: float) -> dict:
-    applied = int(out["applied"])
-    counts = out["counts"]
+    applied = int(out.applied)
+    counts = out.counts
     rec = {
       "step": step,
       "attempts": int(self._recovery.attempts.numpy()),
-      "loss": float(out["loss_sum"]) / applied if applied else None,
-      "last_loss": _finite_or_none(out["last_loss"]),
-      "grad_norm": float(out["norm_sum"]) / applied if applied else None,
-      "grad_norm_max": float(out["norm_max"]),
-      "lr": float(out["lr"]),
+      "loss": float(out.loss_sum) / applied if applied else None,
+      "last_loss": _finite_or_none(out.last_loss),
+      "grad_norm": float(out.norm_sum) / applied if applied else None,
+      "grad_norm_max": float(out.norm_max),
+      "lr": float(out.lr),
       "lr_scale": float(self._recovery.lr_scale.numpy()),
       "loss_scale": float(self._loss_scale.scale.numpy()),
-      "good": int(counts[guard.GOOD]),
-      "overflow": int(counts[guard.OVERFLOW]),
-      "divergence": int(counts[guard.DIVERGENCE]),
-      "skipped_batches": int(counts[guard.SKIPPED_BATCH]),
-      "dropped_rows": int(out["dropped"]),
-      "spikes": int(out["kind_counts"][guard.LOSS_SPIKE]),
+      "good": int(counts[kinds.GOOD]),
+      "overflow": int(counts[kinds.OVERFLOW]),
+      "divergence": int(counts[kinds.DIVERGENCE]),
+      "skipped_batches": int(counts[kinds.SKIPPED_BATCH]),
+      "dropped_rows": int(out.dropped),
+      "spikes": int(out.kind_counts[kinds.LOSS_SPIKE]),
       "steps_per_sec": applied / dt if dt > 0 else None,
     }
-    for k, v in out["metric_sums"].items():
+    for k, v in out.metric_sums.items():
       rec[k] = float(v) / applied if applied else None
     return rec
 
@@ -1012,24 +804,24 @@ class Trainer:
 
   def _record_loop_incidents(self, out, params_ok: bool) -> None:
     """One record per kind seen in the loop, with how often it happened."""
-    kc, first, last = out["kind_counts"], out["kind_first"], out["kind_last"]
+    kc, first, last = out.kind_counts, out.kind_first, out.kind_last
     lr = float(self._recovery.lr_scale.numpy())
-    for k, name in enumerate(guard.KINDS):
+    for k, name in enumerate(kinds.KINDS):
       count = int(kc[k])
       if not count:
         continue
-      if k == guard.NONFINITE_INPUTS:
+      if k == kinds.NONFINITE_INPUTS:
         action = "dropped_rows" if self.config.guard.bad_inputs == "drop_rows" else "skipped_batch"
-        if self.config.guard.bad_inputs == "drop_rows" and int(out["counts"][guard.SKIPPED_BATCH]):
-          action = "skipped_batch" if not int(out["dropped"]) else action
+        if self.config.guard.bad_inputs == "drop_rows" and int(out.counts[kinds.SKIPPED_BATCH]):
+          action = "skipped_batch" if not int(out.dropped) else action
         diag = (
           f"non-finite values in {self._bad_leaves(out)}; "
-          f"{int(out['dropped'])} rows dropped, "
-          f"{int(out['counts'][guard.SKIPPED_BATCH])} batches skipped"
+          f"{int(out.dropped)} rows dropped, "
+          f"{int(out.counts[kinds.SKIPPED_BATCH])} batches skipped"
         )
       else:
         action = "skipped_step"
-        diag = _KIND_TEXT[name]
+        diag = kinds.text(name)
       self._incident(
         step=int(first[k]),
         kind=name,
@@ -1040,12 +832,12 @@ class Trainer:
         lr_scale_after=lr,
         diagnosis=diag,
       )
-    skipped = int(out["attempts"]) - int(out["applied"])
+    skipped = int(out.attempts) - int(out.applied)
     self._recovery.skipped_total.assign_add(skipped)
 
   def _bad_leaves(self, out) -> str:
     parts = []
-    for name, bad, col in zip(self._leaf_names, out["leaf_bad"], out["cols"]):
+    for name, bad, col in zip(self._leaf_names, out.leaf_bad, out.cols):
       if bad:
         where = f"{name}[:, {int(col)}]" if col >= 0 else name
         parts.append(f"{where} ({int(bad)} rows)")
@@ -1059,9 +851,9 @@ class Trainer:
     )
 
   def _last_kind(self, out) -> str:
-    last = out["kind_last"]
-    candidates = [(int(last[k]), k) for k in range(1, _NUM_KINDS) if int(out["kind_counts"][k])]
-    return guard.KINDS[max(candidates)[1]] if candidates else "nonfinite_loss"
+    last = out.kind_last
+    candidates = [(int(last[k]), k) for k in range(1, len(kinds.KINDS)) if int(out.kind_counts[k])]
+    return kinds.KINDS[max(candidates)[1]] if candidates else "nonfinite_loss"
 
   # ------------------------------------------------------------- recovery
 
@@ -1248,7 +1040,7 @@ class Trainer:
       return forensics.diagnose(self, kind=kind, batch=batch, step=self._step() + 1)
     except Exception as e:  # Forensics must never hide the incident itself.
       logging.warning("forensics failed: %s", e)
-      return _KIND_TEXT[kind]
+      return kinds.text(kind)
 
   # ---------------------------------------------------------- checkpoints
 
@@ -1315,91 +1107,6 @@ class Trainer:
       eval_metrics=eval_metrics,
       stopped=stopped,
     )
-
-
-_KIND_TEXT = {
-  "nonfinite_inputs": "non-finite values in the input batch.",
-  "nonfinite_loss": "the loss was not finite.",
-  "nonfinite_grads": "the loss was finite but some gradients were not.",
-  "loss_spike": "the loss jumped far above its running mean.",
-  "loss_scale_floor": ("float16 gradients overflowed with the loss scale at loss_scale.min_scale."),
-  "nonfinite_params": "a model or optimizer variable became non-finite after an update.",
-}
-
-
-def unpack_batch(batch):
-  """Splits a batch into (x, y, sample_weight)."""
-  if isinstance(batch, dict):
-    if "x" not in batch or "y" not in batch:
-      raise ValueError(
-        "dict batches for the default compute_loss need keys 'x' and 'y'; "
-        f"got {sorted(batch)}. Override compute_loss for other layouts."
-      )
-    return batch["x"], batch["y"], batch.get("sample_weight")
-  if isinstance(batch, (tuple, list)):
-    if len(batch) == 2:
-      return batch[0], batch[1], None
-    if len(batch) == 3:
-      return tuple(batch)
-  raise ValueError(
-    "batches for the default compute_loss are (x, y), (x, y, sample_weight) "
-    f"or dicts with 'x' and 'y'; got {type(batch).__name__}"
-  )
-
-
-def _check_element_spec(spec) -> None:
-  for s in tf.nest.flatten(spec):
-    if not isinstance(s, tf.TensorSpec):
-      raise BadInputError(
-        f"the training dataset yields {type(s).__name__}; safetrain "
-        "needs dense tensors (x, y) or dicts of them"
-      )
-    if s.shape.rank == 0:
-      raise BadInputError(
-        "the training dataset yields scalars; batch it with dataset.batch(config.train.batch_size)"
-      )
-
-
-def _keep_rows(batch, row_ok, any_kept):
-  """Drops bad rows; a shard with none left keeps row 0, sanitised, so it can
-  still take part (its loss weight is 0)."""
-
-  def sanitise(t):
-    t = t[:1]
-    return tf.where(tf.math.is_finite(t), t, tf.zeros_like(t)) if t.dtype.is_floating else t
-
-  return tf.cond(
-    any_kept, lambda: guard.mask_rows(batch, row_ok), lambda: tf.nest.map_structure(sanitise, batch)
-  )
-
-
-def _to_dense_float32(g):
-  if isinstance(g, tf.IndexedSlices):
-    g = tf.convert_to_tensor(g)
-  return tf.cast(g, tf.float32)
-
-
-def _finite_and_norm(grads):
-  """(all gradients finite, global norm).
-
-  The common case costs one norm: a finite norm proves every gradient finite.
-  Only a non-finite norm pays for the element-wise check, and finite gradients
-  whose squares overflow get a rescaled norm, never inf.
-  """
-  if not grads:
-    return tf.constant(True), tf.constant(0.0)
-  norm = tf.linalg.global_norm(grads)
-
-  def slow():
-    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
-
-    def rescaled():
-      m = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in grads]))
-      return m * tf.linalg.global_norm([g / m for g in grads])
-
-    return finite, tf.cond(finite, rescaled, lambda: norm)
-
-  return tf.cond(tf.math.is_finite(norm), lambda: (tf.constant(True), norm), slow)
 
 
 def _make_loss(name: str):

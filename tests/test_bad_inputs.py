@@ -56,9 +56,9 @@ FLAG_CASES = {
   "key_below_a_value": (["--config.optimizer.nesterov.x=1"], ["is a value, not a group"]),
   "negative_steps": (["--config.train.steps=-5"], ["config.train.steps = -5", ">= 1"]),
   "zero_steps": (["--config.train.steps=0"], ["config.train.steps = 0"]),
-  "steps_per_loop_over_steps": (
-    ["--config.train.steps=100", "--config.train.steps_per_loop=500"],
-    ["config.train.steps_per_loop = 500", "at most train.steps (100)"],
+  "steps_per_loop_zero": (
+    ["--config.train.steps_per_loop=0"],
+    ["config.train.steps_per_loop = 0", ">= 1"],
   ),
   "lr_backoff_one": (["--config.recovery.lr_backoff=1.0"], ["recovery.lr_backoff", "(0.0, 1.0)"]),
   "lr_backoff_zero": (["--config.recovery.lr_backoff=0"], ["recovery.lr_backoff"]),

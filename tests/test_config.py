@@ -35,7 +35,7 @@ BAD = [
   ("train.steps", 0),
   ("train.steps", -5),
   ("train.batch_size", 0),
-  ("train.steps_per_loop", 5000),
+  ("train.steps_per_loop", 0),
   ("optimizer.name", "adamm"),
   ("optimizer.learning_rate", 0.0),
   ("optimizer.learning_rate", float("nan")),
@@ -156,3 +156,38 @@ def test_the_values_that_overflowed_are_rejected_and_their_bounds_accepted(field
   c = safetrain.default_config()
   _set(c, field, value - 1 if field in ("seed", "train.batch_size") else 10**6)
   safetrain.validate(c)
+
+
+def test_a_short_run_fits_the_intervals_to_its_steps_and_says_so(tmp_path, caplog):
+  """classification.py has 100-step loops and a 100-step warm-up: a 40-step
+  try-out runs, with the loop, intervals and warm-up clamped, once logged."""
+  import json
+  import os
+
+  from safetrain import cli
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = [
+    "safetrain",
+    f"--config={os.path.join(root, 'experiments', 'classification.py')}",
+    f"--workdir={tmp_path}",
+    "--config.train.steps=40",
+  ]
+  assert cli.main_with_exit_code(argv) == 0
+  said = [r.getMessage() for r in caplog.records if "Fitted to train.steps=40" in r.getMessage()]
+  assert len(said) == 1
+  for note in (
+    "train.steps_per_loop 100 -> 40",
+    "optimizer.warmup_steps 100 -> 4",
+    "eval.every_steps 1000 -> 40",
+    "checkpoint.every_steps 1000 -> 40",
+  ):
+    assert note in said[0]
+  resolved = json.load(open(tmp_path / "config.json"))["config"]
+  assert resolved["train"]["steps_per_loop"] == 40 and resolved["optimizer"]["warmup_steps"] == 4
+
+
+def test_clamping_leaves_a_config_that_fits_alone():
+  c = safetrain.default_config()
+  resolved, notes = safetrain.config.fit_to_steps(c)
+  assert notes == [] and resolved.to_dict() == c.to_dict()
