@@ -328,6 +328,48 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run):
   assert r.step == 35 and r.lr_scale == 0.25 and r.rollbacks == 2
 
 
+class MappedTrainer(TinyTrainer):
+  """TinyTrainer with one more stage in its input pipeline."""
+
+  def build_train_dataset(self):
+    return super().build_train_dataset().map(lambda x, y: (x * 1.0, y))
+
+
+@pytest.mark.parametrize("change", ["batch_size", "pipeline"])
+def test_a_committed_rollback_applies_after_the_input_pipeline_changed(run, caplog, change):
+  """Killed right after a rollback's commit, resumed with another batch size
+  or another pipeline stage: the checkpointed iterator (also the one in the
+  rollback state) no longer fits, so the data is found again by position,
+  and the rest of what the rollback committed (learning-rate scale, budget)
+  still applies."""
+  c = tiny_config(**dict(BASE, **{"train.steps": 35}))
+  c.drill.loss_steps = "27-29"
+  first = TinyTrainer(c, str(run))
+  first._build()
+  record = first._checkpoints.record_rollback
+
+  def commit_then_die(path, generation):
+    record(path, generation)
+    raise _Killed
+
+  first._checkpoints.record_rollback = commit_then_die
+  with pytest.raises(_Killed):
+    first.fit()
+  caplog.clear()
+  cls = TinyTrainer
+  if change == "batch_size":
+    c.train.batch_size = 8
+  else:
+    cls = MappedTrainer
+  with caplog.at_level("INFO"):
+    r = cls(c, str(run)).fit()
+  said = " ".join(rec.getMessage() for rec in caplog.records)
+  assert "cannot be used" not in said and "re-created" in said
+  assert "applied the state of the rollback to ckpt-25" in said
+  assert r.step == 35 and r.lr_scale == 0.5 and r.rollbacks == 1
+  assert not os.path.exists(os.path.join(_ckpt_dir(run), checkpointing.CORRUPT_DIR))
+
+
 # ---------------------------------- 3, 6: lost or damaged state, nothing deleted
 
 
