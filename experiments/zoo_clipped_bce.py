@@ -52,6 +52,10 @@ import safetrain
 FEATURES = 8
 
 
+# The :ARG words get_config accepts, alone or joined by commas (--config=FILE:a,b).
+ARGS = ("smoke", "fixed")
+
+
 def get_config(arg=None):
   args = set((arg or "").split(","))
   config = safetrain.default_config()

@@ -51,6 +51,10 @@ LOW, HIGH = 5000.0, 35000.0
 EXPECTED_EXIT_CODE = 3
 
 
+# The :ARG words get_config accepts, alone or joined by commas (--config=FILE:a,b).
+ARGS = ("smoke", "bf16", "normalized")
+
+
 def get_config(arg=None):
   args = set((arg or "").split(","))
   config = safetrain.default_config()

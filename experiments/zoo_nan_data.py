@@ -45,6 +45,10 @@ FEATURES = 6
 BAD_FRACTION = 0.05
 
 
+# The :ARG words get_config accepts, alone or joined by commas (--config=FILE:a,b).
+ARGS = ("smoke", "impute")
+
+
 def get_config(arg=None):
   args = set((arg or "").split(","))
   config = safetrain.default_config()

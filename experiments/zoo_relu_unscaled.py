@@ -37,6 +37,9 @@ import tensorflow as tf
 
 import safetrain
 
+# The :ARG words get_config accepts (--config=FILE:WORD).
+ARGS = ("smoke",)
+
 
 def get_config(arg=None):
   config = safetrain.default_config()

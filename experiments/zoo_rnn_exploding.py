@@ -39,6 +39,10 @@ import safetrain
 SEQ_LEN = 50
 
 
+# The :ARG words get_config accepts (--config=FILE:WORD).
+ARGS = ("smoke",)
+
+
 def get_config(arg=None):
   config = safetrain.default_config()
   config.trainer = "SequenceSumTrainer"

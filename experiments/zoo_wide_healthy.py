@@ -31,6 +31,9 @@ import tensorflow as tf
 
 import safetrain
 
+# The :ARG words get_config accepts, alone or joined by commas (--config=FILE:a,b).
+ARGS = ("smoke", "unguarded")
+
 
 def get_config(arg=None):
   args = set((arg or "").split(","))

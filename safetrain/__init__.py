@@ -1,5 +1,6 @@
 """safetrain: TensorFlow/Keras training whose runs survive numerical failure."""
 
+import importlib
 import os
 
 # Before TensorFlow is first imported: keep its C++ start-up chatter quiet
@@ -7,10 +8,25 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from safetrain.config import ConfigError, default_config, validate
-from safetrain.data import unpack_batch
 from safetrain.errors import BadInputError, DivergenceError, PreflightError, WorkdirError
 from safetrain.records import read_jsonl
-from safetrain.trainer import FitResult, Trainer
+
+# Imported on first use, not here: importing TensorFlow takes seconds, and the
+# command must own that time (a Ctrl-C in it stops the command cleanly).
+_LAZY = {
+  "FitResult": "safetrain.trainer",
+  "Trainer": "safetrain.trainer",
+  "unpack_batch": "safetrain.data",
+}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'safetrain' has no attribute {name!r}")
+
 
 __all__ = [
   "BadInputError",

@@ -3,22 +3,29 @@
   safetrain --config=experiments/NAME.py[:ARG] --workdir=DIR [--config.a.b=V ...]
   safetrain report WORKDIR
 
+  ARG is a word the experiment lists in its ARGS tuple (or several, joined
+  by commas).
+
 Exit codes:
   0    trained to train.steps (or the data ended, with train.repeat_data=False).
-  2    bad flags, config, experiment file, data or workdir: one message on
-       stderr naming the problem, no traceback, nothing trained.
+  2    bad flags, config, experiment file or data; a workdir that another run
+       holds, that was written for another model, or that cannot be written
+       (disk full, read-only, path too long): one message on stderr naming
+       the problem, no traceback, nothing committed lost.
   3    diverged with recovery spent; the diagnosis is printed and the last
        healthy checkpoint is intact.
-  143  stopped by SIGTERM or SIGINT (preemption): the current inner loop
-       finished, a healthy checkpoint was written and the records flushed.
-       Run the same command again to resume from that step. (A signal before
-       training starts or after it ends stops the command at once, also with
-       143: the last checkpoint is intact.)
+  143  stopped by SIGTERM or SIGINT (preemption, Ctrl-C): the current inner
+       loop finished, a healthy checkpoint was written and the records
+       flushed. Run the same command again to resume from that step. (A
+       signal before training starts, even while TensorFlow is imported, or
+       after it ends stops the command at once, also with 143: the last
+       checkpoint is intact.)
 
 A run killed without warning (kill -9, power loss) resumes too: the same
 command restores the newest checkpoint that reads back whole, cleaning up a
-save that was cut short and setting damaged files aside in
-WORKDIR/checkpoints/corrupt/.
+save or a rollback that was cut short and setting damaged files aside in
+WORKDIR/checkpoints/corrupt/; only the leftovers of an interrupted save are
+ever deleted.
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ def _main(argv: list[str]) -> int:
   import tensorflow as tf  # noqa: PLC0415 - after the cheap checks above
 
   import safetrain  # noqa: PLC0415
-  from safetrain import experiment  # noqa: PLC0415
+  from safetrain import errors, experiment  # noqa: PLC0415
 
   logging.set_verbosity(logging.INFO)
   tf.get_logger().setLevel("WARNING")
@@ -115,9 +122,27 @@ def _main(argv: list[str]) -> int:
     safetrain.WorkdirError,
   ) as e:
     raise UsageError(str(e)) from None
+  except (OSError, tf.errors.OpError) as e:
+    # A full disk, a read-only or vanished workdir, a path too long: one line,
+    # and nothing committed is lost (saves commit by rename, records are
+    # whole lines), so the same command resumes once the cause is fixed.
+    fault = errors.io_fault(e)
+    if fault is None:
+      raise
+    raise UsageError(
+      f"I/O error on {fault[0]}: {fault[1]}. Nothing committed was lost"
+      f"{_last_checkpoint_note(workdir)}; fix the cause and run the same command to resume."
+    ) from None
   # No loop ran when the workdir was already at train.steps: no loss to show.
   loss = f", final loss {result.loss:.4g}" if math.isfinite(result.loss) else ""
   print(trainer.summary_line(result) + loss)
+  if result.step > config.train.steps:
+    print(
+      f"safetrain: note: the workdir was already at step {result.step}, past "
+      f"train.steps={config.train.steps}: nothing was trained (a lower train.steps never "
+      "undoes steps; raise it to train further).",
+      file=sys.stderr,
+    )
   if result.stopped == "preempted":
     print(
       f"safetrain: stopped by a signal at step {result.step} after checkpointing; "
@@ -155,6 +180,11 @@ def _load_experiment(argv: list[str]):
     raise UsageError("--config needs a path: --config=experiments/NAME.py")
   if not os.path.isfile(path):
     raise UsageError(f"--config: no experiment file at {path}")
+  if not path.endswith(".py"):
+    raise UsageError(
+      f"--config: {path} is not an experiment file: expected a Python file (.py) that "
+      "defines get_config(arg=None)"
+    )
   from safetrain import experiment  # noqa: PLC0415 - imports TensorFlow
 
   try:
@@ -164,6 +194,10 @@ def _load_experiment(argv: list[str]):
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
     raise UsageError(f"--config: {path} defines no get_config(arg=None) function")
+  try:
+    experiment.check_arg(module, path, arg)
+  except ValueError as e:
+    raise UsageError(f"--config: {e}") from None
   try:
     config = get_config(arg) if arg else get_config()
   except Exception as e:  # noqa: BLE001
@@ -203,8 +237,16 @@ def _check_override_keys(argv: list[str], config) -> None:
       done.append(part)
 
 
+# The longest path safetrain writes below the workdir: a TensorBoard event
+# file (its name holds the host name) or a checkpoint's temporary data file,
+# "checkpoints/ckpt-STEP_temp/part-00000-of-00001.data-00000-of-00001.tempstateN".
+_DEEPEST = 120
+
+
 def _check_workdir(workdir: str) -> None:
   """The workdir must be a directory we can write, before any training."""
+  import socket  # noqa: PLC0415
+
   from safetrain.errors import WorkdirError  # noqa: PLC0415
 
   probe = os.path.join(workdir, f".safetrain-write-test-{os.getpid()}")
@@ -217,6 +259,30 @@ def _check_workdir(workdir: str) -> None:
     raise WorkdirError(
       f"--workdir={workdir} is not a writable directory: {e.strerror or e}"
     ) from None
+  try:
+    limit = os.pathconf(workdir, "PC_PATH_MAX")
+  except (OSError, ValueError):
+    limit = 4096
+  deepest = len(os.fspath(workdir)) + _DEEPEST + len(socket.gethostname())
+  if deepest >= limit:
+    raise WorkdirError(
+      f"--workdir is {len(os.fspath(workdir))} characters long: safetrain writes files up to "
+      f"{deepest - len(os.fspath(workdir))} characters below it, over this system's path "
+      f"limit of {limit} (PATH_MAX); use a shorter --workdir"
+    )
+
+
+def _last_checkpoint_note(workdir: str) -> str:
+  """ ": the last committed checkpoint (PATH) is intact", or "" if none."""
+  try:
+    from safetrain import checkpointing  # noqa: PLC0415
+
+    latest = checkpointing.scan(os.path.join(workdir, "checkpoints")).latest
+  except Exception:  # noqa: BLE001 - the note must not hide the error itself
+    return ""
+  if latest is None:
+    return ""
+  return f": the last committed checkpoint ({workdir}/checkpoints/ckpt-{latest}) is intact"
 
 
 def _one_line(e: BaseException, typed: bool = False) -> str:

@@ -164,13 +164,22 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
     raise ConfigError(field, value, allowed)
 
 
-def _int(c, field: str, minimum: int) -> None:
+# Upper bounds of integer keys: far above any real run, far below where int64
+# counters (attempts, 2 * steps_per_loop + rollback_after), int32 shapes or
+# 32-bit seeds overflow.
+MAX_STEPS = 10**12  # step counts and intervals
+MAX_COUNT = 10**6  # counts of events: overflows, bad steps, rollbacks
+MAX_INT32 = 2**31 - 1  # sizes and indices that end up in int32 shapes
+MAX_SEED = 2**32 - 1  # numpy and TensorFlow seeds
+
+
+def _int(c, field: str, minimum: int, maximum: int) -> None:
   value = _lookup(c, field)
   _check(
-    isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+    isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum,
     field,
     value,
-    f"an integer >= {minimum}",
+    f"an integer >= {minimum} and <= {maximum}",
   )
 
 
@@ -210,21 +219,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   expected = default_config()
   _check_keys(config, expected, "")
-  _int(config, "seed", 0)
+  _int(config, "seed", 0, MAX_SEED)
   _check(isinstance(config.trainer, str), "trainer", config.trainer, "a class name")
   _check(isinstance(config.loss, str) and config.loss, "loss", config.loss, "a keras.losses name")
-  _int(config, "train.steps", 1)
-  _int(config, "train.batch_size", 1)
-  _int(config, "train.steps_per_loop", 1)
-  _int(config, "train.log_every_steps", 1)
+  _int(config, "train.steps", 1, MAX_STEPS)
+  _int(config, "train.batch_size", 1, MAX_INT32)
+  _int(config, "train.steps_per_loop", 1, MAX_STEPS)
+  _int(config, "train.log_every_steps", 1, MAX_STEPS)
   _bool(config, "train.repeat_data")
   _bool(config, "train.deterministic")
-  _int(config, "eval.every_steps", 0)
-  _int(config, "eval.steps", 0)
+  _int(config, "eval.every_steps", 0, MAX_STEPS)
+  _int(config, "eval.steps", 0, MAX_STEPS)
   _choice(config, "optimizer.name", OPTIMIZERS)
   _num(config, "optimizer.learning_rate", 0.0, 1e6, lo_open=True)
   _choice(config, "optimizer.schedule", SCHEDULES)
-  _int(config, "optimizer.warmup_steps", 0)
+  _int(config, "optimizer.warmup_steps", 0, MAX_STEPS)
   if config.optimizer.schedule.startswith("warmup_"):
     _check(
       config.optimizer.warmup_steps > 0,
@@ -243,16 +252,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _num(config, "loss_scale.min_scale", 0.0, 2.0**64, lo_open=True)
   _num(config, "loss_scale.max_scale", config.loss_scale.min_scale, 2.0**64)
   _num(config, "loss_scale.initial", config.loss_scale.min_scale, config.loss_scale.max_scale)
-  _int(config, "loss_scale.growth_interval", 1)
+  _int(config, "loss_scale.growth_interval", 1, MAX_STEPS)
   _num(config, "loss_scale.growth_factor", 1.0, 1e3, lo_open=True)
   _num(config, "loss_scale.backoff_factor", 0.0, 1.0, lo_open=True, hi_open=True)
-  _int(config, "loss_scale.hysteresis", 1)
+  _int(config, "loss_scale.hysteresis", 1, MAX_COUNT)
   _num(config, "clip.global_norm", 0.0, 1e12)
   _bool(config, "guard.check_inputs")
   _choice(config, "guard.bad_inputs", BAD_INPUTS)
-  _int(config, "guard.rollback_after", 1)
+  _int(config, "guard.rollback_after", 1, MAX_COUNT)
   _bool(config, "guard.spike_detection")
-  _int(config, "guard.spike_warmup_steps", 1)
+  _int(config, "guard.spike_warmup_steps", 1, MAX_STEPS)
   _num(config, "guard.spike_threshold", 0.0, 1e9, lo_open=True)
   _num(config, "guard.spike_rel_floor", 0.0, 1e9)
   _num(config, "guard.spike_decay", 0.0, 1.0, lo_open=True, hi_open=True)
@@ -260,24 +269,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _num(config, "guard.preflight_max_abs_input", 0.0, 1e38, lo_open=True)
   _num(config, "guard.preflight_fp16_margin", 0.0, 1.0, lo_open=True)
   _bool(config, "recovery.enabled")
-  _int(config, "recovery.max_rollbacks", 0)
+  _int(config, "recovery.max_rollbacks", 0, MAX_COUNT)
   _num(config, "recovery.lr_backoff", 0.0, 1.0, lo_open=True, hi_open=True)
   _num(config, "recovery.min_lr_scale", 0.0, 1.0, lo_open=True)
   _choice(config, "recovery.data", RECOVERY_DATA)
-  _int(config, "recovery.rewarm_steps", 0)
-  _int(config, "recovery.budget_reset_steps", 1)
-  _int(config, "checkpoint.every_steps", 1)
-  _int(config, "checkpoint.max_to_keep", 2)
+  _int(config, "recovery.rewarm_steps", 0, MAX_STEPS)
+  _int(config, "recovery.budget_reset_steps", 1, MAX_STEPS)
+  _int(config, "checkpoint.every_steps", 1, MAX_STEPS)
+  _int(config, "checkpoint.max_to_keep", 2, 10**4)
   _choice(config, "distribute.strategy", STRATEGIES)
-  _int(config, "distribute.cpu_replicas", 0)
+  _int(config, "distribute.cpu_replicas", 0, 256)
   for f in ("loss_steps", "grad_steps", "input_steps"):
     spec = config.drill[f]
     _check(isinstance(spec, str), f"drill.{f}", spec, 'a string like "3,7-9"')
     parse_steps(spec, f"drill.{f}")
   _choice(config, "drill.value", DRILL_VALUES)
-  _int(config, "drill.input_feature", 0)
-  _int(config, "drill.input_rows", 1)
-  _int(config, "drill.replica", -1)
+  _int(config, "drill.input_feature", 0, MAX_INT32)
+  _int(config, "drill.input_rows", 1, MAX_INT32)
+  _int(config, "drill.replica", -1, MAX_INT32)
 
 
 def fit_to_steps(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:

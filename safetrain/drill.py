@@ -39,6 +39,7 @@ class Drill:
     self.loss = config_lib.parse_steps(loss_steps, "drill.loss_steps")
     self.grad = config_lib.parse_steps(grad_steps, "drill.grad_steps")
     self.input = config_lib.parse_steps(input_steps, "drill.input_steps")
+    self._specs = {"loss_steps": loss_steps, "grad_steps": grad_steps, "input_steps": input_steps}
     self.value = float("nan") if value == "nan" else float("inf")
     self.input_feature = input_feature
     self.input_rows = input_rows
@@ -47,6 +48,50 @@ class Drill:
   @property
   def active(self) -> bool:
     return bool(self.loss or self.grad or self.input)
+
+  def check(self, element_spec, num_replicas: int = 1) -> None:
+    """Raises ConfigError for a drill that could never fire on this data.
+
+    Called once when the trainer is built. An input drill needs a
+    floating-point input with the column `input_feature`; a drill aimed at
+    `replica` needs that replica to exist.
+
+    Args:
+      element_spec: the training dataset's element spec (one batch).
+      num_replicas: replicas in sync.
+    """
+    if self.input:
+      floats = [s for s in tf.nest.flatten(element_spec) if s.dtype.is_floating]
+      if not floats:
+        yields = tf.nest.map_structure(lambda s: f"{s.dtype.name}{list(s.shape)}", element_spec)
+        raise config_lib.ConfigError(
+          "drill.input_steps",
+          self._specs["input_steps"],
+          f"an input drill needs a floating-point input; the dataset yields {yields}",
+        )
+      first = floats[0]
+      columns = first.shape[-1] if first.shape.rank and first.shape.rank > 1 else None
+      if first.shape.rank is not None and first.shape.rank <= 1 and self.input_feature != 0:
+        raise config_lib.ConfigError(
+          "drill.input_feature",
+          self.input_feature,
+          f"0: the first floating-point input ({first.dtype.name}{list(first.shape)}) "
+          "has no feature axis",
+        )
+      if columns is not None and self.input_feature >= columns:
+        raise config_lib.ConfigError(
+          "drill.input_feature",
+          self.input_feature,
+          f"a column of the first floating-point input ({first.dtype.name}"
+          f"{list(first.shape)}: 0..{columns - 1}), or the drill never fires",
+        )
+    if self.active and self.replica >= num_replicas:
+      raise config_lib.ConfigError(
+        "drill.replica",
+        self.replica,
+        f"-1 (every replica) or a replica id below {num_replicas} (replicas in sync), "
+        "or the drill never fires",
+      )
 
   def _hit(self, ranges, attempt: tf.Tensor) -> tf.Tensor:
     if not ranges:

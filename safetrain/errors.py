@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 from safetrain.config import ConfigError
 
 __all__ = [
@@ -48,4 +52,51 @@ class PreflightError(ValueError):
 
 
 class WorkdirError(ValueError):
-  """The workdir holds checkpoints this run cannot use (exit code 2)."""
+  """The workdir cannot be used (exit code 2): it holds checkpoints this run
+  cannot use, another run holds it, or writing to it failed (disk full,
+  read-only, a path too long). Nothing committed is lost: the last committed
+  checkpoint is intact and the same command resumes once the cause is fixed."""
+
+
+# What the OS says when a write fails for a reason outside the program: a
+# full disk, a read-only or vanished filesystem, permissions, a path too long.
+_IO_ERRNOS = {
+  errno.ENOSPC,
+  errno.EDQUOT,
+  errno.EROFS,
+  errno.EACCES,
+  errno.EPERM,
+  errno.ENAMETOOLONG,
+  errno.EISDIR,
+  errno.ENOTDIR,
+  errno.EFBIG,
+  errno.EIO,
+  errno.ENOENT,
+  errno.ESTALE,
+}
+_IO_TEXTS = tuple(os.strerror(n) for n in sorted(_IO_ERRNOS))
+
+
+def io_fault(e: BaseException) -> tuple[str, str] | None:
+  """(path, cause) when `e` is an I/O fault (an OSError, or a TensorFlow
+  error that wraps one, as SaveV2 does on a full disk), else None."""
+  if isinstance(e, OSError):
+    if e.errno not in _IO_ERRNOS:
+      return None
+    path = e.filename if e.filename is not None else "?"
+    return os.fspath(path), e.strerror or type(e).__name__
+  message = getattr(e, "message", None)
+  if not isinstance(message, str) or type(e).__module__.split(".")[0] != "tensorflow":
+    return None
+  # TensorFlow's file errors read "PATH; Cause" or "... PATH: Cause", with
+  # "[Op:SaveV2]" or a function-node preamble around them.
+  text = re.sub(r"\{\{[^}]*\}\}|\s*\[Op:[^\]]*\]", "", message).strip()
+  text = text.splitlines()[0] if text else ""
+  for cause in _IO_TEXTS:
+    at = text.find(cause)
+    if at < 0:
+      continue
+    head = text[:at].rstrip(" ;:,")
+    m = re.search(r"(/[^\s;,']*|[^\s;,']*/[^\s;,']*)$", head)
+    return (m.group(1) if m else head or "?"), cause
+  return None

@@ -32,14 +32,19 @@ class JsonlWriter:
     record = dict(record)
     record.setdefault("time", time.time())
     line = json.dumps(record, sort_keys=False, default=_default) + "\n"
-    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-      data = line.encode()
-      while data:  # a short write (disk full, a signal) continues, never tears
-        data = data[os.write(fd, data) :]
-      os.fsync(fd)
-    finally:
-      os.close(fd)
+      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+      try:
+        data = line.encode()
+        while data:  # a short write (disk full, a signal) continues, never tears
+          data = data[os.write(fd, data) :]
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    except OSError as e:
+      if e.filename is None:  # os.write's errors name no file: name ours
+        e.filename = self.path
+      raise
 
 
 def _cut_torn_line(path: str) -> None:
@@ -79,17 +84,36 @@ def _default(x):
     return str(x)
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """Returns every complete record in `path` (torn lines are skipped)."""
+def read_jsonl(path: str, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+  """Returns every complete record (JSON object) in `path`.
+
+  A torn last line (a write in progress, or a crash) is skipped. A complete
+  line that does not parse, or holds JSON that is not an object (`42`, a
+  list), is skipped with a warning, also described in `skipped` when a list
+  is given.
+  """
   if not os.path.exists(path):
     return []
   out = []
   with open(path, encoding="utf-8", errors="replace") as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
       if not line.endswith("\n"):
         continue
       try:
-        out.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError:
-        continue
+        why = "not JSON"
+      else:
+        if isinstance(record, dict):
+          out.append(record)
+          continue
+        why = f"not a JSON object ({_clip(line.strip())})"
+      note = f"{path}:{number}: {why}; skipped"
+      logging.warning("%s", note)
+      if skipped is not None:
+        skipped.append(note)
   return out
+
+
+def _clip(text: str, n: int = 40) -> str:
+  return text if len(text) <= n else text[: n - 3] + "..."

@@ -37,7 +37,7 @@ KIND_COLORS = {
 SERIES = ("loss", "grad_norm", "grad_norm_max", "lr_scale", "loss_scale", "lr", "eval_loss")
 
 
-def plot_data(workdir: str) -> dict[str, Any]:
+def plot_data(workdir: str, skipped: list[str] | None = None) -> dict[str, Any]:
   """Everything the report draws, computed from the workdir's records.
 
   Returns:
@@ -53,9 +53,11 @@ def plot_data(workdir: str) -> dict[str, Any]:
       rollbacks: [(step, restored_step)]; aborts: [step].
       summary: numbers for the text summary.
       fp16: whether the run used mixed_float16; clip: clip.global_norm.
+    Lines of the records that are not JSON objects are skipped (and described
+    in `skipped`, when given).
   """
-  metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  incidents = read_jsonl(os.path.join(workdir, "incidents.jsonl"))
+  metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"), skipped)
+  incidents = read_jsonl(os.path.join(workdir, "incidents.jsonl"), skipped)
   config = _read_config(workdir)
   train = [r for r in metrics if not r.get("final_eval") and "step" in r]
 
@@ -504,7 +506,10 @@ def main(argv: list[str]) -> int:
       file=sys.stderr,
     )
     return 2
-  data = plot_data(workdir)
+  skipped: list[str] = []
+  data = plot_data(workdir, skipped)
+  for note in skipped:
+    print(f"safetrain report: warning: {note}", file=sys.stderr)
   path = args.output or os.path.join(workdir, "report.png")
   s = data["summary"]
   name = os.path.basename(os.path.abspath(workdir))

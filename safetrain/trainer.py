@@ -29,6 +29,7 @@ from safetrain import data as data_lib
 from safetrain import optimizers as optimizers_lib
 from safetrain import spike as spike_lib
 from safetrain import step as step_lib
+from safetrain import workdir as workdir_lib
 from safetrain.drill import Drill
 from safetrain.errors import BadInputError, DivergenceError, PreflightError, WorkdirError
 from safetrain.loss_scale import DynamicLossScale
@@ -318,6 +319,8 @@ class Trainer:
       loss_scale=self._loss_scale,
       spike=self._spike,
     )
+    # A drill that cannot fire on this data is a config error, not a no-op.
+    self._drill.check(self._element_spec, self._strategy.num_replicas_in_sync)
     self._checkpoints = checkpointing.CheckpointStore(
       os.path.join(self.workdir, "checkpoints"),
       max_to_keep=c.checkpoint.max_to_keep,
@@ -329,6 +332,10 @@ class Trainer:
       ),
       write=self._is_chief,
       owner=type(self).__qualname__,
+      # What a rollback keeps (not restored): persisted by the rollback
+      # itself, with no model save (see checkpointing.record_rollback).
+      carry=("data", "recovery", "iterator"),
+      generation_key="recovery/rollbacks_total/.ATTRIBUTES/VARIABLE_VALUE",
     )
     self._loop = step_lib.GuardedLoop(
       strategy=self._strategy,
@@ -567,11 +574,31 @@ class Trainer:
   def fit(self) -> FitResult:
     """Trains to `config.train.steps` applied updates, resuming if possible.
 
+    Holds an exclusive lock on the workdir for the whole run (the chief
+    only, in a multi-worker run): a second run on the same workdir fails at
+    once with WorkdirError naming the pid that holds it.
+
     Returns:
       A FitResult. Raises DivergenceError when recovery is spent (the last
       healthy checkpoint is intact), BadInputError for unusable data under
-      guard.bad_inputs=raise, PreflightError under guard.preflight=strict.
+      guard.bad_inputs=raise, PreflightError under guard.preflight=strict,
+      WorkdirError when the workdir is in use or cannot be written.
     """
+    chief = (
+      self._is_chief
+      if self._built
+      else workdir_lib.is_chief_process(self.config.distribute.strategy)
+    )
+    lock = workdir_lib.WorkdirLock(self.workdir) if chief else None
+    if lock is not None:
+      lock.acquire()
+    try:
+      return self._fit()
+    finally:
+      if lock is not None:
+        lock.release()
+
+  def _fit(self) -> FitResult:
     self._build()
     c = self.config
     self._metrics_log = JsonlWriter(
@@ -856,13 +883,30 @@ class Trainer:
       )
     if reason is not None:
       self._abort(kind, at_step, diagnosis, reason, lr_before)
-    target = self._agreed_checkpoint(self._rollback_target() if self._is_chief else None)
     position_before = int(self._data.position.numpy())
-    restored_step = self._checkpoints.restore_rollback(
-      target,
-      self._rollback_objects,
-      data=self._replay_objects() if c.data == "replay" else None,
-    )
+    while True:
+      # The chief picks a target that reads back whole (a damaged one is set
+      # aside first); every worker restores it, and one that restores
+      # non-finite values is set aside too, and the next one tried.
+      target = self._agreed_checkpoint(self._rollback_target() if self._is_chief else None)
+      if target is None:
+        self._abort(
+          kind,
+          at_step,
+          diagnosis,
+          "no checkpoint is left to roll back to (unusable ones were moved to "
+          f"{os.path.join(self._checkpoints.directory, checkpointing.CORRUPT_DIR)})",
+          lr_before,
+        )
+      restored_step = self._checkpoints.restore_rollback(
+        target,
+        self._rollback_objects,
+        data=self._replay_objects() if c.data == "replay" else None,
+      )
+      if bool(self._all_finite_fn()):
+        break
+      if self._is_chief:
+        self._checkpoints.set_aside(target, "it restores non-finite values")
     if c.data == "replay" and not self._iterator_in_checkpoint:
       self._seek_data()
     skipped = 0
@@ -887,9 +931,10 @@ class Trainer:
       diagnosis=diagnosis,
       checkpoint=os.path.basename(target),
     )
-    # Persist the lowered learning rate and spent budget at once, so a kill
-    # right after this rollback resumes with them.
-    self._save_checkpoint(force=True)
+    # Persist the lowered learning rate, spent budget and data position at
+    # once, so a kill right after this rollback resumes with them: a small
+    # side state committed atomically, never a rewrite of `target`.
+    self._checkpoints.record_rollback(target, generation=int(rec.rollbacks_total.numpy()))
 
   def _restore_latest(self) -> str | None:
     """Restores the newest healthy checkpoint; returns its path or None.
@@ -899,11 +944,19 @@ class Trainer:
     """
     healthy = lambda: bool(self._all_finite_fn())  # noqa: E731
     if self._num_workers == 1:
-      return self._checkpoints.restore_latest(healthy=healthy)
-    path = self._checkpoints.restore_latest(healthy=healthy) if self._is_chief else None
-    path = self._agreed_checkpoint(path)
-    if path is not None and not self._is_chief:
-      self._checkpoints.restore_path(path)
+      path = self._checkpoints.restore_latest(healthy=healthy)
+    else:
+      path = self._checkpoints.restore_latest(healthy=healthy) if self._is_chief else None
+      path = self._agreed_checkpoint(path)
+      if path is not None and not self._is_chief:
+        self._checkpoints.restore_path(path)
+    if path is not None and self._step() > self.config.train.steps:
+      logging.warning(
+        "The workdir is at step %d, past train.steps=%d: nothing to train (a lower "
+        "train.steps never undoes steps).",
+        self._step(),
+        self.config.train.steps,
+      )
     return path
 
   def _agreed_checkpoint(self, path: str | None) -> str | None:
@@ -921,17 +974,27 @@ class Trainer:
       return dict(data=self._data, iterator=self._iterator)
     return dict(data=self._data)
 
-  def _rollback_target(self) -> str:
+  def _rollback_target(self) -> str | None:
     """The newest healthy checkpoint, or one further back when the run has not
-    got past the state the previous rollback restored (escalation)."""
-    ckpts = self._checkpoints.checkpoints()  # [(step, path)] oldest first
+    got past the state the previous rollback restored (escalation).
+
+    A target that does not read back whole is set aside (corrupt/) and the
+    next one chosen; None when none is left.
+    """
     last_restored = int(self._recovery.last_restored_step.numpy())
-    newest_step = ckpts[-1][0]
-    if last_restored >= 0 and newest_step <= last_restored:
-      older = [p for s, p in ckpts if s < last_restored]
-      if older:
-        return older[-1]
-    return ckpts[-1][1]
+    while True:
+      ckpts = self._checkpoints.checkpoints()  # [(step, path)] oldest first
+      if not ckpts:
+        return None
+      target = ckpts[-1][1]
+      if last_restored >= 0 and ckpts[-1][0] <= last_restored:
+        older = [p for s, p in ckpts if s < last_restored]
+        if older:
+          target = older[-1]
+      problem = self._checkpoints.check_readable(target)
+      if problem is None:
+        return target
+      self._checkpoints.set_aside(target, problem)
 
   def _refill_budget(self) -> None:
     rec = self._recovery
@@ -982,12 +1045,19 @@ class Trainer:
   # ---------------------------------------------------------- checkpoints
 
   def _save_checkpoint(self, force: bool = False) -> None:
+    """Saves the state if it is healthy and not durable yet.
+
+    A state whose step was just saved, resumed from, or rolled back to is
+    durable already (a rollback's side state holds what differs), whatever
+    `force` says: a committed checkpoint is never written again.
+    """
+    del force  # the initial save: nothing is durable yet
     if int(self._run.consecutive_bad.numpy()) != 0:
       return  # only healthy states are saved
     if not bool(self._all_finite_fn()):
       return
     step = self._step()
-    if not force and self._checkpoints.latest_step() == step:
+    if self._checkpoints.current_step() == step:
       return
     self._checkpoints.save(step)
 

@@ -6,9 +6,12 @@ seconds of TensorFlow import); one runs the real command to prove the same of
 the entry point. Malformed experiment files live in tests/fixtures/configs/.
 """
 
+import glob
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import tensorflow as tf
@@ -110,6 +113,24 @@ FILE_CASES = {
   "not_from_defaults": (_fixture("not_from_defaults.py"), ["missing; start from"]),
   "wrong_type_in_file": (_fixture("wrong_type.py"), ["wrong_type.py", "'steps'", "<class 'int'>"]),
   "empty_path": ("", ["--config needs a path"]),
+  "not_a_python_file": (
+    os.path.join(ROOT, "README.md"),
+    ["README.md is not an experiment file", "Python file (.py)"],
+  ),
+  "unknown_arg": (GOOD + ":no_such_arg", ["has no :ARG 'no_such_arg'", "it accepts wide"]),
+  "arg_with_an_extra_colon": (
+    os.path.join(ROOT, "experiments", "classification.py") + ":smoke:extra",
+    ["has no :ARG 'smoke:extra'", "it accepts smoke"],
+  ),
+  "combined_args_one_unknown": (
+    os.path.join(ROOT, "experiments", "zoo_nan_data.py") + ":smoke,imputed",
+    ["has no :ARG 'imputed'", "it accepts smoke, impute"],
+  ),
+  "repeated_arg": (
+    os.path.join(ROOT, "experiments", "classification.py") + ":smoke,smoke",
+    ["repeats a word"],
+  ),
+  "arg_to_a_file_without_args": (DATA + ":smoke", ["takes no :ARG", "declares no ARGS"]),
 }
 
 
@@ -142,6 +163,49 @@ def test_unwritable_workdirs(tmp_path, capsys):
   for workdir, why in ((blocker / "run", "Not a directory"), (blocker, "File exists")):
     code, _, err = _run([f"--config={GOOD}", f"--workdir={workdir}"], capsys)
     _assert_one_clear_line(code, err, f"--workdir={workdir} is not a writable directory", why)
+
+
+def test_every_experiment_declares_the_args_it_accepts():
+  for path in glob.glob(os.path.join(ROOT, "experiments", "*.py")):
+    module = experiment.load_module(path)
+    assert "smoke" in module.ARGS, path
+    for word in module.ARGS:
+      assert experiment.check_arg(module, path, word) == [word]
+      safetrain.validate(module.get_config(word))
+    if len(module.ARGS) > 1:  # combinations: every word with smoke
+      for word in module.ARGS[1:]:
+        config = module.get_config(f"{word},smoke")
+        assert config.train.steps == module.get_config("smoke").train.steps, (path, word)
+
+
+def test_a_drill_that_cannot_fire_is_an_error_at_build(tmp_path, capsys):
+  # The drill experiment's data has 4 feature columns, and one replica here.
+  cases = [
+    (
+      ["--config.drill.input_steps=3", "--config.drill.input_feature=99"],
+      ["config.drill.input_feature = 99", "0..3", "never fires"],
+    ),
+    (
+      ["--config.drill.loss_steps=3", "--config.drill.replica=1"],
+      ["config.drill.replica = 1", "below 1"],
+    ),
+  ]
+  for i, (flags_, expected) in enumerate(cases):
+    workdir = tmp_path / str(i)
+    code, _, err = _run([f"--config={GOOD}", f"--workdir={workdir}", *flags_], capsys)
+    _assert_one_clear_line(code, err, *expected)
+    assert not os.path.exists(workdir / "checkpoints")  # before any training
+
+
+def test_lowering_train_steps_below_the_step_reached_is_noted(tmp_path, capsys):
+  args = [f"--config={GOOD}", f"--workdir={tmp_path}"]
+  code, _, _ = _run([*args, "--config.train.steps=5"], capsys)
+  assert code == 0
+  code, out, err = _run(
+    [*args, "--config.train.steps=3", "--config.train.steps_per_loop=1"], capsys
+  )
+  assert code == 0 and "step 5:" in out
+  assert "note: the workdir was already at step 5, past train.steps=3" in err
 
 
 def test_help_exits_0_with_the_exit_codes(capsys):
@@ -207,6 +271,27 @@ def test_a_dataset_with_the_wrong_structure_is_a_bad_input_error_in_python(tmp_p
 
 
 # ------------------------------------------------------ the real command
+
+
+def test_ctrl_c_while_the_command_imports_tensorflow_exits_143_without_a_traceback(tmp_path):
+  # TensorFlow takes seconds to import; a Ctrl-C then, at two moments of it.
+  for delay in (1.0, 2.0):
+    workdir = tmp_path / f"run{delay}"
+    p = subprocess.Popen(
+      [sys.executable, "-m", "safetrain", f"--config={GOOD}", f"--workdir={workdir}"],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "stopped by a signal" in err
+    assert not workdir.exists()  # it had not started
 
 
 def test_the_real_command_prints_one_line_and_no_traceback(tmp_path):

@@ -1,5 +1,7 @@
 """Config defaults and validation."""
 
+import re
+
 import ml_collections
 import pytest
 
@@ -102,6 +104,58 @@ def test_trainer_validates_before_any_tensorflow_work(tmp_path):
 def test_parse_steps():
   assert config_lib.parse_steps("3, 7-9") == [(3, 3), (7, 9)]
   assert config_lib.parse_steps("") == []
+
+
+def _integer_keys(config, prefix=""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _integer_keys(value, prefix + key + ".")
+    elif isinstance(value, int) and not isinstance(value, bool):
+      yield prefix + key
+
+
+INTEGER_KEYS = sorted(_integer_keys(safetrain.default_config()))
+
+
+def _set(c, field, value):
+  *groups, key = field.split(".")
+  node = c
+  for g in groups:
+    node = node[g]
+  with c.unlocked():
+    node[key] = value
+
+
+@pytest.mark.parametrize("field", INTEGER_KEYS)
+def test_every_integer_key_has_an_upper_bound(field):
+  assert len(INTEGER_KEYS) >= 21
+  for value in (2**63, 2**64 + 1):
+    c = safetrain.default_config()
+    _set(c, field, value)
+    with pytest.raises(safetrain.ConfigError) as err:
+      safetrain.validate(c)
+    assert err.value.field == field and "<=" in str(err.value)
+
+
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("seed", 4294967296),  # numpy and TensorFlow seeds are 32-bit
+    ("loss_scale.hysteresis", 2**63),
+    ("guard.rollback_after", 2**63),
+    ("guard.spike_warmup_steps", 2**63),
+    ("loss_scale.growth_interval", 2**63),
+    ("train.batch_size", 2**31),
+  ],
+)
+def test_the_values_that_overflowed_are_rejected_and_their_bounds_accepted(field, value):
+  c = safetrain.default_config()
+  _set(c, field, value)
+  with pytest.raises(safetrain.ConfigError, match=re.escape(field)):
+    safetrain.validate(c)
+  c = safetrain.default_config()
+  _set(c, field, value - 1 if field in ("seed", "train.batch_size") else 10**6)
+  safetrain.validate(c)
 
 
 def test_a_short_run_fits_the_intervals_to_its_steps_and_says_so(tmp_path, caplog):

@@ -303,19 +303,37 @@ def test_traces_of_an_interrupted_save_are_cleaned_up(run):
   assert len(trainer._checkpoints.repairs) == 4  # 2 leftovers, ckpt-30, ckpt-10
 
 
-def test_a_first_save_cut_short_starts_the_run_afresh(run):
+def test_a_first_save_cut_short_starts_the_run_afresh(tmp_path):
+  # Killed while writing the very first checkpoint (the initial state, step
+  # 0): no state file yet, data renamed into place, index half written.
+  run = tmp_path / "run"
+  _fit(run, **dict(BASE, **{"train.steps": 5}))
   d = run / "checkpoints"
-  # Killed while writing the very first checkpoint: no state file yet, data
-  # renamed into place, index half written.
+  os.remove(d / "checkpoint")
+  for name in os.listdir(d):
+    if not name.startswith("ckpt-0."):
+      os.remove(d / name)
+  _truncate(str(d / "ckpt-0.index"))
+  _, result = _fit(run, **dict(BASE, **{"train.steps": 5}))
+  assert json.load(open(run / "config.json"))["resumed_from"] is None
+  assert result.step == 5 and sorted(checkpointing.scan(str(d)).files) == [0, 5]
+  assert not os.path.exists(d / checkpointing.CORRUPT_DIR)
+
+
+def test_a_lone_cut_short_checkpoint_past_step_0_is_kept_not_taken_for_a_first_save(run):
+  # The same traces at step 25 cannot be the first save (that is ckpt-0): a
+  # lost state file and damage. Kept in corrupt/, and the run stops.
+  d = run / "checkpoints"
   os.remove(d / "checkpoint")
   for name in os.listdir(d):
     if not name.startswith("ckpt-25."):
       os.remove(d / name)
   _truncate(str(d / "ckpt-25.index"))
-  _, result = _fit(run, **dict(BASE, **{"train.steps": 5}))
-  assert json.load(open(run / "config.json"))["resumed_from"] is None
-  assert result.step == 5 and sorted(checkpointing.scan(str(d)).files) == [0, 5]
-  assert not os.path.exists(d / checkpointing.CORRUPT_DIR)
+  evidence = sorted(open(d / n, "rb").read() for n in os.listdir(d))
+  with pytest.raises(safetrain.WorkdirError, match="no readable checkpoint"):
+    _fit(run, **dict(BASE, **{"train.steps": 30}))
+  corrupt = d / checkpointing.CORRUPT_DIR
+  assert sorted(open(corrupt / n, "rb").read() for n in os.listdir(corrupt)) == evidence
 
 
 def test_a_clean_up_killed_half_way_is_finished_and_damage_is_not_mistaken_for_it(run, capfd):

@@ -1,6 +1,7 @@
 """`safetrain report WORKDIR`: the picture, the data behind it, the summary."""
 
 import os
+import shutil
 
 import pytest
 from common import TinyTrainer, tiny_config
@@ -65,3 +66,22 @@ def test_missing_workdir_is_exit_2(tmp_path, capsys):
   assert "no such workdir" in capsys.readouterr().err
   assert report.main([str(tmp_path)]) == 2
   assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_lines_that_are_not_json_objects_are_skipped_with_a_warning(run_dir, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(run_dir, workdir)
+  with open(workdir / "incidents.jsonl", "a") as f:
+    f.write('42\n[1, 2]\n"text"\nnot json\n')
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write("null\n")
+  assert report.main([str(workdir)]) == 0
+  out, err = capsys.readouterr()
+  warnings = [ln for ln in err.splitlines() if ln.startswith("safetrain report: warning:")]
+  assert len(warnings) == 5, err
+  assert "metrics.jsonl:" in warnings[0] and "not a JSON object (null)" in warnings[0]
+  assert "incidents.jsonl:" in warnings[1] and "not a JSON object (42)" in warnings[1]
+  assert "not JSON" in warnings[4]
+  # The records around them are read as before.
+  assert "1 rollback;" in out and "the run ABORTED" in out
+  assert report.plot_data(str(workdir))["rollbacks"] == [(12, 10)]

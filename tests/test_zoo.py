@@ -2,9 +2,12 @@
 safetrain (in-process), and the same scenario under plain Keras.
 
 The plain-Keras half keeps the zoo honest: every failing entry must really
-fail without safetrain (NaN loss), and the healthy control must really be
-healthy. Zoo item 1 is experiments/linear_regression.py; its safetrain run is
-tested end to end in test_experiments.py, its plain-Keras failure here.
+fail without safetrain, and the healthy control must really be healthy. How
+plain Keras fails is the platform's business (a NaN loss or an Inf one, NaN
+predictions or constant ones: a CPU's ReLU may or may not turn NaN into 0),
+so those tests assert that the run is broken, not the way it breaks. Zoo
+item 1 is experiments/linear_regression.py; its safetrain run is tested end
+to end in test_experiments.py, its plain-Keras failure here.
 """
 
 import json
@@ -51,6 +54,11 @@ def weights_finite(model):
   return all(np.all(np.isfinite(np.asarray(w, np.float32))) for w in model.get_weights())
 
 
+def assert_broken(loss, model):
+  """The plain run is broken in some way: a loss or a weight not finite."""
+  assert not (np.isfinite(loss) and weights_finite(model)), (loss, "all weights finite")
+
+
 def kinds_actions(incidents):
   return {(i["kind"], i["action"]) for i in incidents}
 
@@ -63,8 +71,7 @@ def test_linear_regression_plain_keras_goes_nan():
   x, y = linear_regression.make_data(320, 0)
   model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
   loss, model = plain_keras(model, keras.optimizers.SGD(0.1), "mse", x, y)
-  assert np.isnan(loss)
-  assert not weights_finite(model)
+  assert_broken(loss, model)
 
 
 # ------------------------------------------------------------ 2: relu unscaled
@@ -86,8 +93,7 @@ def test_relu_unscaled_plain_keras_goes_nan():
   keras.utils.set_random_seed(0)
   x, y = zoo_relu_unscaled.make_data(1024, 0)
   loss, model = plain_keras(zoo_relu_unscaled.make_model(), keras.optimizers.SGD(0.01), "mse", x, y)
-  assert np.isnan(loss)
-  assert not weights_finite(model)
+  assert_broken(loss, model)
 
 
 # --------------------------------------------------------------- 3: clipped BCE
@@ -116,8 +122,7 @@ def test_clipped_bce_plain_keras_goes_nan():
   loss, model = plain_keras(
     zoo_clipped_bce.make_model(), keras.optimizers.Adam(0.01), zoo_clipped_bce.clipped_bce, x, y
   )
-  assert np.isnan(loss)
-  assert not weights_finite(model)
+  assert_broken(loss, model)
 
 
 # ----------------------------------------------------------------- 4: NaN data
@@ -156,13 +161,14 @@ def test_nan_data_plain_keras_dies_silently():
   keras.utils.set_random_seed(0)
   x, y = zoo_nan_data.make_data(2048, 0)
   loss, model = plain_keras(zoo_nan_data.make_model(), keras.optimizers.Adam(0.01), "mse", x, y)
-  # No NaN in the reported loss (ReLU maps NaN to 0 on CPU), but the first
-  # kernel is NaN and the model predicts one constant: a stalled run.
+  # The first kernel is NaN. Then it depends on the CPU: where ReLU maps NaN
+  # to 0 the model predicts one constant and the loss stalls near the
+  # target's variance (silently); elsewhere predictions and loss are NaN.
   assert not np.all(np.isfinite(model.layers[0].kernel.numpy()))
   clean = x[~np.isnan(x).any(axis=1)][:256]
   pred = model.predict(clean, verbose=0)
-  assert np.ptp(pred) == 0.0
-  assert loss > 1.0
+  assert np.isnan(pred).any() or np.ptp(pred) == 0.0
+  assert not np.isfinite(loss) or loss > 1.0
 
 
 # ------------------------------------------------------------ 5: fp16 overflow
@@ -210,8 +216,8 @@ def test_fp16_overflow_plain_keras_goes_nan():
   finally:
     keras.mixed_precision.set_global_policy(previous)
   # LossScaleOptimizer skips every update, so the weights stay finite and the
-  # model never trains: a NaN loss on every step.
-  assert np.isnan(loss)
+  # model never trains: a non-finite loss on every step.
+  assert not np.isfinite(loss)
 
 
 # ----------------------------------------------------------- 6: exploding RNN
@@ -233,8 +239,7 @@ def test_rnn_exploding_plain_keras_goes_nan():
   loss, model = plain_keras(
     zoo_rnn_exploding.make_model(), keras.optimizers.SGD(0.001), "mse", x, y
   )
-  assert np.isnan(loss)
-  assert not weights_finite(model)
+  assert_broken(loss, model)
 
 
 # ------------------------------------------------------------ 7: healthy, wide
