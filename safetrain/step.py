@@ -297,7 +297,7 @@ class GuardedLoop:
 
     model = self.model
     variables = model.trainable_variables
-    nt_before = [tf.identity(v) for v in model.non_trainable_variables]
+    nt_before = guard.snapshot(model.non_trainable_variables)
     scale = self.loss_scale.scale.value() if self.fp16 else None
     with tf.GradientTape() as tape:
       loss, metrics = self.compute_loss(model, batch, True)
@@ -310,7 +310,7 @@ class GuardedLoop:
       scaled = loss * scale if self.fp16 else loss
     grads = tape.gradient(scaled, variables)
     present = [i for i, g in enumerate(grads) if g is not None]
-    grads = [_to_dense_float32(grads[i]) for i in present]
+    grads = [guard.dense_float32(grads[i]) for i in present]
     if self.fp16:
       grads = [g / scale for g in grads]
     if n_rep > 1 and grads:
@@ -405,8 +405,7 @@ class GuardedLoop:
     def skip():
       # A skipped step must not leave its mark in BatchNorm statistics or RNG
       # state either: put back what the forward pass changed.
-      for var, value in zip(self.model.non_trainable_variables, nt_before):
-        var.assign(first(value))
+      guard.put_back(self.model.non_trainable_variables, [first(v) for v in nt_before])
       if self.fp16:
         tf.cond(
           cls == kinds.OVERFLOW,
@@ -416,9 +415,3 @@ class GuardedLoop:
       return tf.constant(0)
 
     tf.cond(cls == kinds.GOOD, good, skip)
-
-
-def _to_dense_float32(g):
-  if isinstance(g, tf.IndexedSlices):
-    g = tf.convert_to_tensor(g)
-  return tf.cast(g, tf.float32)
