@@ -19,6 +19,7 @@ SCHEDULES = ("constant", "warmup_constant", "cosine", "warmup_cosine", "linear")
 BAD_INPUTS = ("drop_rows", "skip_batch", "raise")
 PREFLIGHT = ("off", "warn", "strict")
 RECOVERY_DATA = ("skip", "replay")
+CLIP_MODES = ("fixed", "adaptive")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 DRILL_VALUES = ("nan", "inf")
 
@@ -86,7 +87,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss_scale.max_scale = 2.0**24
 
   c.clip = ml_collections.ConfigDict()
+  # fixed: clip every step's global norm to clip.global_norm (0 disables).
+  # adaptive: ZClip (Kumar et al. 2025): clip only a norm whose z-score against
+  # exponential moving averages of the norm's mean and variance exceeds
+  # clip.z_threshold; clip.global_norm (0: none) caps the warm-up steps.
+  c.clip.mode = "fixed"
   c.clip.global_norm = 1.0
+  c.clip.ema = 0.97
+  c.clip.z_threshold = 2.5
+  c.clip.warmup_steps = 25
 
   c.guard = ml_collections.ConfigDict()
   c.guard.check_inputs = True
@@ -101,6 +110,28 @@ def default_config() -> ml_collections.ConfigDict:
   c.guard.spike_threshold = 10.0
   c.guard.spike_rel_floor = 0.25
   c.guard.spike_decay = 0.98
+  # A finite blow-up: a good step's loss above growth_factor times the best
+  # running mean of the loss (and above the first one) is divergence
+  # (`loss_growth`), from the first step on, warm-up or not. 0 disables.
+  c.guard.growth_factor = 1000.0
+  # Default compute_loss (and one returning per-example losses): non-finite
+  # examples are dropped from the mean; more than max_dropped_examples of the
+  # batch (a fraction) makes the step a non-finite loss instead.
+  c.guard.drop_examples = True
+  c.guard.max_dropped_examples = 0.25
+  # A run that stopped learning (`stalled`): the running loss stays above
+  # stall_factor times its best for stall_steps good steps, or the loop's mean
+  # gradient norm fell under stall_norm_drop times its running level while the
+  # loss is that far above its best. stall_steps 0 disables.
+  c.guard.stall_factor = 3.0
+  c.guard.stall_steps = 300
+  c.guard.stall_norm_drop = 1e-3
+  # Dead ReLU units (`dead_units`): once per loop the first training batch is
+  # run through the model; a ReLU-family layer (of at least dead_min_units
+  # units) with at least dead_fraction of its units zero on every row of it is
+  # dead. 0 disables.
+  c.guard.dead_fraction = 1.0
+  c.guard.dead_min_units = 4
   c.guard.preflight = "warn"
   # Preflight flags an input feature whose largest |value| in the first batch
   # exceeds this: unnormalized inputs are the classic cause of NaN losses.
@@ -117,6 +148,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.recovery.data = "skip"
   c.recovery.rewarm_steps = 0
   c.recovery.budget_reset_steps = 1000
+  # Bad batches (a non-finite loss bound to a batch's data; the state is
+  # healthy) are quarantined: skipped, recorded with their data position,
+  # no rollback, no learning-rate cut. When more than bad_batch_rate of the
+  # batches (a moving average over about bad_batch_window batches) are bad,
+  # they count as a diverging state: rollback with backoff.
+  c.recovery.bad_batch_rate = 0.3
+  c.recovery.bad_batch_window = 200
+  # In-memory snapshots of the healthy state (model, optimizer, loss scale,
+  # guard state), one taken after every healthy inner loop, the newest kept:
+  # a rollback goes back at most about one or two loops instead of a whole
+  # checkpoint interval. 0 disables; snapshots_max_mb caps their memory (a
+  # model whose snapshots would exceed it rolls back from disk only).
+  c.recovery.snapshots = 2
+  c.recovery.snapshots_max_mb = 1024.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
@@ -135,6 +180,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.drill.value = "nan"
   c.drill.input_feature = 0
   c.drill.input_rows = 1
+  # With per-example losses, loss_steps makes only the first loss_rows
+  # examples' losses non-finite (0: the whole loss, as for a mean).
+  c.drill.loss_rows = 0
   c.drill.replica = -1  # -1: every replica; k: only replica k's shard.
   return c
 
@@ -256,7 +304,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _num(config, "loss_scale.growth_factor", 1.0, 1e3, lo_open=True)
   _num(config, "loss_scale.backoff_factor", 0.0, 1.0, lo_open=True, hi_open=True)
   _int(config, "loss_scale.hysteresis", 1, MAX_COUNT)
+  _choice(config, "clip.mode", CLIP_MODES)
   _num(config, "clip.global_norm", 0.0, 1e12)
+  _num(config, "clip.ema", 0.0, 1.0, lo_open=True, hi_open=True)
+  _num(config, "clip.z_threshold", 0.0, 1e6, lo_open=True)
+  _int(config, "clip.warmup_steps", 1, MAX_STEPS)
   _bool(config, "guard.check_inputs")
   _choice(config, "guard.bad_inputs", BAD_INPUTS)
   _int(config, "guard.rollback_after", 1, MAX_COUNT)
@@ -265,6 +317,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _num(config, "guard.spike_threshold", 0.0, 1e9, lo_open=True)
   _num(config, "guard.spike_rel_floor", 0.0, 1e9)
   _num(config, "guard.spike_decay", 0.0, 1.0, lo_open=True, hi_open=True)
+  _num(config, "guard.growth_factor", 0.0, 1e30)
+  _check(
+    config.guard.growth_factor == 0 or config.guard.growth_factor > 1,
+    "guard.growth_factor",
+    config.guard.growth_factor,
+    "0 (off) or a factor > 1",
+  )
+  _bool(config, "guard.drop_examples")
+  _num(config, "guard.max_dropped_examples", 0.0, 1.0, lo_open=True)
+  _num(config, "guard.stall_factor", 1.0, 1e30, lo_open=True)
+  _int(config, "guard.stall_steps", 0, MAX_STEPS)
+  _num(config, "guard.stall_norm_drop", 0.0, 1.0, hi_open=True)
+  _num(config, "guard.dead_fraction", 0.0, 1.0)
+  _int(config, "guard.dead_min_units", 1, MAX_INT32)
   _choice(config, "guard.preflight", PREFLIGHT)
   _num(config, "guard.preflight_max_abs_input", 0.0, 1e38, lo_open=True)
   _num(config, "guard.preflight_fp16_margin", 0.0, 1.0, lo_open=True)
@@ -275,6 +341,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, "recovery.data", RECOVERY_DATA)
   _int(config, "recovery.rewarm_steps", 0, MAX_STEPS)
   _int(config, "recovery.budget_reset_steps", 1, MAX_STEPS)
+  _num(config, "recovery.bad_batch_rate", 0.0, 1.0, lo_open=True)
+  _int(config, "recovery.bad_batch_window", 1, MAX_STEPS)
+  _int(config, "recovery.snapshots", 0, 64)
+  _num(config, "recovery.snapshots_max_mb", 0.0, 1e9)
   _int(config, "checkpoint.every_steps", 1, MAX_STEPS)
   _int(config, "checkpoint.max_to_keep", 2, 10**4)
   _choice(config, "distribute.strategy", STRATEGIES)
@@ -287,6 +357,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "drill.input_feature", 0, MAX_INT32)
   _int(config, "drill.input_rows", 1, MAX_INT32)
   _int(config, "drill.replica", -1, MAX_INT32)
+  _int(config, "drill.loss_rows", 0, MAX_INT32)
 
 
 def fit_to_steps(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:

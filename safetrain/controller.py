@@ -25,13 +25,16 @@ from safetrain import (
   distribute,
   evaluation,
   forensics,
+  health,
   incidents,
   kinds,
   metrics,
   preemption,
   preflight,
+  quarantine,
   recovery,
   state,
+  triage,
 )
 from safetrain import (
   config as config_lib,
@@ -44,6 +47,7 @@ from safetrain import (
 )
 from safetrain.errors import BadInputError, PreflightError
 from safetrain.loss_scale import DynamicLossScale
+from safetrain.snapshots import SnapshotRing
 
 
 @dataclasses.dataclass
@@ -60,6 +64,8 @@ class FitResult:
     attempts: steps attempted, skipped ones included.
     skipped_steps: attempts that did not update the model.
     batches_skipped: batches passed over by rollbacks with recovery.data=skip.
+    quarantined: bad batches skipped and recorded in quarantine.jsonl.
+    examples_dropped: examples left out of per-example losses (non-finite).
     loss_scale: the loss scale at the end (1.0 unless mixed_float16).
     eval_metrics: the last evaluation's metrics ({} if none ran).
     stopped: "completed", "preempted" or "data_exhausted".
@@ -73,6 +79,8 @@ class FitResult:
   attempts: int = 0
   skipped_steps: int = 0
   batches_skipped: int = 0
+  quarantined: int = 0
+  examples_dropped: int = 0
   loss_scale: float = 1.0
   eval_metrics: dict = dataclasses.field(default_factory=dict)
   stopped: str = "completed"
@@ -102,6 +110,8 @@ class Parts:
   evaluate: Callable[[], dict]
   forensics: forensics.Context
   stash: forensics.Stash | None
+  health: health.Health
+  snapshots: SnapshotRing | None
 
 
 class Controller:
@@ -132,6 +142,11 @@ class Controller:
     self._evaluate = parts.evaluate
     self._forensics = parts.forensics
     self._stash = parts.stash
+    self._health = parts.health
+    self._snapshots = parts.snapshots
+    self._quarantine: quarantine.QuarantineLog | None = None
+    # The replay of the first quarantined batch of this process, reused after.
+    self._bad_batch_diagnosis = ""
     # True once the model holds the restored or initial state of the run.
     self.started = False
     self._log: metrics.RunLog | None = None
@@ -148,6 +163,7 @@ class Controller:
     stopped = "completed"
     with preemption.SignalCatcher() as signals:
       while self._step() < c.train.steps:
+        before = (int(self._data.position.numpy()), int(self._recovery.attempts.numpy()))
         out, seconds = self._run_inner_loop()
         if out.applied:
           last_loss = float(out.loss_sum) / int(out.applied)
@@ -159,9 +175,12 @@ class Controller:
           loss_scale=float(self._loss_scale.scale.numpy()),
           seconds=seconds,
         )
-        rolled_back = self._handle_incidents(out)
+        rolled_back, quarantined = self._handle_incidents(out, before)
+        record["quarantined"] = quarantined
         if rolled_back:
           record.update(rollback=True, step=self._step())
+        else:
+          self._take_snapshot()
         if self._eval_due() and not rolled_back:
           eval_metrics = self._evaluate()
           record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
@@ -191,6 +210,9 @@ class Controller:
       enabled=self._is_chief,
       counter=self._recovery.incidents_total,
     )
+    self._quarantine = quarantine.QuarantineLog(
+      os.path.join(self.workdir, "quarantine.jsonl"), enabled=self._is_chief
+    )
     self._recovery_actions = recovery.Recovery(
       policy=recovery.Policy.from_config(self.config.recovery),
       state=self._recovery,
@@ -207,6 +229,7 @@ class Controller:
       is_chief=self._is_chief,
       incidents=self._incidents,
       diagnose=self._diagnose,
+      snapshots=self._snapshots,
     )
     resumed = self._restore_latest()
     self.started = True
@@ -224,6 +247,12 @@ class Controller:
       self._resume_precision()
     if self._is_chief:
       metrics.write_config(self.workdir, self.config, self._trainer_name, resumed)
+    if self._snapshots is not None and self._snapshots.enabled:
+      logging.info(
+        "In-memory snapshots: %d x %.2f MB (recovery.snapshots, recovery.snapshots_max_mb).",
+        len(self._snapshots.slots),
+        self._snapshots.bytes_per_slot / 2**20,
+      )
     if resumed is None:
       self._run_preflight()
       self._save_checkpoint()  # the initial state is always a target
@@ -235,6 +264,7 @@ class Controller:
         self._recovery.lr_scale.numpy(),
         self._recovery.rollbacks_used.numpy(),
       )
+    self._take_snapshot()
 
   def _run_inner_loop(self) -> tuple[step_lib.LoopOutput, float]:
     """One call of the compiled loop; returns its output and its seconds."""
@@ -256,16 +286,44 @@ class Controller:
       ) from None
     return out, time.perf_counter() - t0
 
-  def _handle_incidents(self, out: step_lib.LoopOutput) -> bool:
-    """Records the loop's incidents and runs recovery; True after a rollback."""
+  def _handle_incidents(self, out: step_lib.LoopOutput, before: tuple[int, int]):
+    """Records the loop's incidents and runs recovery.
+
+    Returns (whether it rolled back, the batches it quarantined). The action
+    follows the cause: a bad batch is quarantined; a diverging state (the
+    guard's open run of failures, judged by `triage`; non-finite variables;
+    frequent bad batches; a stall or dead units) is rolled back.
+    """
     params_ok = bool(self._all_finite())
-    self._incidents.add_loop(
+    stopped = int(out.stop) == step_lib.STOP_ROLLBACK
+    kind = incidents.last_divergence(out)
+    verdict = None
+    if stopped and params_ok:
+      verdict = triage.open_run(
+        self._forensics,
+        kind=kind,
+        batch=self._stash.batch() if self._stash is not None else None,
+        step=self._step() + 1,
+        count=int(self._run.consecutive_bad.numpy()),
+      )
+      if verdict.bad_batch:
+        self._run.consecutive_bad.assign(0)
+        self._bad_batch_diagnosis = self._bad_batch_diagnosis or verdict.diagnosis
+    open_bad = verdict is not None and verdict.bad_batch
+    lr_scale = float(self._recovery.lr_scale.numpy())
+    quarantined = self._incidents.add_loop(
       out,
       leaf_names=self._train_data.leaf_names,
       bad_inputs=self.config.guard.bad_inputs,
-      lr_scale=float(self._recovery.lr_scale.numpy()),
+      lr_scale=lr_scale,
+      open_bad_batch=open_bad,
+      bad_batch_diagnosis=self._describe_bad_batches(out),
     )
-    self._recovery.skipped_total.assign_add(int(out.attempts) - int(out.applied))
+    self._write_quarantine(out, before, open_bad, verdict)
+    r = self._recovery
+    r.skipped_total.assign_add(int(out.attempts) - int(out.applied))
+    r.examples_dropped_total.assign_add(int(out.dropped_examples))
+    frequent = self._recovery_actions.note_bad_batches(quarantined, int(out.attempts))
     if int(out.stop) == step_lib.STOP_RAISE:
       self._save_checkpoint()
       raise BadInputError(
@@ -274,12 +332,91 @@ class Controller:
         "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
         "skip_batch to train past it."
       )
-    rolled_back = int(out.stop) == step_lib.STOP_ROLLBACK or not params_ok
-    if rolled_back:
-      kind = "nonfinite_params" if not params_ok else incidents.last_divergence(out)
-      self._recovery_actions.roll_back(kind)
+    roll_back = self._recovery_actions.roll_back
+    if not params_ok:
+      roll_back("nonfinite_params", why="a variable is non-finite after an update")
+    elif stopped and not open_bad:
+      roll_back(kind, why=verdict.why if verdict else "", diagnosis=verdict.diagnosis or None)
+    elif frequent:
+      why = self._recovery_actions.frequent_bad_batches_text()
+      r.bad_batch_rate.assign(0.0)
+      roll_back(kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
+    else:
+      finding = self._health.check(int(out.applied), float(out.norm_sum))
+      if finding is None:
+        self._recovery_actions.refill_budget()
+        return False, quarantined
+      roll_back(
+        finding.kind,
+        why="the run stopped learning without a non-finite value",
+        diagnosis=finding.diagnosis,
+      )
     self._recovery_actions.refill_budget()
-    return rolled_back
+    return True, quarantined
+
+  def _describe_bad_batches(self, out: step_lib.LoopOutput) -> str:
+    """What the replay of a quarantined batch found: once per process, on the
+    first loop with one (the batch is stashed with one replica only)."""
+    if self._bad_batch_diagnosis or self._stash is None:
+      return self._bad_batch_diagnosis
+    kind = incidents.last_divergence(out)
+    if kinds.KINDS.index(kind) not in kinds.BATCH_BOUND or not any(
+      int(out.kind_counts[k]) for k in kinds.BATCH_BOUND
+    ):
+      return ""
+    batch = self._stash.batch()
+    if batch is None:
+      return ""
+    self._bad_batch_diagnosis = forensics.diagnose(
+      self._forensics, kind=kind, batch=batch, step=self._step() + 1
+    )
+    return self._bad_batch_diagnosis
+
+  def _write_quarantine(self, out, before, open_bad: bool, verdict) -> None:
+    """One quarantine.jsonl record per bad batch and per step that dropped
+    examples, with its data position."""
+    position0, attempt0 = before
+    entries = quarantine.entries(out.quarantine)
+    for i, e in enumerate(entries):
+      in_open_run = int(out.stop) == step_lib.STOP_ROLLBACK and e.attempt > int(out.last_good)
+      if e.skipped and in_open_run and not open_bad:
+        continue  # part of a diverging state: rolled back, not bad data
+      rows = e.rows
+      if rows is None and verdict is not None and open_bad and i == len(entries) - 1:
+        rows = verdict.rows  # the row probe of the batch that ended the loop
+      self._quarantine.write(
+        dict(
+          step=e.step,
+          attempt=e.attempt,
+          position=position0 + e.attempt - attempt0 - 1,
+          kind=e.kind,
+          action="quarantined_batch" if e.skipped else "dropped_examples",
+          rows=rows,
+          bad_examples=e.bad_examples,
+          diagnosis=self._bad_batch_diagnosis,
+        )
+      )
+    if int(out.quarantine.n) > quarantine.SLOTS:
+      logging.info(
+        "quarantine: %d entries this loop, the last %d recorded",
+        int(out.quarantine.n),
+        quarantine.SLOTS,
+      )
+
+  def _take_snapshot(self) -> None:
+    """Snapshots the state in memory when it is healthy."""
+    if self._snapshots is None or not self._snapshots.enabled or not self._healthy():
+      return
+    self._snapshots.take(self._step(), int(self._data.position.numpy()))
+
+  def _healthy(self) -> bool:
+    """Only these states are saved, snapshotted, rolled back to: no open
+    divergence, every variable finite, a loss not far above its best."""
+    if int(self._run.consecutive_bad.numpy()) != 0:
+      return False
+    if self._health.far_above_best():
+      return False
+    return bool(self._all_finite())
 
   def _eval_due(self) -> bool:
     every, step = self.config.eval.every_steps, self._step()
@@ -328,6 +465,8 @@ class Controller:
       attempts=int(r.attempts.numpy()),
       skipped_steps=int(r.skipped_total.numpy()),
       batches_skipped=int(r.batches_skipped.numpy()),
+      quarantined=int(r.quarantined_total.numpy()),
+      examples_dropped=int(r.examples_dropped_total.numpy()),
       loss_scale=float(self._loss_scale.scale.numpy()),
       eval_metrics=eval_metrics,
       stopped=stopped,
@@ -392,10 +531,8 @@ class Controller:
     durable already (a rollback's side state holds what differs): a
     committed checkpoint is never written again.
     """
-    if int(self._run.consecutive_bad.numpy()) != 0:
+    if not self._healthy():
       return  # only healthy states are saved
-    if not bool(self._all_finite()):
-      return
     step = self._step()
     if self._checkpoints.current_step() == step:
       return
@@ -437,6 +574,10 @@ def summary_line(result: FitResult) -> str:
     f"{result.rollbacks} rollbacks, lr scale {result.lr_scale:.4g}, "
     f"{result.batches_skipped} batches skipped, {result.skipped_steps} steps skipped"
   )
+  if result.quarantined or result.examples_dropped:
+    text += (
+      f", {result.quarantined} bad batches quarantined, {result.examples_dropped} examples dropped"
+    )
   ev = dict(result.eval_metrics)
   n = ev.pop(evaluation.EXAMPLES, None)
   if n is not None:

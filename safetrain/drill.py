@@ -23,6 +23,8 @@ class Drill:
     input_rows: how many leading rows of the batch (of each chosen replica's
       shard) are corrupted.
     replica: -1 for every replica, or the replica id whose shard is hit.
+    loss_rows: with per-example losses, `loss_steps` corrupts only the first
+      loss_rows examples' losses (0: every example, like a mean's).
   """
 
   def __init__(
@@ -35,6 +37,7 @@ class Drill:
     input_feature: int = 0,
     input_rows: int = 1,
     replica: int = -1,
+    loss_rows: int = 0,
   ):
     self.loss = config_lib.parse_steps(loss_steps, "drill.loss_steps")
     self.grad = config_lib.parse_steps(grad_steps, "drill.grad_steps")
@@ -44,6 +47,7 @@ class Drill:
     self.input_feature = input_feature
     self.input_rows = input_rows
     self.replica = replica
+    self.loss_rows = loss_rows
 
   @property
   def active(self) -> bool:
@@ -133,6 +137,18 @@ class Drill:
     # A multiplier, not tf.where(hit, loss * value, loss): the gradient of the
     # untaken branch would be 0 * NaN = NaN on every step.
     return loss * tf.where(hit, tf.constant(self.value, loss.dtype), tf.ones([], loss.dtype))
+
+  def corrupt_examples(self, losses: tf.Tensor, attempt: tf.Tensor) -> tf.Tensor:
+    """Per-example losses [b]: the first `loss_rows` (0: all) made non-finite
+    on `loss_steps` attempts."""
+    if not self.loss:
+      return losses
+    hit = self._hit(self.loss, attempt)
+    rows = tf.range(tf.shape(losses)[0])
+    chosen = rows < self.loss_rows if self.loss_rows > 0 else tf.ones_like(rows, tf.bool)
+    bad = tf.logical_and(hit, chosen)
+    # A multiplier, as in corrupt_loss, so the untaken side adds no NaN.
+    return losses * tf.where(bad, tf.constant(self.value, losses.dtype), tf.ones([], losses.dtype))
 
   def corrupt_grads(self, grads: list, attempt: tf.Tensor) -> list:
     if not self.grad:

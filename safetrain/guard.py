@@ -235,9 +235,10 @@ def clip(grads: list, norm: tf.Tensor, max_norm: float) -> list:
 
 
 # classify()'s conditions in priority order (inputs skipped, loss, gradients at
-# the floor or outside float16, float16 overflow, spike, good) and their class.
+# the floor or outside float16, float16 overflow, spike, growth, good) and
+# their class.
 _CLASS = (kinds.SKIPPED_BATCH, kinds.DIVERGENCE, kinds.DIVERGENCE, kinds.OVERFLOW)
-_CLASS += (kinds.DIVERGENCE, kinds.GOOD)
+_CLASS += (kinds.DIVERGENCE, kinds.DIVERGENCE, kinds.GOOD)
 
 
 def classify(
@@ -247,14 +248,16 @@ def classify(
   grads_finite: tf.Tensor,
   spike: tf.Tensor,
   fp16: bool,
+  growth: tf.Tensor | None = None,
   at_floor: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
   """(step class, incident kind) of an attempted step, as int32 codes.
 
   In priority order: inputs the guard skipped; a non-finite loss; non-finite
   gradients, which under mixed_float16 are a routine overflow unless the loss
-  scale is at its floor; a loss spike; else good (kind NO_KIND). Computed as
-  a handful of vector ops: this runs on every step.
+  scale is at its floor; a loss spike; a finite blow-up of the loss (growth);
+  else good (kind NO_KIND). Computed as a handful of vector ops: this runs on
+  every step.
   """
   grads_kind = kinds.LOSS_SCALE_FLOOR if fp16 else kinds.NONFINITE_GRADS
   table_kind = tf.constant(
@@ -264,13 +267,22 @@ def classify(
       grads_kind,
       kinds.NO_KIND,
       kinds.LOSS_SPIKE,
+      kinds.LOSS_GROWTH,
       kinds.NO_KIND,
     ]
   )
   bad_grads = tf.logical_not(grads_finite)
   hard = tf.logical_and(bad_grads, at_floor) if fp16 else bad_grads
   conditions = tf.stack(
-    [input_skip, tf.logical_not(loss_finite), hard, bad_grads, spike, tf.constant(True)]
+    [
+      input_skip,
+      tf.logical_not(loss_finite),
+      hard,
+      bad_grads,
+      spike,
+      tf.constant(False) if growth is None else growth,
+      tf.constant(True),
+    ]
   )
   first = tf.argmax(tf.cast(conditions, tf.int32), output_type=tf.int32)
   return tf.gather(tf.constant(_CLASS), first), tf.gather(table_kind, first)

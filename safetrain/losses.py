@@ -1,7 +1,14 @@
-"""The loss of the default `Trainer.compute_loss`, from `config.loss`."""
+"""The loss of the default `Trainer.compute_loss`, from `config.loss`.
+
+It is computed per example: the compiled step takes the mean over the
+examples whose loss is finite (see `safetrain.examples`), which with every
+example finite is exactly the mean Keras `fit` minimizes (Keras's
+"sum_over_batch_size": sample weights multiply, the count divides).
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import keras
@@ -10,29 +17,48 @@ import tensorflow as tf
 from safetrain.config import ConfigError
 
 
+class _PerExample(keras.losses.Loss):
+  """A keras.losses function as an unreduced Loss (Keras applies the sample
+  weights and casts, as it does for `model.compile(loss=name)`)."""
+
+  def __init__(self, fn: Callable):
+    super().__init__(reduction=None, name=getattr(fn, "__name__", "loss"))
+    self.fn = fn
+
+  def call(self, y_true, y_pred):
+    return self.fn(y_true, y_pred)
+
+
 def make_loss(name: str) -> Callable:
-  """A loss `fn(y, pred, sample_weight=None) -> mean` named by `config.loss`:
-  any keras.losses name, softmax_cross_entropy or sigmoid_cross_entropy."""
+  """A loss `fn(y, pred, sample_weight=None) -> float32 per-example losses`
+  named by `config.loss`: any keras.losses name, softmax_cross_entropy or
+  sigmoid_cross_entropy. Per-example means shape [batch] (or [batch, ...] for
+  per-timestep losses, which the step averages per example)."""
   if name == "softmax_cross_entropy":
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-  if name == "sigmoid_cross_entropy":
-    return keras.losses.BinaryCrossentropy(from_logits=True)
-  try:
-    fn = keras.losses.get(name)
-  except ValueError as e:
-    raise ConfigError(
-      "loss", name, "a keras.losses name, softmax_cross_entropy or sigmoid_cross_entropy"
-    ) from e
-  if isinstance(fn, keras.losses.Loss):
-    return fn
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+  elif name == "sigmoid_cross_entropy":
+    loss = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)
+  else:
+    try:
+      fn = keras.losses.get(name)
+    except ValueError as e:
+      raise ConfigError(
+        "loss", name, "a keras.losses name, softmax_cross_entropy or sigmoid_cross_entropy"
+      ) from e
+    if fn is None:
+      raise ConfigError(
+        "loss", name, "a keras.losses name, softmax_cross_entropy or sigmoid_cross_entropy"
+      )
+    if isinstance(fn, keras.losses.Loss):
+      loss = copy.copy(fn)
+      loss.reduction = "none"
+    else:
+      loss = _PerExample(fn)
 
-  def mean_loss(y, pred, sample_weight=None):
-    per_example = tf.cast(fn(y, pred), tf.float32)
-    if sample_weight is not None:
-      per_example = per_example * tf.cast(sample_weight, tf.float32)
-    return tf.reduce_mean(per_example)
+  def per_example(y, pred, sample_weight=None):
+    return tf.cast(loss(y, pred, sample_weight=sample_weight), tf.float32)
 
-  return mean_loss
+  return per_example
 
 
 def regularization_loss(model: keras.Model) -> tf.Tensor:

@@ -1,10 +1,17 @@
 """Recovery: what happens when the guarded loop hands over a divergence.
 
-The policy lives here and nowhere else: roll back to a healthy checkpoint
-with a lower learning rate (or further back when the run keeps failing from
-the same state), spend and refill the rollback budget, and stop with
-`DivergenceError` when the budget or the learning rate is spent. The compiled
-step never decides any of this; it only says that recovery is needed.
+The policy lives here and nowhere else: roll back a diverging state to a
+healthy one with a lower learning rate (or further back when the run keeps
+failing from the same state), spend and refill the rollback budget, count bad
+batches and treat them as a diverging state once they are frequent, and stop
+with `DivergenceError` when the budget or the learning rate is spent. The
+compiled step never decides any of this; it only says that recovery is
+needed. Which cause a failure had (bad batch or diverging state) is
+`safetrain.triage`'s verdict.
+
+Rollback targets are the in-memory snapshots (`safetrain.snapshots`) and the
+disk checkpoints, newest first; a snapshot of the same step is preferred (it
+costs no read).
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from safetrain.checkpointing import CORRUPT_DIR, CheckpointStore
+from safetrain import kinds
+from safetrain.checkpointing import CORRUPT_DIR, CheckpointStore, step_of
 from safetrain.errors import DivergenceError
 from safetrain.incidents import IncidentLog
+from safetrain.snapshots import SnapshotRing
 from safetrain.state import DataState, RunState
 
 
@@ -41,6 +50,10 @@ class RecoveryState(tf.Module):
     self.batches_skipped = v(0, "batches_skipped")
     self.last_restored_step = v(-1, "last_restored_step")
     self.budget_anchor_step = v(0, "budget_anchor_step")
+    # Bad batches: a moving average of their share of the attempts, and totals.
+    self.bad_batch_rate = v(0.0, "bad_batch_rate", tf.float32)
+    self.quarantined_total = v(0, "quarantined_total")
+    self.examples_dropped_total = v(0, "examples_dropped_total")
 
   def snapshot(self) -> dict:
     """{name: value} of every variable: what a resume must carry over."""
@@ -58,19 +71,22 @@ class Policy:
   data: str
   rewarm_steps: int
   budget_reset_steps: int
+  bad_batch_rate: float
+  bad_batch_window: int
 
   @classmethod
   def from_config(cls, recovery: ml_collections.ConfigDict) -> Policy:
     return cls(**{f.name: recovery[f.name] for f in dataclasses.fields(cls)})
 
 
-def rollback_target(checkpoints: list[tuple[int, str]], last_restored: int) -> str | None:
+def rollback_target(checkpoints: list[tuple[int, object]], last_restored: int):
   """The checkpoint to roll back to: the newest one, or, when the run has not
   got past the state the previous rollback restored (a new incident from the
   same state), the newest one before that state (escalation).
 
   Args:
-    checkpoints: (step, path) of the kept checkpoints, oldest first.
+    checkpoints: (step, target) of the kept checkpoints (paths) and
+      snapshots, oldest first; at equal steps the preferred one last.
     last_restored: the step the previous rollback restored, or -1.
   """
   if not checkpoints:
@@ -101,6 +117,7 @@ class Recovery:
     is_chief: whether this process writes and repairs the checkpoints.
     incidents: the incident log.
     diagnose: kind -> the diagnosis of the divergence (forensics).
+    snapshots: the in-memory snapshots, or None (disk checkpoints only).
   """
 
   def __init__(
@@ -119,6 +136,7 @@ class Recovery:
     is_chief: bool,
     incidents: IncidentLog,
     diagnose: Callable[[str], str],
+    snapshots: SnapshotRing | None = None,
   ):
     self.policy = policy
     self.state = state
@@ -133,26 +151,42 @@ class Recovery:
     self.is_chief = is_chief
     self.incidents = incidents
     self.diagnose = diagnose
+    self.snapshots = snapshots if snapshots is not None and snapshots.enabled else None
 
-  def roll_back(self, kind: str) -> None:
-    """Rolls back to a healthy checkpoint with a lower learning rate, or
-    raises DivergenceError when the budget or the learning rate is spent."""
+  def roll_back(
+    self,
+    kind: str,
+    *,
+    cause: str = kinds.DIVERGING_STATE,
+    why: str = "",
+    diagnosis: str | None = None,
+  ) -> None:
+    """Rolls back a diverging state to a healthy one with a lower learning
+    rate, or raises DivergenceError when the budget or the rate is spent.
+
+    Args:
+      kind: the incident kind.
+      cause: recorded as the incident's `cause`.
+      why: the evidence for the cause, one sentence (the incident's `why`).
+      diagnosis: what was found; by default forensics on the offending batch.
+    """
     p, s = self.policy, self.state
     at_step = int(self.run.step.numpy()) + 1
-    diagnosis = self.diagnose(kind)
+    if diagnosis is None:
+      diagnosis = self.diagnose(kind)
     lr_before = float(s.lr_scale.numpy())
     lr_after = lr_before * p.lr_backoff
     reason = self._why_not(lr_after)
     if reason is not None:
-      self.abort(kind, at_step, diagnosis, reason, lr_before)
+      self.abort(kind, at_step, diagnosis, reason, lr_before, why=why)
     position_before = int(self.data.position.numpy())
-    target = self._restore_target(kind, at_step, diagnosis, lr_before)
+    target, restored_position = self._restore_target(kind, at_step, diagnosis, lr_before)
     restored_step = int(self.run.step.numpy())
     if p.data == "replay" and self.reseek is not None:
       self.reseek()
     skipped = 0
     if p.data == "skip":
-      skipped = position_before - self.checkpoints.position_of(target, self.data)
+      skipped = position_before - restored_position
       s.batches_skipped.assign_add(skipped)
     s.lr_scale.assign(lr_after)
     s.rollbacks_used.assign_add(1)
@@ -170,12 +204,45 @@ class Recovery:
       lr_scale_after=lr_after,
       batches_skipped=skipped,
       diagnosis=diagnosis,
-      checkpoint=os.path.basename(target),
+      cause=cause,
+      why=why,
+      checkpoint=target if target.startswith("memory") else os.path.basename(target),
     )
     # Persist the lowered learning rate, spent budget and data position at
     # once, so a kill right after this rollback resumes with them: a small
-    # side state committed atomically, never a rewrite of `target`.
-    self.checkpoints.record_rollback(target, generation=int(s.rollbacks_total.numpy()))
+    # side state committed atomically, never a rewrite of a checkpoint. After
+    # a rollback to a snapshot it applies to the newest checkpoint not newer
+    # than the snapshot (where a resume would start).
+    base = self._base_checkpoint(restored_step) if target.startswith("memory") else target
+    if base is None:
+      logging.warning("no checkpoint to record the rollback on; a resume starts afresh")
+      return
+    self.checkpoints.record_rollback(base, generation=int(s.rollbacks_total.numpy()))
+
+  def _base_checkpoint(self, step: int) -> str | None:
+    paths = [path for s, path in self.checkpoints.checkpoints() if s <= step]
+    return max(paths, key=step_of) if paths else None
+
+  def note_bad_batches(self, quarantined: int, attempts: int) -> bool:
+    """Counts a loop's quarantined batches; True when bad batches have become
+    frequent (their moving share of the attempts over recovery.bad_batch_rate)."""
+    p, s = self.policy, self.state
+    if attempts <= 0:
+      return False
+    s.quarantined_total.assign_add(quarantined)
+    decay = (1.0 - 1.0 / p.bad_batch_window) ** attempts
+    rate = float(s.bad_batch_rate.numpy()) * decay + quarantined / attempts * (1.0 - decay)
+    s.bad_batch_rate.assign(rate)
+    return quarantined > 0 and rate > p.bad_batch_rate
+
+  def frequent_bad_batches_text(self) -> str:
+    p = self.policy
+    rate = float(self.state.bad_batch_rate.numpy())
+    return (
+      f"bad batches became frequent: {100 * rate:.0f}% of the last ~{p.bad_batch_window} "
+      f"batches (recovery.bad_batch_rate={p.bad_batch_rate:g}), so the state, not the data, "
+      "is suspect"
+    )
 
   def _why_not(self, lr_after: float) -> str | None:
     """Why no rollback may happen now, or None."""
@@ -195,8 +262,9 @@ class Recovery:
       )
     return None
 
-  def _restore_target(self, kind: str, at_step: int, diagnosis: str, lr: float) -> str:
-    """Restores the rollback target and returns its path.
+  def _restore_target(self, kind: str, at_step: int, diagnosis: str, lr: float):
+    """Restores the rollback target; returns (its name or path, the data
+    position it was taken at).
 
     The chief picks a target that reads back whole (a damaged one is set
     aside first); every worker restores it, and one that restores non-finite
@@ -208,20 +276,35 @@ class Recovery:
         corrupt = os.path.join(self.checkpoints.directory, CORRUPT_DIR)
         reason = f"no checkpoint is left to roll back to (unusable ones were moved to {corrupt})"
         self.abort(kind, at_step, diagnosis, reason, lr)
+      if isinstance(target, int):  # a snapshot slot
+        slot = self.snapshots.restore(target)
+        return f"memory snapshot of step {slot.step}", slot.position
       data = self.replay_objects() if self.policy.data == "replay" else None
       self.checkpoints.restore_rollback(target, self.rollback_objects, data=data)
       if self.healthy():
-        return target
+        if self.snapshots is not None:
+          self.snapshots.drop_after(step_of(target))
+        return target, self.checkpoints.position_of(target, self.data)
       if self.is_chief:
         self.checkpoints.set_aside(target, "it restores non-finite values")
 
-  def _readable_target(self) -> str | None:
-    """`rollback_target` among the checkpoints that read back whole."""
+  def _readable_target(self) -> str | int | None:
+    """`rollback_target` among the snapshots (slot numbers) and the
+    checkpoints that read back whole (paths)."""
     last_restored = int(self.state.last_restored_step.numpy())
     while True:
-      target = rollback_target(self.checkpoints.checkpoints(), last_restored)
-      if target is None:
-        return None
+      candidates = [(step, path) for step, path in self.checkpoints.checkpoints()]
+      if self.snapshots is not None:
+        # At equal steps the snapshot sorts after the checkpoint: the newer.
+        candidates = sorted(
+          [(step, 0, path) for step, path in candidates]
+          + [(step, 1, k) for step, k in self.snapshots.targets()],
+          key=lambda c: (c[0], c[1]),
+        )
+        candidates = [(step, what) for step, _, what in candidates]
+      target = rollback_target(candidates, last_restored)
+      if target is None or isinstance(target, int):
+        return target
       problem = self.checkpoints.check_readable(target)
       if problem is None:
         return target
@@ -235,19 +318,29 @@ class Recovery:
       logging.info("Rollback budget refilled after %d healthy steps.", healthy_steps)
       s.rollbacks_used.assign(0)
 
-  def abort(self, kind: str, at_step: int, diagnosis: str, reason: str, lr: float) -> NoReturn:
+  def abort(
+    self, kind: str, at_step: int, diagnosis: str, reason: str, lr: float, why: str = ""
+  ) -> NoReturn:
     """Records the abort and raises DivergenceError with the diagnosis."""
     s = self.state
     last = self.checkpoints.latest_path()
+    evidence = f" ({why})" if why else ""
     text = (
-      f"Training diverged at step {at_step} ({kind}): {diagnosis} Over this run: "
+      f"Training diverged at step {at_step} ({kind}{evidence}): {diagnosis} Over this run: "
       f"{self.incidents.tally() or kind}; {int(s.rollbacks_total.numpy())} rollbacks, "
       f"learning-rate scale now {lr:.4g}, {int(s.batches_skipped.numpy())} batches skipped. "
       f"Stopping because {reason}. The last healthy checkpoint is intact: {last}. Try a lower "
       "optimizer.learning_rate, normalized inputs, or a tighter clip.global_norm."
     )
     self.incidents.add(
-      step=at_step, kind=kind, action="abort", lr_scale_before=lr, lr_scale_after=lr, diagnosis=text
+      step=at_step,
+      kind=kind,
+      action="abort",
+      lr_scale_before=lr,
+      lr_scale_after=lr,
+      diagnosis=text,
+      cause=kinds.DIVERGING_STATE,
+      why=why,
     )
     raise DivergenceError(
       text,

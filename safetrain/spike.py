@@ -1,8 +1,11 @@
-"""The loss-spike detector: robust running loss statistics.
+"""The loss watch: robust running loss statistics, loss spikes and finite
+blow-ups.
 
 A good step's loss above `mean + threshold * max(dev, rel_floor * |mean|)`,
-once `warmup_steps` good steps have been seen, is a spike, which the guard
-treats as divergence. The statistics run inside the compiled loop.
+once `warmup_steps` good steps have been seen, is a spike. From the first
+step on, warm-up or not, a loss above `growth_factor` times the best running
+mean (and above the first loss) is a finite blow-up, `loss_growth`. The guard
+treats both as divergence. The statistics run inside the compiled loop.
 """
 
 from __future__ import annotations
@@ -15,15 +18,19 @@ class SpikeDetector(tf.Module):
 
   The mean and the mean absolute deviation are exponential moving averages
   fed only by good steps' finite losses, each clipped to the spike threshold
-  first, so one outlier cannot drag the statistics towards itself.
+  first, so one outlier cannot drag the statistics towards itself. `best` is
+  the lowest the running mean has been, `first` the first good loss: what
+  "orders of magnitude above" is measured against (only for positive losses).
 
   Args:
-    enabled: False turns detection off (and stops keeping the statistics).
+    enabled: False turns spike detection off.
     warmup_steps: good steps observed before a spike can be declared.
     threshold: deviations above the mean that make a spike.
     rel_floor: the deviation used is at least rel_floor * |mean|, so a very
       smooth loss curve does not make every small wiggle a spike.
     decay: EMA decay of both statistics.
+    growth_factor: a loss above growth_factor * max(best, first / growth_factor)
+      is a blow-up; 0 turns it off. With both off, no statistics are kept.
   """
 
   def __init__(
@@ -34,9 +41,12 @@ class SpikeDetector(tf.Module):
     threshold: float = 10.0,
     rel_floor: float = 0.25,
     decay: float = 0.98,
+    growth_factor: float = 0.0,
   ):
     super().__init__(name="spike_detector")
     self.enabled = enabled
+    self.growth_factor = float(growth_factor)
+    self.keeps_stats = enabled or self.growth_factor > 0
     self.warmup_steps = warmup_steps
     self.threshold = threshold
     self.rel_floor = rel_floor
@@ -44,25 +54,28 @@ class SpikeDetector(tf.Module):
     self.mean = tf.Variable(0.0, trainable=False, name="mean")
     self.dev = tf.Variable(0.0, trainable=False, name="dev")
     self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="count")
+    self.best = tf.Variable(0.0, trainable=False, name="best")
+    self.first = tf.Variable(0.0, trainable=False, name="first")
 
-  # The compiled loop carries the statistics as tensors (mean, dev, count) and
-  # writes them back once per loop: variable reads and writes inside the step
-  # would chain every step's ops behind them. Disabled, they are () throughout.
+  # The compiled loop carries the statistics as tensors and writes them back
+  # once per loop: variable reads and writes inside the step would chain every
+  # step's ops behind them. With nothing to watch, they are () throughout.
 
   def read(self) -> tuple:
     """The statistics as tensors, to carry through the compiled loop."""
-    if not self.enabled:
+    if not self.keeps_stats:
       return ()
-    return (self.mean.read_value(), self.dev.read_value(), self.count.read_value())
+    return tuple(v.read_value() for v in self._vars())
 
   def write(self, stats) -> None:
     """Stores statistics carried through the loop."""
-    if not self.enabled:
+    if not self.keeps_stats:
       return
-    mean, dev, count = stats
-    self.mean.assign(mean)
-    self.dev.assign(dev)
-    self.count.assign(count)
+    for var, value in zip(self._vars(), stats):
+      var.assign(value)
+
+  def _vars(self) -> tuple:
+    return (self.mean, self.dev, self.count, self.best, self.first)
 
   def _limit(self, mean: tf.Tensor, dev: tf.Tensor) -> tf.Tensor:
     return mean + self.threshold * tf.maximum(dev, self.rel_floor * tf.abs(mean))
@@ -71,21 +84,40 @@ class SpikeDetector(tf.Module):
     """Whether `loss` is a spike against the carried statistics."""
     if not self.enabled:
       return tf.constant(False)
-    mean, dev, count = stats
+    mean, dev, count, _, _ = stats
     return tf.logical_and(count >= self.warmup_steps, loss > self._limit(mean, dev))
+
+  def is_growth(self, stats, loss: tf.Tensor) -> tf.Tensor:
+    """Whether `loss` is orders of magnitude above the best running mean
+    (and above the first loss), from the first step on."""
+    if self.growth_factor <= 0:
+      return tf.constant(False)
+    _, _, count, best, first = stats
+    bound = tf.maximum(self.growth_factor * best, first)
+    return (count > 0) & (best > 0) & (loss > bound)
 
   def observe(self, stats, loss: tf.Tensor, good: tf.Tensor):
     """The statistics after a step: fed by `loss` if the step was good."""
-    if not self.enabled:
+    if not self.keeps_stats:
       return ()
-    mean, dev, count = stats
+    mean, dev, count, best, first = stats
     x = tf.minimum(loss, self._limit(mean, dev))
     d = self.decay
-    first = count == 0
-    new_dev = tf.where(first, 0.0, d * dev + (1 - d) * tf.abs(x - mean))
-    new_mean = tf.where(first, loss, d * mean + (1 - d) * x)
+    start = count == 0
+    new_dev = tf.where(start, 0.0, d * dev + (1 - d) * tf.abs(x - mean))
+    new_mean = tf.where(start, loss, d * mean + (1 - d) * x)
+    new_best = tf.where(start, loss, tf.minimum(best, new_mean))
+    new_first = tf.where(start, loss, first)
     return (
       tf.where(good, new_mean, mean),
       tf.where(good, new_dev, dev),
       count + tf.cast(good, count.dtype),
+      tf.where(good, new_best, best),
+      tf.where(good, new_first, first),
     )
+
+  def far_above_best(self, factor: float) -> bool:
+    """Host side: the running mean is more than `factor` times its best
+    (positive losses only). Such a state is not saved as healthy."""
+    best = float(self.best.numpy())
+    return int(self.count.numpy()) > 0 and best > 0 and float(self.mean.numpy()) > factor * best

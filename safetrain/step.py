@@ -20,14 +20,18 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from safetrain import guard, kinds
+from safetrain import examples, guard, kinds, quarantine
+from safetrain.clipping import GradientClip
 from safetrain.drill import Drill
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.spike import SpikeDetector
 
 # Why a loop ended before its `n` updates.
 STOP_NONE, STOP_ROLLBACK, STOP_DATA_END, STOP_RAISE = range(4)
-NUM_KINDS = len(kinds.KINDS)
+NUM_KINDS = kinds.IN_GRAPH
+# _State.sums: dropped input rows, loss and pre-clip norm of good steps,
+# dropped examples, attempts that dropped examples.
+NUM_SUMS = 5
 
 
 class LoopOutput(NamedTuple):
@@ -44,6 +48,13 @@ class LoopOutput(NamedTuple):
     norm_max: the largest pre-clip norm of a good step.
     last_loss: the loss of the last attempt (NaN if it was not finite).
     dropped: input rows dropped by the input guard.
+    dropped_examples: examples dropped from per-example losses, and
+      dropped_example_steps: the attempts that dropped some.
+    last_good: the run's attempt number of the loop's last good step, or -1.
+    open_kinds: int64[K], per kind, the divergent attempts since the last
+      good one (the open run that may end the loop for recovery).
+    quarantine: the last bad-batch and dropped-example attempts
+      (`quarantine.Buffer` as numpy).
     stop: STOP_NONE, or why the loop ended early.
     lr: the learning rate of the last update.
     leaf_bad, cols: int32[L], bad rows and first bad column per float leaf.
@@ -66,6 +77,11 @@ class LoopOutput(NamedTuple):
   leaf_bad: Any
   cols: Any
   metric_sums: Any
+  dropped_examples: Any = 0
+  dropped_example_steps: Any = 0
+  last_good: Any = -1
+  open_kinds: Any = None
+  quarantine: Any = None
 
 
 class _State(NamedTuple):
@@ -80,7 +96,7 @@ class _State(NamedTuple):
   kind_counts: tf.Tensor
   kind_first: tf.Tensor
   kind_last: tf.Tensor
-  sums: tf.Tensor  # float32[3]: dropped rows, loss of good steps, norm of good steps
+  sums: tf.Tensor  # float32[NUM_SUMS]
   norm_max: tf.Tensor
   last_loss: tf.Tensor
   stop: tf.Tensor
@@ -88,6 +104,10 @@ class _State(NamedTuple):
   cols: tf.Tensor
   metrics: dict
   spike: tuple
+  clip: tuple
+  last_good: tf.Tensor
+  open_kinds: tf.Tensor
+  quarantine: quarantine.Buffer
 
 
 class LoopVariables(NamedTuple):
@@ -115,7 +135,10 @@ class GuardedLoop:
     spike: the loss-spike detector.
     drill: fault injection (`config.drill`).
     input_guard: the input check and its policy.
-    clip_norm: `clip.global_norm` (0 disables clipping).
+    clip: the clipping threshold (`clip.mode`, fixed or adaptive).
+    drop_examples: `guard.drop_examples`: with per-example losses, the
+      non-finite examples are dropped from the mean (see `examples`).
+    max_dropped_examples: `guard.max_dropped_examples`.
     rollback_after: `guard.rollback_after` consecutive divergent attempts end
       the loop for recovery.
     raise_on_bad_inputs: `guard.bad_inputs=raise`: a skipped batch ends the loop.
@@ -139,7 +162,9 @@ class GuardedLoop:
     spike: SpikeDetector,
     drill: Drill,
     input_guard: guard.InputGuard,
-    clip_norm: float,
+    clip: GradientClip,
+    drop_examples: bool,
+    max_dropped_examples: float,
     rollback_after: int,
     raise_on_bad_inputs: bool,
     repeat_data: bool,
@@ -158,7 +183,9 @@ class GuardedLoop:
     self.spike = spike
     self.drill = drill
     self.input_guard = input_guard
-    self.clip_norm = float(clip_norm)
+    self.clip = clip
+    self.drop_examples = drop_examples
+    self.max_dropped_examples = float(max_dropped_examples)
     self.rollback_after = rollback_after
     self.raise_on_bad_inputs = raise_on_bad_inputs
     self.repeat_data = repeat_data
@@ -190,7 +217,7 @@ class GuardedLoop:
       kind_counts=tf.zeros([NUM_KINDS]),
       kind_first=tf.fill([NUM_KINDS], tf.constant(-1, tf.int64)),
       kind_last=tf.fill([NUM_KINDS], tf.constant(-1, tf.int64)),
-      sums=tf.zeros([3]),
+      sums=tf.zeros([NUM_SUMS]),
       norm_max=tf.constant(0.0),
       last_loss=tf.constant(float("nan")),
       stop=tf.constant(STOP_NONE),
@@ -198,6 +225,10 @@ class GuardedLoop:
       cols=tf.fill([n_leaves], -1),
       metrics={k: tf.constant(0.0) for k in self.metric_names},
       spike=self.spike.read(),
+      clip=self.clip.read(),
+      last_good=tf.constant(-1, tf.int64),
+      open_kinds=tf.zeros([NUM_KINDS]),
+      quarantine=quarantine.empty(),
     )
     while s.applied < n and s.attempts < max_attempts and s.stop == STOP_NONE:
       if self.repeat_data:
@@ -213,6 +244,7 @@ class GuardedLoop:
     v.attempts.assign(s.run_attempt)
     v.position.assign_add(s.attempts)
     self.spike.write(s.spike)
+    self.clip.write(s.clip)
     # The rate the last update used (the schedule follows optimizer.iterations).
     lr = tf.cast(self.optimizer._learning_rate(self.optimizer.iterations - 1), tf.float32)
     return LoopOutput(
@@ -232,6 +264,11 @@ class GuardedLoop:
       leaf_bad=s.leaf_bad,
       cols=s.cols,
       metric_sums=s.metrics,
+      dropped_examples=tf.cast(s.sums[3], tf.int64),
+      dropped_example_steps=tf.cast(s.sums[4], tf.int64),
+      last_good=s.last_good,
+      open_kinds=tf.cast(s.open_kinds, tf.int64),
+      quarantine=s.quarantine,
     )
 
   def _attempt(self, s: _State, batch) -> _State:
@@ -246,7 +283,7 @@ class GuardedLoop:
     first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
     step_now = s.run_step + 1
     attempt_now = s.run_attempt + 1
-    out = strategy.run(self._replica_step, args=(batch, attempt_now, s.spike))
+    out = strategy.run(self._replica_step, args=(batch, attempt_now, s.spike, s.clip))
     out = tf.nest.map_structure(first, out)
     step_class = out["step_class"]
     good = step_class == kinds.GOOD
@@ -274,6 +311,12 @@ class GuardedLoop:
       cols=s.cols,
       metrics={k: v + out["metrics"][k] for k, v in s.metrics.items()},
       spike=self.spike.observe(s.spike, out["loss"], good),
+      clip=self.clip.observe(s.clip, out["norm_good"], out["limit"], good),
+      last_good=tf.where(good, attempt_now, s.last_good),
+      open_kinds=tf.where(good, tf.zeros_like(s.open_kinds), s.open_kinds + out["kind_hot"]),
+      quarantine=quarantine.record(
+        s.quarantine, out["q_hit"], attempt_now, step_now, out["q_info"]
+      ),
     )
     if self.input_guard.enabled:
       new = new._replace(
@@ -283,7 +326,7 @@ class GuardedLoop:
 
   # ------------------------------------------------------- one replica
 
-  def _replica_step(self, batch, attempt, spike_stats):
+  def _replica_step(self, batch, attempt, spike_stats, clip_state):
     """One guarded step on this replica's shard (replica context).
 
     Everything that decides (loss, gradients, their norm, input counts) is
@@ -299,20 +342,48 @@ class GuardedLoop:
     variables = model.trainable_variables
     nt_before = guard.snapshot(model.non_trainable_variables)
     scale = self.loss_scale.scale.value() if self.fp16 else None
+    masked = None
     with tf.GradientTape() as tape:
       loss, metrics = self.compute_loss(model, batch, True)
-      loss = self.drill.corrupt_loss(loss, attempt)
+      if examples.is_per_example(loss):
+        losses = self.drill.corrupt_examples(examples.per_example(loss), attempt)
+        if self.drop_examples:
+          masked = examples.masked_mean(
+            losses,
+            valid=None if weight is None else weight > 0,
+            ctx=ctx,
+            max_fraction=self.max_dropped_examples,
+            name_rows=n_rep == 1,
+          )
+          # A batch the input guard skips drops no examples either.
+          masked = masked._replace(
+            dropped=tf.where(checked.skip, 0.0, masked.dropped),
+            rerun=masked.rerun & tf.logical_not(checked.skip),
+          )
+          loss = masked.loss
+        else:
+          loss = tf.reduce_mean(losses)
+      else:
+        loss = self.drill.corrupt_loss(loss, attempt)
       if weight is not None:
         # A replica left without rows (a short last batch) adds nothing: its
-        # mean over no rows is NaN.
-        loss = tf.where(weight > 0, loss * weight, 0.0)
+        # mean over no rows is NaN. (A masked mean is already weighed.)
+        if masked is None:
+          loss = tf.where(weight > 0, loss * weight, 0.0)
         metrics = {k: tf.where(weight > 0, m * weight, 0.0) for k, m in metrics.items()}
       scaled = loss * scale if self.fp16 else loss
     grads = tape.gradient(scaled, variables)
     present = [i for i, g in enumerate(grads) if g is not None]
-    grads = [guard.dense_float32(grads[i]) for i in present]
-    if self.fp16:
-      grads = [g / scale for g in grads]
+    grads = self._dense(grads, present, scale)
+    if masked is not None and grads:
+      # Dropped examples still poison the gradient through their own ops:
+      # recompute it on the rows kept.
+      kept = lambda: tf.cond(  # noqa: E731
+        masked.any_ok,
+        lambda: self._kept_rows_gradients(batch, masked, present, scale, nt_before),
+        lambda: [tf.zeros_like(g) for g in grads],
+      )
+      grads = tf.cond(masked.rerun, kept, lambda: grads)
     if n_rep > 1 and grads:
       # A replica without rows contributes nothing, and BatchNorm's backward
       # pass over no rows is NaN (0 * NaN statistics).
@@ -337,15 +408,16 @@ class GuardedLoop:
       loss_finite=tf.math.is_finite(loss),
       grads_finite=grads_finite,
       spike=self.spike.is_spike(spike_stats, loss),
+      growth=self.spike.is_growth(spike_stats, loss),
       fp16=self.fp16,
       at_floor=self.loss_scale.at_floor() if self.fp16 else None,
     )
     if self.stash is not None:
       tf.cond(step_class == kinds.DIVERGENCE, lambda: self._stash_batch(batch), tf.no_op)
-
+    limit = self.clip.threshold(clip_state, norm)
     ctx.merge_call(
       functools.partial(self._apply_or_skip, present=present),
-      args=(step_class, grads, norm, nt_before, state_mean),
+      args=(step_class, grads, norm, limit, nt_before, state_mean),
     )
     good = step_class == kinds.GOOD
     norm_good = tf.where(good, norm, 0.0)
@@ -353,18 +425,61 @@ class GuardedLoop:
     dropped_hit = tf.one_hot(kinds.NONFINITE_INPUTS, NUM_KINDS) * tf.cast(
       (checked.dropped > 0) & (kind != kinds.NONFINITE_INPUTS), tf.float32
     )
+    # Examples count as dropped when the rest of their batch trained.
+    dropped_ex = tf.where(good, masked.dropped, 0.0) if masked is not None else tf.constant(0.0)
+    # A bad batch, or examples dropped: a quarantine entry.
+    bad_batch = (step_class == kinds.DIVERGENCE) & (
+      (kind == kinds.NONFINITE_LOSS) | (kind == kinds.NONFINITE_GRADS)
+    )
+    rows = masked.rows if masked is not None else tf.fill([examples.MAX_ROWS], -1)
+    n_bad = (
+      tf.cast(tf.size(masked.ok), tf.float32) - tf.reduce_sum(tf.cast(masked.ok, tf.float32))
+      if masked is not None
+      else tf.constant(-1.0)
+    )
     return dict(
       step_class=step_class,
       class_hot=tf.one_hot(step_class, len(kinds.CLASSES)),
       # one_hot of NO_KIND (-1) is all zeros.
       kind_hot=tf.one_hot(kind, NUM_KINDS) + dropped_hit,
-      sums=tf.stack([tf.cast(checked.dropped, tf.float32), tf.where(good, loss, 0.0), norm_good]),
+      sums=tf.stack(
+        [
+          tf.cast(checked.dropped, tf.float32),
+          tf.where(good, loss, 0.0),
+          norm_good,
+          dropped_ex,
+          tf.cast(dropped_ex > 0, tf.float32),
+        ]
+      ),
       norm_good=norm_good,
+      limit=limit,
       loss=loss,
       leaf_bad=checked.leaf_bad,
       cols=checked.cols,
       metrics={k: tf.where(good, m, 0.0) for k, m in metrics.items()},
+      q_hit=bad_batch | (dropped_ex > 0),
+      q_info=quarantine.entry(
+        tf.where(bad_batch, kind, kinds.NONFINITE_LOSS), bad_batch, tf.cast(n_bad, tf.int32), rows
+      ),
     )
+
+  def _dense(self, grads, present, scale):
+    grads = [guard.dense_float32(grads[i]) for i in present]
+    return [g / scale for g in grads] if self.fp16 else grads
+
+  def _kept_rows_gradients(self, batch, masked, present, scale, nt_before):
+    """Forward and backward again on the kept rows only (the drill is not
+    applied again: its examples were the dropped ones)."""
+    if self.strategy.num_replicas_in_sync == 1:
+      # The first forward pass saw the bad rows: BatchNorm statistics back.
+      guard.put_back(self.model.non_trainable_variables, nt_before)
+    kept = examples.masked_batch(batch, masked.ok)
+    with tf.GradientTape() as tape:
+      loss, _ = self.compute_loss(self.model, kept, True)
+      loss = tf.reduce_sum(examples.per_example(loss)) / tf.maximum(masked.total_ok, 1.0)
+      scaled = loss * scale if self.fp16 else loss
+    grads = tape.gradient(scaled, self.model.trainable_variables)
+    return self._dense(grads, present, scale)
 
   def _stash_batch(self, batch):
     for var, t in zip(self.stash, tf.nest.flatten(batch)):
@@ -374,7 +489,9 @@ class GuardedLoop:
 
   # ------------------------------------------------- the update itself
 
-  def _apply_or_skip(self, strategy, step_class, grads, norm, nt_before, state_mean, *, present):
+  def _apply_or_skip(
+    self, strategy, step_class, grads, norm, limit, nt_before, state_mean, *, present
+  ):
     """Cross-replica: apply the update on a good step, else leave state as is.
 
     The branch runs in cross-replica context because `apply_gradients` under
@@ -382,13 +499,13 @@ class GuardedLoop:
     contain (the pattern of Keras's LossScaleOptimizer._tf_apply).
     """
     first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
-    step_class, norm = first(step_class), first(norm)
+    step_class, norm, limit = first(step_class), first(norm), first(limit)
     variables = [self.model.trainable_variables[i] for i in present]
     n_rep = strategy.num_replicas_in_sync
 
     def apply_on_replica(grads, norm):
-      if self.clip_norm > 0:
-        grads = guard.clip(grads, norm, self.clip_norm)
+      if self.clip.active:
+        grads = guard.clip(grads, norm, limit)
       if n_rep > 1 and not self.skip_keras_all_reduce:
         # Keras sums gradients across replicas again; they are already reduced.
         grads = [g / n_rep for g in grads]

@@ -19,12 +19,16 @@ from absl import logging
 
 from safetrain import (
   checkpointing,
+  clipping,
   distribute,
   evaluation,
+  examples,
   forensics,
   guard,
+  health,
   losses,
   recovery,
+  snapshots,
   state,
 )
 from safetrain import config as config_lib
@@ -113,16 +117,20 @@ class Trainer:
 
     Traced into the compiled step (inside the graph, in replica context), so
     it must be graph-safe: no Python side effects, no `.numpy()`. The loss is
-    the mean over the batch it is given (after bad rows are dropped). The
-    default applies `config.loss` to `model(x)` and `y` and adds the model's
-    regularization losses, as Keras `fit` does. An override that wants them
+    either the mean over the batch it is given (after bad rows are dropped),
+    or the per-example losses, a tensor of shape [batch] (or [batch, ...],
+    averaged over the other axes): then safetrain takes the mean over the
+    examples whose loss is finite, and drops and counts the others
+    (`guard.drop_examples`). The default applies `config.loss` per example
+    to `model(x)` and `y` and adds the model's regularization losses (to each
+    example, so to the mean), as Keras `fit` does. An override that wants them
     adds `self.regularization_loss(model)` after calling the model.
     """
     x, y, sample_weight = data_lib.unpack_batch(batch)
     pred = model(x, training=training)
     pred = tf.nest.map_structure(lambda p: tf.cast(p, tf.float32), pred)
-    loss = self._loss_fn(y, pred, sample_weight=sample_weight)
-    return loss + self.regularization_loss(model)
+    per_example = self._loss_fn(y, pred, sample_weight=sample_weight)
+    return per_example + self.regularization_loss(model)
 
   def regularization_loss(self, model: keras.Model) -> tf.Tensor:
     """The sum of `model.losses`, in float32: kernel, bias and activity
@@ -194,7 +202,16 @@ class Trainer:
       threshold=g.spike_threshold,
       rel_floor=g.spike_rel_floor,
       decay=g.spike_decay,
+      growth_factor=g.growth_factor,
     )
+    self._clip = clipping.GradientClip(
+      mode=c.clip.mode,
+      global_norm=c.clip.global_norm,
+      ema=c.clip.ema,
+      z_threshold=c.clip.z_threshold,
+      warmup_steps=c.clip.warmup_steps,
+    )
+    self._health_state = health.HealthState()
 
     self._train_data = data_lib.TrainData(
       self.build_train_dataset, repeat=c.train.repeat_data, strategy=self._strategy
@@ -260,6 +277,7 @@ class Trainer:
       run=self._run,
       loss_scale=self._loss_scale,
       spike=self._spike,
+      health=self._health_state,
     )
     self._checkpoints = checkpointing.CheckpointStore(
       os.path.join(self.workdir, "checkpoints"),
@@ -268,27 +286,30 @@ class Trainer:
         self._rollback_objects,
         data=self._data,
         recovery=self._recovery,
+        clip=self._clip,
         **({"iterator": iterator} if iterator_in_checkpoint else {}),
       ),
       write=self._is_chief,
       owner=type(self).__qualname__,
       # What a rollback keeps (not restored): persisted by the rollback
       # itself, with no model save (see checkpointing.record_rollback).
-      carry=("data", "recovery", "iterator"),
+      carry=("data", "recovery", "iterator", "clip"),
       generation_key="recovery/rollbacks_total/.ATTRIBUTES/VARIABLE_VALUE",
     )
     self._loop = step_lib.GuardedLoop(
       strategy=self._strategy,
       model=self.model,
       optimizer=self.optimizer,
-      compute_loss=self._call_compute_loss,
+      compute_loss=self._call_compute_loss_per_example,
       loss_scale=self._loss_scale,
       spike=self._spike,
       drill=self._drill,
       input_guard=guard.InputGuard(
         enabled=g.check_inputs, policy=g.bad_inputs, leaf_count=len(self._leaf_names)
       ),
-      clip_norm=c.clip.global_norm,
+      clip=self._clip,
+      drop_examples=g.drop_examples,
+      max_dropped_examples=g.max_dropped_examples,
       rollback_after=g.rollback_after,
       raise_on_bad_inputs=g.bad_inputs == "raise",
       repeat_data=c.train.repeat_data,
@@ -345,7 +366,52 @@ class Trainer:
         evaluate=self.evaluate,
         forensics=self._forensics,
         stash=self._stash,
+        health=self._build_health(),
+        snapshots=self._build_snapshots(),
       )
+    )
+
+  def _build_health(self) -> health.Health:
+    g = self.config.guard
+    try:
+      x = data_lib.unpack_batch(self._first_batch)[0]
+    except ValueError:
+      x = None  # a layout only the trainer's compute_loss understands: no probe
+    return health.Health(
+      state=self._health_state,
+      spike=self._spike,
+      probe=health.DeadUnitProbe(self.model, x, min_units=g.dead_min_units)
+      if g.dead_fraction > 0
+      else health.DeadUnitProbe(self.model, None, min_units=g.dead_min_units),
+      stall_factor=g.stall_factor,
+      stall_steps=g.stall_steps,
+      stall_norm_drop=g.stall_norm_drop,
+      dead_fraction=g.dead_fraction,
+      describe_lr=self._describe_lr,
+    )
+
+  def _describe_lr(self) -> str:
+    opt = self.optimizer
+    lr = float(opt._learning_rate(opt.iterations))
+    scale = float(self._recovery.lr_scale.numpy())
+    return (
+      f"learning rate {lr:.4g} ({type(opt).__name__}, optimizer.learning_rate="
+      f"{self.config.optimizer.learning_rate:g} times recovery's scale {scale:.4g})"
+    )
+
+  def _build_snapshots(self) -> snapshots.SnapshotRing | None:
+    """The in-memory snapshot ring; None with several workers (the chief
+    picks every rollback target) or recovery.data=replay (a checkpointed
+    iterator cannot be snapshotted)."""
+    r = self.config.recovery
+    if self._num_workers > 1 or r.data == "replay" or not r.snapshots:
+      return None
+    variables = snapshots.state_variables(
+      [list(self.model.variables), list(self.optimizer.variables)]
+      + [self._run, self._loss_scale, self._spike, self._health_state]
+    )
+    return snapshots.SnapshotRing(
+      variables, slots=r.snapshots, max_mb=r.snapshots_max_mb, scope=self._strategy.scope()
     )
 
   def _step(self) -> int:
@@ -357,11 +423,18 @@ class Trainer:
     resume or replay by position)."""
     return self._controller.iterator
 
-  def _call_compute_loss(self, model, batch, training):
-    """compute_loss, normalised to (float32 loss, {name: float32 metric})."""
+  def _call_compute_loss_per_example(self, model, batch, training):
+    """compute_loss, normalised to (float32 loss or per-example losses,
+    {name: float32 metric}): what the compiled step takes."""
     out = self.compute_loss(model, batch, training)
     loss, metrics_ = out if isinstance(out, (tuple, list)) else (out, {})
     return tf.cast(loss, tf.float32), {k: tf.cast(v, tf.float32) for k, v in metrics_.items()}
+
+  def _call_compute_loss(self, model, batch, training):
+    """compute_loss, normalised to (float32 mean loss, {name: float32 metric}):
+    per-example losses are averaged plainly (a NaN stays NaN)."""
+    loss, metrics_ = self._call_compute_loss_per_example(model, batch, training)
+    return examples.plain_mean(loss), metrics_
 
   def _sample_loss(self):
     """compute_loss on the first batch, eagerly. A batch that does not fit the

@@ -93,7 +93,9 @@ def test_mirrored_run_matches_the_one_device_run(keras_reduces, one_device_adam,
 
 
 def test_nan_on_one_replica_skips_the_step_on_every_replica(tmp_path):
-  # Replica 1's shard only: a NaN loss, then Inf gradients, then a NaN input row.
+  # Replica 1's shard only: a NaN loss (half the examples: more than
+  # guard.max_dropped_examples, so the step is lost), then Inf gradients, then
+  # a NaN input row.
   drills = {
     "drill.loss_steps": "3",
     "drill.grad_steps": "5",
@@ -107,11 +109,27 @@ def test_nan_on_one_replica_skips_the_step_on_every_replica(tmp_path):
   assert r2.step == 10 and r2.attempts == 13 and r2.skipped_steps == 3 and r2.rollbacks == 0
   assert kinds(r2) == kinds(r1)
   # Attempts 3, 5 and 7 are updates 3, 4 and 5 (skipped steps are not updates).
+  # The next batch trained each time: bad batches, quarantined.
   assert kinds(r2) == [
     (5, "nonfinite_inputs", "skipped_batch"),
-    (3, "nonfinite_loss", "skipped_step"),
-    (4, "nonfinite_grads", "skipped_step"),
+    (3, "nonfinite_loss", "quarantined_batch"),
+    (4, "nonfinite_grads", "quarantined_batch"),
   ]
+  assert_replicas_agree(two)
+  assert all_finite(two)
+  assert_same_weights(one, two)
+
+
+def test_nan_examples_on_one_replica_are_dropped_on_every_replica_alike(tmp_path):
+  # Per-example losses (the default compute_loss): two examples of replica 0's
+  # shard (global rows 0 and 1) go NaN at attempts 3-4; both replicas drop
+  # them and train on the other 14 rows, as one device dropping rows 0, 1.
+  drills = {"drill.loss_steps": "3-4", "drill.loss_rows": 2, "train.steps": 8}
+  two, r2 = run(mirrored_config(**drills, **{"drill.replica": 0}), str(tmp_path / "two"))
+  one, r1 = run(tiny_config(**drills), str(tmp_path / "one"))
+  for r in (r1, r2):
+    assert r.step == 8 and r.attempts == 8 and r.skipped_steps == 0 and r.examples_dropped == 4
+    assert kinds(r) == [(3, "nonfinite_loss", "dropped_examples")]
   assert_replicas_agree(two)
   assert all_finite(two)
   assert_same_weights(one, two)

@@ -38,7 +38,9 @@ def test_nan_gradient_at_step_k_is_skipped_and_nothing_else_changes(tmp_path):
 
   assert r.step == 10 and r.attempts == 11 and r.skipped_steps == 1
   [inc] = r.incidents
-  assert (inc["kind"], inc["action"], inc["step"]) == ("nonfinite_grads", "skipped_step", 4)
+  # The next batch from the same state trained: a bad batch, quarantined.
+  assert (inc["kind"], inc["action"], inc["step"]) == ("nonfinite_grads", "quarantined_batch", 4)
+  assert inc["cause"] == "bad_batch" and r.quarantined == 1 and r.rollbacks == 0
   # Weights, optimizer slots and iterations equal a run that never saw batch 4.
   for a, b in zip(weights(hit), weights(clean)):
     np.testing.assert_array_equal(a, b)
@@ -219,6 +221,7 @@ def test_spike_detection_off_neither_flags_nor_keeps_statistics(tmp_path):
 
   c = tiny_config(**{"train.steps": 35, "guard.spike_warmup_steps": 10})
   c.guard.spike_detection = False
+  c.guard.growth_factor = 0.0  # the 1000x batch would be a finite blow-up
   t = SpikyTrainer(c, str(tmp_path))
   r = t.fit()
   assert r.incidents == [] and r.step == 35 and r.attempts == 35

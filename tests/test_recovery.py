@@ -92,12 +92,18 @@ def test_lr_scale_floor_stops_the_run(workdir):
     TinyTrainer(c, workdir).fit()
 
 
-def test_escalation_goes_one_checkpoint_further_back(workdir):
-  c = tiny_config(**{"train.steps": 30})
+@pytest.mark.parametrize("snapshots, expected", [(0, [20, 10]), (2, [20, 15])])
+def test_escalation_goes_one_checkpoint_further_back(workdir, snapshots, expected):
+  # With snapshots (one per loop of 5 steps), "one further back" is the
+  # snapshot of step 15; from disk only, the checkpoint of step 10.
+  c = tiny_config(**{"train.steps": 30, "recovery.snapshots": snapshots})
   c.drill.loss_steps = "22-24,26-28"  # the second incident comes before step 30
   r = TinyTrainer(c, workdir).fit()
-  restored = [i["restored_step"] for i in incidents(workdir) if i["action"] == "rollback"]
-  assert restored == [20, 10]
+  rollbacks = [i for i in incidents(workdir) if i["action"] == "rollback"]
+  assert [i["restored_step"] for i in rollbacks] == expected
+  # At the same step a snapshot is preferred to the checkpoint (no read).
+  memory = [i["checkpoint"].startswith("memory snapshot") for i in rollbacks]
+  assert memory == [bool(snapshots)] * 2
   assert r.lr_scale == 0.25 and r.step == 30
 
 
@@ -116,8 +122,11 @@ def test_rewarm_ramps_the_learning_rate_after_a_rollback(workdir):
   TinyTrainer(c, workdir).fit()
   recs = safetrain.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   lr = {m["step"]: m["lr"] for m in recs if m["good"]}
-  # lr at step s is the rate used for update s; restored at 10 -> ramp 1/4..4/4.
-  assert [round(lr[s] / 0.005, 6) for s in (11, 12, 13, 14, 15)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+  # lr at step s is the rate used for update s; restored at 11 (the snapshot
+  # of the last one-step loop) -> ramp 1/4..4/4 from step 12.
+  [rollback] = [i for i in incidents(workdir) if i["action"] == "rollback"]
+  assert rollback["restored_step"] == 11
+  assert [round(lr[s] / 0.005, 6) for s in (12, 13, 14, 15, 16)] == [0.25, 0.5, 0.75, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("mode", ["skip", "replay"])
@@ -136,11 +145,16 @@ def test_skip_versus_replay_decides_which_batches_follow_a_rollback(workdir, mod
   recs = safetrain.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   seen = [(m["step"], int(m["batch_index"])) for m in recs if m["good"]]
   before = [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]
-  after = [(5, 8), (6, 9), (7, 10), (8, 11)] if mode == "skip" else [(5, 4), (6, 5), (7, 6), (8, 7)]
-  assert seen == before + after
   [rollback] = [i for i in incidents(workdir) if i["action"] == "rollback"]
-  assert rollback["restored_step"] == 4
-  assert rollback["batches_skipped"] == (4 if mode == "skip" else 0)
+  if mode == "skip":
+    # Back to the in-memory snapshot of step 5, reading on after the bad batches.
+    assert seen == before + [(6, 8), (7, 9), (8, 10)]
+    assert (rollback["restored_step"], rollback["batches_skipped"]) == (5, 3)
+  else:
+    # Replay rewinds the iterator: from the checkpoint of step 4 (snapshots
+    # hold no iterator), the same batches again.
+    assert seen == before + [(5, 4), (6, 5), (7, 6), (8, 7)]
+    assert (rollback["restored_step"], rollback["batches_skipped"]) == (4, 0)
 
 
 class _Killed(Exception):
@@ -153,8 +167,8 @@ def test_a_run_killed_after_a_rollback_resumes_with_lower_lr_and_spent_budget(wo
   first = TinyTrainer(c, workdir)
   roll_back = recovery.Recovery.roll_back
 
-  def recover_then_die(*args):
-    roll_back(*args)
+  def recover_then_die(*args, **kwargs):
+    roll_back(*args, **kwargs)
     raise _Killed  # the process dies right after the rollback
 
   monkeypatch.setattr(recovery.Recovery, "roll_back", recover_then_die)

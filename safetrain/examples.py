@@ -1,0 +1,109 @@
+"""Per-example losses: the non-finite examples are dropped from the mean.
+
+When `compute_loss` returns per-example losses (a tensor of shape [batch], or
+[batch, ...], averaged over the other axes), as the default one does, the
+compiled step takes the mean over the examples whose loss is finite, so one
+saturated example does not cost the whole batch. The dropped examples are
+counted and reported like dropped input rows. More than
+`guard.max_dropped_examples` of a batch dropped (or all of it) is not a few bad
+examples: the step's loss is then NaN, a `nonfinite_loss` like any other.
+
+Masking the loss is not enough for the gradient: backpropagation still goes
+through the op that produced the NaN (0 * inf = NaN). So a step that dropped
+examples runs forward and backward again on the finite rows only; the common
+step, with every example finite, pays one finiteness check.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+# How many dropped rows a step names (for quarantine.jsonl).
+MAX_ROWS = 16
+
+
+def is_per_example(loss: tf.Tensor) -> bool:
+  """Whether compute_loss returned per-example losses (statically known)."""
+  return loss.shape.rank is not None and loss.shape.rank >= 1
+
+
+def per_example(loss: tf.Tensor) -> tf.Tensor:
+  """[batch, ...] losses as [batch]: the mean over the other axes."""
+  if loss.shape.rank > 1:
+    loss = tf.reduce_mean(loss, axis=list(range(1, loss.shape.rank)))
+  return loss
+
+
+def plain_mean(loss: tf.Tensor) -> tf.Tensor:
+  """A loss or per-example losses as the plain mean (NaN stays NaN), for
+  evaluation, forensics and preflight."""
+  return tf.reduce_mean(per_example(loss)) if is_per_example(loss) else loss
+
+
+class Masked(NamedTuple):
+  """The masked mean of one replica's per-example losses."""
+
+  loss: tf.Tensor  # this replica's share of the global mean (NaN: too many dropped)
+  ok: tf.Tensor  # bool[b]: the local examples kept
+  total_ok: tf.Tensor  # float32: examples kept over all replicas
+  dropped: tf.Tensor  # float32: examples dropped over all replicas (0 if the step is lost)
+  rerun: tf.Tensor  # bool: this replica dropped examples: its gradients are redone
+  any_ok: tf.Tensor  # bool: this replica kept some (else it contributes zeros)
+  rows: tf.Tensor  # int32[MAX_ROWS]: the first dropped local rows, -1 padded
+
+
+def masked_mean(
+  losses: tf.Tensor, *, valid: tf.Tensor | None, ctx, max_fraction: float, name_rows: bool
+) -> Masked:
+  """The mean over the finite examples, over all replicas.
+
+  Args:
+    losses: float32[b], this replica's per-example losses.
+    valid: scalar bool, False for a replica left without rows (its one
+      sanitised row counts for nothing), or None on one replica.
+    ctx: the replica context.
+    max_fraction: `guard.max_dropped_examples`.
+    name_rows: whether the dropped rows are worth naming (one replica only:
+      with several, row numbers are shard-local).
+  """
+  finite = tf.math.is_finite(losses)
+  ok = finite if valid is None else tf.logical_and(finite, valid)
+  n = tf.cast(tf.size(losses), tf.float32)
+  n_valid = n if valid is None else tf.where(valid, n, 0.0)
+  counts = tf.stack([tf.reduce_sum(tf.cast(ok, tf.float32)), n_valid])
+  if ctx.num_replicas_in_sync > 1:
+    counts = ctx.all_reduce("sum", counts)
+  total_ok, total = counts[0], counts[1]
+  bad = total - total_ok
+  lost = (total_ok <= 0) | (bad > max_fraction * total)
+  mean = tf.reduce_sum(tf.where(ok, losses, 0.0)) / tf.maximum(total_ok, 1.0)
+  any_bad = tf.logical_not(tf.reduce_all(finite))
+  if name_rows:
+    rows = tf.cond(
+      any_bad,
+      lambda: _first_rows(tf.logical_not(finite)),
+      lambda: tf.fill([MAX_ROWS], -1),
+    )
+  else:
+    rows = tf.fill([MAX_ROWS], -1)
+  return Masked(
+    loss=tf.where(lost, float("nan"), mean),
+    ok=ok,
+    total_ok=total_ok,
+    dropped=tf.where(lost, 0.0, bad),
+    rerun=any_bad & tf.logical_not(lost),
+    any_ok=tf.reduce_any(ok),
+    rows=rows,
+  )
+
+
+def _first_rows(bad: tf.Tensor) -> tf.Tensor:
+  idx = tf.cast(tf.where(bad)[:MAX_ROWS, 0], tf.int32)
+  return tf.pad(idx, [[0, MAX_ROWS - tf.size(idx)]], constant_values=-1)
+
+
+def masked_batch(batch, ok: tf.Tensor):
+  """The rows of `batch` whose example is kept."""
+  return tf.nest.map_structure(lambda t: tf.boolean_mask(t, ok), batch)

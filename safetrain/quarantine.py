@@ -1,0 +1,122 @@
+"""Quarantine: where the bad data of a run was, for a user to inspect.
+
+A *bad batch* is one whose loss (or gradient) is non-finite while the state is
+healthy: other batches from the same state train. It is skipped, never
+trained on, and recorded here with its data position; so are the examples
+dropped from a per-example loss. The compiled loop keeps the last `SLOTS` such
+attempts of a loop in a small buffer (vector ops only); the host turns them
+into `WORKDIR/quarantine.jsonl`, one JSON object a line:
+
+  step        the update being attempted (applied steps + 1)
+  attempt     the run's attempt number (what config.drill counts)
+  position    the batch's position in the (repeated) training data, 0-based
+  kind        nonfinite_loss or nonfinite_grads
+  action      quarantined_batch (skipped) or dropped_examples (trained on the rest)
+  rows        the dropped or non-finite rows (per-example losses, one replica),
+              at most 16, or null when the loss is one number
+  bad_examples  how many examples were non-finite, or null
+  diagnosis   what the replay of a quarantined batch found, when it ran
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from safetrain import examples, kinds
+from safetrain.records import JsonlWriter
+
+SLOTS = 32
+# info columns: kind, skipped (1) or dropped examples (0), bad examples (-1:
+# unknown), then the rows.
+_INFO = 3 + examples.MAX_ROWS
+
+
+class Buffer(NamedTuple):
+  """The in-graph buffer (loop-carried tensors)."""
+
+  attempt: tf.Tensor  # int64[SLOTS, 2]: the run's attempt and step, -1 when empty
+  info: tf.Tensor  # int32[SLOTS, _INFO]
+  n: tf.Tensor  # int64: entries written this loop (may exceed SLOTS)
+
+
+def empty() -> Buffer:
+  return Buffer(
+    attempt=tf.fill([SLOTS, 2], tf.constant(-1, tf.int64)),
+    info=tf.fill([SLOTS, _INFO], -1),
+    n=tf.constant(0, tf.int64),
+  )
+
+
+def record(
+  buf: Buffer, hit: tf.Tensor, attempt: tf.Tensor, step: tf.Tensor, info: tf.Tensor
+) -> Buffer:
+  """Writes `info` for `attempt` (at `step`) when `hit`, into a ring of SLOTS."""
+  slot = tf.one_hot(buf.n % SLOTS, SLOTS, on_value=True, off_value=False) & hit
+  return Buffer(
+    attempt=tf.where(slot[:, None], tf.stack([attempt, step])[None, :], buf.attempt),
+    info=tf.where(slot[:, None], info[None, :], buf.info),
+    n=buf.n + tf.cast(hit, tf.int64),
+  )
+
+
+def entry(kind: tf.Tensor, skipped: tf.Tensor, bad: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+  """One info row."""
+  head = tf.stack([kind, tf.cast(skipped, tf.int32), bad])
+  return tf.concat([head, rows], 0)
+
+
+class Entry(NamedTuple):
+  """One buffer entry, on the host."""
+
+  attempt: int
+  step: int
+  kind: str
+  skipped: bool
+  bad_examples: int | None
+  rows: list[int] | None
+
+
+def entries(buf) -> list[Entry]:
+  """The entries of a buffer (as numpy), in attempt order."""
+  out = []
+  for (a, step), row in zip(buf.attempt, buf.info):
+    if a < 0:
+      continue
+    bad = int(row[2])
+    rows = [int(r) for r in row[3:] if r >= 0]
+    out.append(
+      Entry(
+        attempt=int(a),
+        step=int(step),
+        kind=kinds.KINDS[int(row[0])],
+        skipped=bool(row[1]),
+        bad_examples=None if bad < 0 else bad,
+        rows=rows if bad >= 0 and rows else None,
+      )
+    )
+  return sorted(out)
+
+
+class QuarantineLog:
+  """WORKDIR/quarantine.jsonl (the chief's only).
+
+  Args:
+    path: the file.
+    enabled: False on non-chief workers.
+  """
+
+  def __init__(self, path: str, *, enabled: bool):
+    self.path = path
+    self._writer = JsonlWriter(path, enabled=enabled)
+    self.written = 0
+
+  def write(self, record: dict) -> None:
+    self._writer.write(record)
+    self.written += 1
+
+  @staticmethod
+  def exists(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "quarantine.jsonl"))

@@ -1,0 +1,151 @@
+"""In-memory snapshots of the healthy state: rollbacks that cost one loop.
+
+A disk checkpoint every `checkpoint.every_steps` (500 by default) makes a
+rollback redo up to a whole interval. After every healthy inner loop the
+controller copies the state a rollback restores (model and optimizer
+variables, step counters, loss scale, spike and stall statistics) into a ring
+of `recovery.snapshots` slots of device variables, in one compiled call; a
+rollback restores the newest snapshot that fits (see `recovery`), in another.
+The memory cost is `slots x` the size of those variables; it is logged at
+the start, and over `recovery.snapshots_max_mb` snapshots are off (the disk
+checkpoints remain the only targets).
+
+A snapshot is never durable: on resume, and when a rollback escalates past
+the ring, the disk checkpoints are the targets. What a rollback to a
+snapshot changes besides (learning-rate scale, budget, data position) is
+committed to disk at once as the rollback side state, applied to the newest
+checkpoint not newer than the snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+
+@dataclasses.dataclass
+class Slot:
+  """What one slot holds."""
+
+  step: int  # the applied steps of the snapshotted state
+  position: int  # the data position when it was taken
+  taken: int  # a sequence number (newest is largest)
+
+
+def state_variables(modules: list) -> list:
+  """The variables of `modules` (Keras models and optimizers, tf.Modules,
+  lists of variables), each once, in a stable order."""
+  out, seen = [], set()
+  for m in modules:
+    if isinstance(m, (list, tuple)):
+      found = list(m)
+    else:
+      found = list(getattr(m, "variables", []))
+    for v in found:
+      if id(v) not in seen:
+        seen.add(id(v))
+        out.append(v)
+  return out
+
+
+class SnapshotRing:
+  """A ring of in-memory copies of `variables`.
+
+  Args:
+    variables: what a snapshot holds (see `state_variables`).
+    slots: ring size (0: off).
+    max_mb: the memory cap; over it the ring is off.
+    scope: the strategy scope the copies are created in (mirrored like the
+      originals).
+  """
+
+  def __init__(self, variables: list, *, slots: int, max_mb: float, scope):
+    self.variables = list(variables)
+    self.bytes_per_slot = sum(
+      int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in self.variables
+    )
+    self.enabled = slots > 0 and self.bytes_per_slot * slots <= max_mb * 2**20
+    self.slots: list[Slot | None] = []
+    self._copies: list[list[tf.Variable]] = []
+    self._taken = 0
+    if slots > 0 and not self.enabled:
+      logging.info(
+        "In-memory snapshots off: %d x %.1f MB exceeds recovery.snapshots_max_mb=%g; "
+        "rollbacks restore disk checkpoints.",
+        slots,
+        self.bytes_per_slot / 2**20,
+        max_mb,
+      )
+    if not self.enabled:
+      return
+    with scope:
+      for k in range(slots):
+        self._copies.append(
+          [
+            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"snapshot{k}_{i}")
+            for i, v in enumerate(self.variables)
+          ]
+        )
+    self.slots = [None] * slots
+    self._save = [tf.function(self._copier(k, save=True)) for k in range(slots)]
+    self._restore = [tf.function(self._copier(k, save=False)) for k in range(slots)]
+
+  @property
+  def memory_mb(self) -> float:
+    """The memory the ring holds (0 when off)."""
+    return self.bytes_per_slot * len(self._copies) / 2**20
+
+  def _copier(self, k: int, *, save: bool):
+    copies = self._copies[k]
+
+    def copy():
+      for original, copy_ in zip(self.variables, copies):
+        if save:
+          copy_.assign(_read(original))
+        else:
+          original.assign(copy_)
+
+    return copy
+
+  def take(self, step: int, position: int) -> None:
+    """Snapshots the current state (replacing the oldest slot, or one of the
+    same step)."""
+    if not self.enabled:
+      return
+    same = [i for i, s in enumerate(self.slots) if s is not None and s.step == step]
+    free = [i for i, s in enumerate(self.slots) if s is None]
+    if same:
+      k = same[0]
+    elif free:
+      k = free[0]
+    else:
+      k = min(range(len(self.slots)), key=lambda i: self.slots[i].taken)
+    self._save[k]()
+    self._taken += 1
+    self.slots[k] = Slot(step=step, position=position, taken=self._taken)
+
+  def targets(self) -> list[tuple[int, int]]:
+    """(step, slot index) of the snapshots held, oldest step first."""
+    return sorted((s.step, k) for k, s in enumerate(self.slots) if s is not None)
+
+  def restore(self, k: int) -> Slot:
+    """Restores slot `k` into the live variables; drops newer snapshots."""
+    slot = self.slots[k]
+    self._restore[k]()
+    self.drop_after(slot.step)
+    return slot
+
+  def drop_after(self, step: int) -> None:
+    """Forgets snapshots of states after `step` (a timeline rolled back from)."""
+    self.slots = [s if s is not None and s.step <= step else None for s in self.slots]
+
+  def clear(self) -> None:
+    self.slots = [None] * len(self.slots)
+
+
+def _read(v):
+  return v.value if isinstance(v, keras.Variable) else v.read_value()
