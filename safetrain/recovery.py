@@ -99,6 +99,23 @@ def rollback_target(checkpoints: list[tuple[int, object]], last_restored: int):
   return target
 
 
+def _with_snapshots(checkpoints: list[tuple[int, str]], snapshots: list[tuple[int, int]]):
+  """The rollback candidates: the checkpoints, and the snapshots that are
+  either a checkpoint's state (the same step: restored from memory, recorded
+  on the checkpoint, exactly as a disk rollback) or newer than every
+  checkpoint (restored from memory, then saved). A snapshot between older
+  checkpoints is left out: escalation goes to disk, so that a rollback always
+  ends in a state a restart finds on disk, and a run killed at any moment
+  resumes bit-identical to an uninterrupted one. At equal steps the snapshot
+  comes last (preferred: no read)."""
+  disk = {step for step, _ in checkpoints}
+  newest = max(disk, default=-1)
+  usable = [(step, k) for step, k in snapshots if step in disk or step > newest]
+  merged = [(step, 0, path) for step, path in checkpoints] + [(step, 1, k) for step, k in usable]
+  merged.sort(key=lambda c: (c[0], c[1]))
+  return [(step, what) for step, _, what in merged]
+
+
 class Recovery:
   """Carries out recovery for the trainer.
 
@@ -209,19 +226,20 @@ class Recovery:
       checkpoint=target if target.startswith("memory") else os.path.basename(target),
     )
     # Persist the lowered learning rate, spent budget and data position at
-    # once, so a kill right after this rollback resumes with them: a small
-    # side state committed atomically, never a rewrite of a checkpoint. After
-    # a rollback to a snapshot it applies to the newest checkpoint not newer
-    # than the snapshot (where a resume would start).
-    base = self._base_checkpoint(restored_step) if target.startswith("memory") else target
-    if base is None:
-      logging.warning("no checkpoint to record the rollback on; a resume starts afresh")
-      return
-    self.checkpoints.record_rollback(base, generation=int(s.rollbacks_total.numpy()))
+    # once, so a kill right after this rollback resumes with them, as the
+    # uninterrupted run goes on: a small side state committed atomically on
+    # the checkpoint restored (never a rewrite of it); after a rollback to a
+    # snapshot newer than every checkpoint, a full save of the restored state.
+    if not target.startswith("memory"):
+      self.checkpoints.record_rollback(target, generation=int(s.rollbacks_total.numpy()))
+    elif restored_step in self._disk_steps():
+      path = dict(self.checkpoints.checkpoints())[restored_step]
+      self.checkpoints.record_rollback(path, generation=int(s.rollbacks_total.numpy()))
+    else:
+      self.checkpoints.save(restored_step)
 
-  def _base_checkpoint(self, step: int) -> str | None:
-    paths = [path for s, path in self.checkpoints.checkpoints() if s <= step]
-    return max(paths, key=step_of) if paths else None
+  def _disk_steps(self) -> list[int]:
+    return [step for step, _ in self.checkpoints.checkpoints()]
 
   def note_bad_batches(self, quarantined: int, attempts: int) -> bool:
     """Counts a loop's quarantined batches; True when bad batches have become
@@ -295,13 +313,7 @@ class Recovery:
     while True:
       candidates = [(step, path) for step, path in self.checkpoints.checkpoints()]
       if self.snapshots is not None:
-        # At equal steps the snapshot sorts after the checkpoint: the newer.
-        candidates = sorted(
-          [(step, 0, path) for step, path in candidates]
-          + [(step, 1, k) for step, k in self.snapshots.targets()],
-          key=lambda c: (c[0], c[1]),
-        )
-        candidates = [(step, what) for step, _, what in candidates]
+        candidates = _with_snapshots(candidates, self.snapshots.targets())
       target = rollback_target(candidates, last_restored)
       if target is None or isinstance(target, int):
         return target
