@@ -199,11 +199,10 @@ class CheckpointStore:
       path: the checkpoint just restored.
       generation: the generation key's value after this rollback.
     """
-    step = step_of(path)
-    self._current = step
+    self._current = step_of(path)
     if not self.carry:
       return
-    self._rollbacks.record(path, step, self.carry, generation, scratch=self._scratch())
+    self._rollbacks.record(path, self.carry, generation, scratch=self._scratch())
     self._forget_managers()
 
   # ---------------------------------------------------------- reading

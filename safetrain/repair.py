@@ -51,6 +51,7 @@ class Notes:
     self.messages: list[str] = []
 
   def add(self, message: str, warn: bool = False) -> None:
+    """Writes down `message`; `warn` when the user must see it."""
     self.messages.append(message)
     if warn:
       logging.warning("%s", message)

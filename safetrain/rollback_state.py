@@ -33,6 +33,7 @@ from safetrain.checkpoint_files import (
   remove,
   scan,
   side_path,
+  step_of,
   verify,
 )
 from safetrain.repair import Repair
@@ -82,12 +83,12 @@ class RollbackState:
     self.write = repair.write
     self.generation_key = generation_key
 
-  def record(self, path: str, step: int, carry: dict, generation: int, scratch: str) -> None:
+  def record(self, path: str, carry: dict, generation: int, scratch: str) -> None:
     """Writes `carry` to a new side checkpoint, commits it by replacing
-    rollback.json, then retires the checkpoints newer than `step`.
+    rollback.json, then retires the checkpoints newer than `path`.
 
     Args:
-      path: the checkpoint just restored; `step` is its step.
+      path: the checkpoint just restored.
       carry: name -> trackable, what the rollback did not restore.
       generation: the generation key's value after this rollback.
       scratch: where a worker that is not the chief writes its share of the
@@ -97,6 +98,7 @@ class RollbackState:
       WorkdirError: the side state could not be written (nothing committed
         was touched).
     """
+    step = step_of(path)
     found = scan(self.directory)
     pointer = read_pointer(self.directory)
     k = max([*found.side, pointer.state if pointer else 0], default=0) + 1

@@ -40,7 +40,7 @@ def rolled_back(tmp_path):
   """ckpt-0, 5, 10, and a rollback to ckpt-5 that lowered `lr` to 0.5."""
   d = _save(tmp_path / "ckpts", [0, 5, 10])
   lr = tf.Variable(0.5)
-  _state(d).record(path_of(d, 5), 5, {"lr": lr}, generation=1, scratch=str(tmp_path / "s"))
+  _state(d).record(path_of(d, 5), {"lr": lr}, generation=1, scratch=str(tmp_path / "s"))
   return d, lr
 
 
@@ -54,7 +54,7 @@ def test_record_commits_the_carry_then_retires_the_abandoned_timeline(rolled_bac
   assert sorted(found.side) == [1]
   # A second incident before the run got past ckpt-5: escalated to ckpt-0.
   state = _state(d)
-  state.record(path_of(d, 0), 0, {"lr": lr}, generation=2, scratch=str(tmp_path / "s"))
+  state.record(path_of(d, 0), {"lr": lr}, generation=2, scratch=str(tmp_path / "s"))
   assert rollback_state.read_pointer(d) == rollback_state.Pointer(0, 2, 2, [5])
   found = files.scan(d)
   assert sorted(found.files) == [0] and sorted(found.side) == [2]  # rollback-1 tidied up
@@ -123,7 +123,7 @@ def test_a_changed_input_pipeline_leaves_only_the_iterator_out(tmp_path):
   lr = tf.Variable(0.5)
   it = iter(tf.data.Dataset.range(20).batch(2))
   next(it)
-  _state(d).record(path_of(d, 0), 0, {"lr": lr, "iterator": it}, 1, str(tmp_path / "s"))
+  _state(d).record(path_of(d, 0), {"lr": lr, "iterator": it}, 1, str(tmp_path / "s"))
   lr.assign(1.0)
   changed = iter(tf.data.Dataset.range(20).map(lambda x: x * 1).batch(2))
   state = _state(d)
@@ -135,7 +135,7 @@ def test_a_retirement_cut_short_by_a_kill_is_finished(tmp_path, monkeypatch):
   d = _save(tmp_path / "ckpts", [0, 5, 10])
   with monkeypatch.context() as m:
     m.setattr(rollback_state.RollbackState, "retire", lambda *args, **kwargs: None)
-    _state(d).record(path_of(d, 5), 5, {"lr": tf.Variable(0.5)}, 1, str(tmp_path / "s"))
+    _state(d).record(path_of(d, 5), {"lr": tf.Variable(0.5)}, 1, str(tmp_path / "s"))
   assert 10 in files.scan(d).listed  # committed, not retired yet
   state = _state(d)
   found = files.scan(d)
@@ -150,7 +150,7 @@ def test_a_worker_that_is_not_the_chief_writes_only_its_scratch(tmp_path):
   d = _save(tmp_path / "ckpts", [0, 5, 10])
   before = sorted(os.listdir(d))
   scratch = str(tmp_path / "scratch")
-  _state(d, write=False).record(path_of(d, 5), 5, {"lr": tf.Variable(0.5)}, 1, scratch)
+  _state(d, write=False).record(path_of(d, 5), {"lr": tf.Variable(0.5)}, 1, scratch)
   assert sorted(os.listdir(d)) == before and not os.path.exists(scratch)
 
 
