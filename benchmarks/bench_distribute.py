@@ -85,7 +85,7 @@ def safe_loop(strategy, steps_per_loop, workdir):
   c.distribute.strategy = strategy
   c.distribute.cpu_replicas = 2
   trainer = BenchTrainer(c, workdir)
-  trainer._build()
+  trainer.build()
   n = tf.constant(steps_per_loop, tf.int64)
 
   def call():

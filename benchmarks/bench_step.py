@@ -111,7 +111,7 @@ def hand_loop(steps_per_loop):
 
 def safe_loop(steps_per_loop, workdir):
   trainer = BenchTrainer(bench_config(10**6, steps_per_loop), workdir)
-  trainer._build()
+  trainer.build()
   n = tf.constant(steps_per_loop, tf.int64)
 
   def call():
@@ -197,7 +197,7 @@ def recovery_cost(steps, steps_per_loop, rounds):
         c.drill.loss_steps = f"{a}-{a + 2},{b}-{b + 2},{d}-{d + 2}"
       with tempfile.TemporaryDirectory() as wd:
         trainer = BenchTrainer(c, wd)
-        trainer._build()
+        trainer.build()
         t = time.perf_counter()
         r = trainer.fit()
         times[name].append(time.perf_counter() - t)

@@ -4,7 +4,8 @@ import importlib
 import os
 
 # Before TensorFlow is first imported: keep its C++ start-up chatter quiet
-# unless the user asked for it.
+# unless the user asked for it. The one place safetrain sets TensorFlow's log
+# level (the command also shows TensorFlow's Python warnings, not its INFO).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from safetrain.config import ConfigError, default_config, validate

@@ -38,9 +38,6 @@ import re
 import signal
 import sys
 
-# Before TensorFlow is imported: keep its C++ start-up chatter off the terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from absl import flags, logging
 from ml_collections import config_flags
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -132,3 +134,27 @@ def skip_optimizer_all_reduce(optimizer, strategy: tf.distribute.Strategy) -> bo
     return False
   optimizer._all_reduce_sum_gradients = list
   return True
+
+
+def replica_local_state(
+  strategy: tf.distribute.Strategy, model: keras.Model, forward: Callable[[], object]
+) -> list:
+  """Float non-trainable variables the training forward pass updates.
+
+  Keras updates them (BatchNorm's moving statistics) on each replica from its
+  own shard, so replicas would drift apart; the step sets them to their mean
+  over replicas instead. Found once by a probe `forward` pass, which is undone.
+  """
+  if strategy.num_replicas_in_sync == 1:
+    return []
+  variables = model.non_trainable_variables
+  before = [v.numpy() for v in variables]
+  forward()
+  changed = [
+    v
+    for v, b in zip(variables, before)
+    if tf.as_dtype(v.dtype).is_floating and not np.array_equal(v.numpy(), b)
+  ]
+  for v, b in zip(variables, before):
+    v.assign(b)
+  return changed

@@ -41,7 +41,8 @@ class Evaluator:
     self._steps = steps
     self._dataset = None
     self._built = False
-    self._step_fn = tf.function(self._step)
+    # A short last batch has another shape: one generic trace, not one per shape.
+    self._step_fn = tf.function(self._step, reduce_retracing=True)
 
   def __call__(self) -> dict[str, float]:
     """Evaluates once.

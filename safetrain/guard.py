@@ -274,3 +274,29 @@ def classify(
   )
   first = tf.argmax(tf.cast(conditions, tf.int32), output_type=tf.int32)
   return tf.gather(tf.constant(_CLASS), first), tf.gather(table_kind, first)
+
+
+def dense_float32(g) -> tf.Tensor:
+  """A gradient as a dense float32 tensor (IndexedSlices from embeddings too)."""
+  if isinstance(g, tf.IndexedSlices):
+    g = tf.convert_to_tensor(g)
+  return tf.cast(g, tf.float32)
+
+
+def snapshot(variables: list) -> list:
+  """Copies of the variables' values, to put back after a skipped step."""
+  return [tf.identity(v) for v in variables]
+
+
+def put_back(variables: list, values: list) -> None:
+  """Assigns the values `snapshot` took back to the variables."""
+  for var, value in zip(variables, values):
+    var.assign(value)
+
+
+def all_finite(variables: list) -> tf.Tensor:
+  """Whether every floating-point variable holds only finite values."""
+  flags = [
+    tf.reduce_all(tf.math.is_finite(v)) for v in variables if tf.as_dtype(v.dtype).is_floating
+  ]
+  return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)

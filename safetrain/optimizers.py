@@ -7,7 +7,10 @@ lowering the learning rate after a rollback never retraces the compiled loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -115,3 +118,29 @@ def build_optimizer(
   if name == "lion":
     return opt.Lion(learning_rate, beta_1=beta_1, beta_2=beta_2, weight_decay=wd)
   raise ValueError(f"unknown optimizer {name!r}")
+
+
+def wrap_learning_rate(
+  optimizer: keras.optimizers.Optimizer,
+  *,
+  default_schedule: Callable[[], object] | None,
+  lr_scale: tf.Variable,
+  rewarm_start: tf.Variable,
+  rewarm_steps: int,
+) -> None:
+  """Makes the optimizer's learning rate a `ScaledSchedule` recovery can lower.
+
+  Args:
+    optimizer: a built Keras optimizer; its schedule (or constant rate) is
+      kept as the base.
+    default_schedule: builds the base from config.optimizer instead, for the
+      optimizer safetrain built itself (its rate is a plain number), or None.
+    lr_scale, rewarm_start, rewarm_steps: see ScaledSchedule.
+  """
+  base = optimizer._learning_rate  # Keras keeps either a schedule or a variable.
+  if not isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
+    base = default_schedule() if default_schedule is not None else float(np.asarray(base))
+  # Assigned to the attribute, not through the `learning_rate` setter: the
+  # setter untracks the optimizer's learning-rate variable in place, which
+  # breaks tf.train.Checkpoint's append-only tracking of optimizer.variables.
+  optimizer._learning_rate = ScaledSchedule(base, lr_scale, rewarm_start, rewarm_steps)

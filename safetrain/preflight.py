@@ -17,28 +17,29 @@ from absl import logging
 from safetrain import forensics, guard
 
 
-def run(trainer, batch) -> list[str]:
+def audit(ctx: forensics.Context, batch, *, bad_inputs: str, fp16_margin: float) -> list[str]:
   """Returns findings (one sentence each) about `batch` and the initial model.
 
   Args:
-    trainer: a built Trainer (model, optimizer and config in place).
+    ctx: the built trainer's context (model, loss, loss scale...).
     batch: the first training batch, not distributed.
+    bad_inputs: `guard.bad_inputs`, named in the advice about bad rows.
+    fp16_margin: `guard.preflight_fp16_margin`.
 
   Returns:
     The findings; an empty list for a healthy set-up. Nothing is modified.
   """
-  g = trainer.config.guard
   findings = []
-  nonfinite, unscaled = forensics.input_problems(batch, g.preflight_max_abs_input)
+  nonfinite, unscaled = forensics.input_problems(batch, ctx.max_abs_input)
   for where in nonfinite:
     findings.append(
-      f"non-finite input in the first batch: {where}; guard.bad_inputs={g.bad_inputs} "
+      f"non-finite input in the first batch: {where}; guard.bad_inputs={bad_inputs} "
       "will handle such rows during training, but the data needs cleaning"
     )
   for where in unscaled:
     findings.append(
       f"normalize {where} (inputs above guard.preflight_max_abs_input="
-      f"{forensics.fmt(g.preflight_max_abs_input)} make large activations and gradients; "
+      f"{forensics.fmt(ctx.max_abs_input)} make large activations and gradients; "
       "standardize to mean 0, std 1)"
     )
   clean = _finite_rows_only(batch)
@@ -46,14 +47,14 @@ def run(trainer, batch) -> list[str]:
     return findings
   # Under mixed_float16, gradients that overflow at the initial loss scale are
   # routine (the scale adapts); only gradients non-finite unscaled are news.
-  rep = forensics.replay(trainer, clean, scale=1.0)
+  rep = forensics.replay(ctx, clean, scale=1.0)
   if rep.error is not None:
     logging.warning("preflight: could not replay the first step eagerly: %s", rep.error)
     return findings
-  culprit = forensics.forward_culprit(trainer, clean, rep, step=1)
+  culprit = forensics.forward_culprit(ctx, clean, rep, step=1)
   if rep.loss is not None and not np.isfinite(rep.loss):
     if culprit is None:
-      culprit = forensics.loss_culprit(trainer, clean, rep)
+      culprit = forensics.loss_culprit(ctx, clean, rep)
     findings.append(f"the initial loss is {forensics.fmt(rep.loss)} on the first batch: {culprit}")
   elif culprit is not None:
     findings.append(f"a non-finite activation on the first batch: {culprit}")
@@ -61,13 +62,13 @@ def run(trainer, batch) -> list[str]:
     bad = [p for p, _, ok in rep.grads if not ok]
     findings.append(
       f"the initial gradients of {len(bad)} variables are non-finite on the first batch"
-      + (" (in float16, even with loss scale 1)" if trainer._fp16 else "")
+      + (" (in float16, even with loss scale 1)" if ctx.fp16 else "")
       + ": "
       + ", ".join(bad[:3])
       + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     )
-  if trainer._fp16:
-    findings += _fp16_findings(rep, g.preflight_fp16_margin)
+  if ctx.fp16:
+    findings += _fp16_findings(rep, fp16_margin)
   return findings
 
 

@@ -248,21 +248,21 @@ class GuardedLoop:
     attempt_now = s.run_attempt + 1
     out = strategy.run(self._replica_step, args=(batch, attempt_now, s.spike))
     out = tf.nest.map_structure(first, out)
-    cls = out["cls"]
-    good = cls == kinds.GOOD
+    step_class = out["step_class"]
+    good = step_class == kinds.GOOD
     hit = out["kind_hot"] > 0
     bad_run = tf.where(good, tf.constant(0, tf.int64), s.bad_run)
-    bad_run += tf.cast(cls == kinds.DIVERGENCE, tf.int64)
+    bad_run += tf.cast(step_class == kinds.DIVERGENCE, tf.int64)
     stop = tf.where(bad_run >= self.rollback_after, STOP_ROLLBACK, s.stop)
     if self.raise_on_bad_inputs:
-      stop = tf.where(cls == kinds.SKIPPED_BATCH, STOP_RAISE, stop)
+      stop = tf.where(step_class == kinds.SKIPPED_BATCH, STOP_RAISE, stop)
     new = _State(
       run_step=s.run_step + tf.cast(good, tf.int64),
       run_attempt=attempt_now,
       applied=s.applied + tf.cast(good, tf.int64),
       attempts=s.attempts + 1,
       bad_run=bad_run,
-      counts=s.counts + out["cls_hot"],
+      counts=s.counts + out["class_hot"],
       kind_counts=s.kind_counts + out["kind_hot"],
       kind_first=tf.where(hit & (s.kind_first < 0), step_now, s.kind_first),
       kind_last=tf.where(hit, step_now, s.kind_last),
@@ -297,7 +297,7 @@ class GuardedLoop:
 
     model = self.model
     variables = model.trainable_variables
-    nt_before = [tf.identity(v) for v in model.non_trainable_variables]
+    nt_before = guard.snapshot(model.non_trainable_variables)
     scale = self.loss_scale.scale.value() if self.fp16 else None
     with tf.GradientTape() as tape:
       loss, metrics = self.compute_loss(model, batch, True)
@@ -310,7 +310,7 @@ class GuardedLoop:
       scaled = loss * scale if self.fp16 else loss
     grads = tape.gradient(scaled, variables)
     present = [i for i, g in enumerate(grads) if g is not None]
-    grads = [_to_dense_float32(grads[i]) for i in present]
+    grads = [guard.dense_float32(grads[i]) for i in present]
     if self.fp16:
       grads = [g / scale for g in grads]
     if n_rep > 1 and grads:
@@ -332,7 +332,7 @@ class GuardedLoop:
     )
 
     grads_finite, norm = guard.finite_and_norm(grads)
-    cls, kind = guard.classify(
+    step_class, kind = guard.classify(
       input_skip=checked.skip,
       loss_finite=tf.math.is_finite(loss),
       grads_finite=grads_finite,
@@ -341,21 +341,21 @@ class GuardedLoop:
       at_floor=self.loss_scale.at_floor() if self.fp16 else None,
     )
     if self.stash is not None:
-      tf.cond(cls == kinds.DIVERGENCE, lambda: self._stash_batch(batch), tf.no_op)
+      tf.cond(step_class == kinds.DIVERGENCE, lambda: self._stash_batch(batch), tf.no_op)
 
     ctx.merge_call(
       functools.partial(self._apply_or_skip, present=present),
-      args=(cls, grads, norm, nt_before, state_mean),
+      args=(step_class, grads, norm, nt_before, state_mean),
     )
-    good = cls == kinds.GOOD
+    good = step_class == kinds.GOOD
     norm_good = tf.where(good, norm, 0.0)
     # Rows dropped are a nonfinite_inputs occurrence whatever the step became.
     dropped_hit = tf.one_hot(kinds.NONFINITE_INPUTS, NUM_KINDS) * tf.cast(
       (checked.dropped > 0) & (kind != kinds.NONFINITE_INPUTS), tf.float32
     )
     return dict(
-      cls=cls,
-      cls_hot=tf.one_hot(cls, len(kinds.CLASSES)),
+      step_class=step_class,
+      class_hot=tf.one_hot(step_class, len(kinds.CLASSES)),
       # one_hot of NO_KIND (-1) is all zeros.
       kind_hot=tf.one_hot(kind, NUM_KINDS) + dropped_hit,
       sums=tf.stack([tf.cast(checked.dropped, tf.float32), tf.where(good, loss, 0.0), norm_good]),
@@ -374,7 +374,7 @@ class GuardedLoop:
 
   # ------------------------------------------------- the update itself
 
-  def _apply_or_skip(self, strategy, cls, grads, norm, nt_before, state_mean, *, present):
+  def _apply_or_skip(self, strategy, step_class, grads, norm, nt_before, state_mean, *, present):
     """Cross-replica: apply the update on a good step, else leave state as is.
 
     The branch runs in cross-replica context because `apply_gradients` under
@@ -382,7 +382,7 @@ class GuardedLoop:
     contain (the pattern of Keras's LossScaleOptimizer._tf_apply).
     """
     first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
-    cls, norm = first(cls), first(norm)
+    step_class, norm = first(step_class), first(norm)
     variables = [self.model.trainable_variables[i] for i in present]
     n_rep = strategy.num_replicas_in_sync
 
@@ -405,20 +405,13 @@ class GuardedLoop:
     def skip():
       # A skipped step must not leave its mark in BatchNorm statistics or RNG
       # state either: put back what the forward pass changed.
-      for var, value in zip(self.model.non_trainable_variables, nt_before):
-        var.assign(first(value))
+      guard.put_back(self.model.non_trainable_variables, [first(v) for v in nt_before])
       if self.fp16:
         tf.cond(
-          cls == kinds.OVERFLOW,
+          step_class == kinds.OVERFLOW,
           lambda: self.loss_scale.update(tf.constant(False)),
           lambda: None,
         )
       return tf.constant(0)
 
-    tf.cond(cls == kinds.GOOD, good, skip)
-
-
-def _to_dense_float32(g):
-  if isinstance(g, tf.IndexedSlices):
-    g = tf.convert_to_tensor(g)
-  return tf.cast(g, tf.float32)
+    tf.cond(step_class == kinds.GOOD, good, skip)

@@ -258,7 +258,7 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_and_keeps_them(run):
 def test_a_checkpoint_with_non_finite_values_is_not_resumed_from(run, capfd):
   # Written behind the trainer's back: it only ever saves finite states.
   writer = TinyTrainer(tiny_config(**BASE), str(run))
-  writer._build()
+  writer.build()
   writer._checkpoints.restore_latest()
   writer.model.weights[0].assign(tf.fill(writer.model.weights[0].shape, np.nan))
   writer._run.step.assign(30)

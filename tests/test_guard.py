@@ -81,7 +81,7 @@ def test_clipping_bounds_the_update_and_reports_the_preclip_norm(tmp_path):
     }
   )
   t = OrderedTrainer(c, str(tmp_path))
-  t._build()
+  t.build()
   before = weights(t)
   t.fit()
   delta = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(weights(t), before)))

@@ -28,7 +28,7 @@ from common import TinyTrainer, all_finite, tiny_config
 from test_drills import BASE, DAMAGE, _ckpt_dir, _fit, _flip_bytes, drill
 
 import safetrain
-from safetrain import checkpointing, cli, rollback_state, workdir
+from safetrain import checkpointing, cli, recovery, rollback_state, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = drill.EXPERIMENT
@@ -295,7 +295,7 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run, monkeypatc
   c = tiny_config(**dict(BASE, **{"train.steps": 35}))
   c.drill.loss_steps = "27-29,31-33"  # at 25: a rollback to 25, then one to 20
   first = TinyTrainer(c, str(run))
-  first._build()
+  first.build()
   record = first._checkpoints.record_rollback
   state = {}
 
@@ -315,8 +315,8 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run, monkeypatc
   d = _ckpt_dir(run)
   assert 25 in checkpointing.scan(d).listed  # not retired yet
   second = TinyTrainer(c, str(run))
-  second._build()
-  assert second._restore_latest() == os.path.join(d, "ckpt-20")
+  second.build()
+  assert second._controller._restore_latest() == os.path.join(d, "ckpt-20")
   assert second._recovery.snapshot() == {k: v for k, v in state.items() if k != "position"}
   assert int(second._data.position.numpy()) == state["position"]
   assert state["lr_scale"] == 0.25 and state["rollbacks_used"] == 2
@@ -345,7 +345,7 @@ def test_a_committed_rollback_applies_after_the_input_pipeline_changed(run, capl
   c = tiny_config(**dict(BASE, **{"train.steps": 35}))
   c.drill.loss_steps = "27-29"
   first = TinyTrainer(c, str(run))
-  first._build()
+  first.build()
   record = first._checkpoints.record_rollback
 
   def commit_then_die(path, generation):
@@ -441,7 +441,7 @@ def _nan_checkpoint(run, step):
   ever saves finite states)."""
   d = _ckpt_dir(run)
   writer = TinyTrainer(tiny_config(**BASE), str(run))
-  writer._build()
+  writer.build()
   writer._checkpoints.checkpoint.restore(os.path.join(d, f"ckpt-{step}")).expect_partial()
   writer.model.weights[0].assign(tf.fill(writer.model.weights[0].shape, np.nan))
   for name in os.listdir(d):
@@ -477,7 +477,7 @@ def test_a_bad_older_checkpoint_is_set_aside_when_a_rollback_reaches_it(run, cap
   assert 20 not in [s for s, _ in trainer._checkpoints.checkpoints()]
 
 
-def test_a_rollback_with_no_readable_checkpoint_left_stops_and_deletes_nothing(run):
+def test_a_rollback_with_no_readable_checkpoint_left_stops_and_deletes_nothing(run, monkeypatch):
   """Every checkpoint is damaged on disk at the moment a rollback looks for a
   target: each is set aside, and the run stops with DivergenceError (exit 3)
   instead of restoring garbage; every file is kept in corrupt/."""
@@ -485,18 +485,18 @@ def test_a_rollback_with_no_readable_checkpoint_left_stops_and_deletes_nothing(r
   c = tiny_config(**dict(BASE, **{"train.steps": 40}))
   c.drill.loss_steps = "27-29"
   trainer = TinyTrainer(c, str(run))
-  trainer._build()
-  find = trainer._rollback_target
+  find = recovery.rollback_target
   evidence = []
 
-  def damage_then_find():
-    for n in sorted(os.listdir(d)):
-      if n.startswith("ckpt-") and ".data-" in n:
-        _flip_bytes(os.path.join(d, n))
-    evidence.extend(sorted(_files(d)[n] for n in _files(d) if n.startswith("ckpt-")))
-    return find()
+  def damage_then_find(*args):
+    if not evidence:  # once, when the rollback starts looking for a target
+      for n in sorted(os.listdir(d)):
+        if n.startswith("ckpt-") and ".data-" in n:
+          _flip_bytes(os.path.join(d, n))
+      evidence.extend(sorted(_files(d)[n] for n in _files(d) if n.startswith("ckpt-")))
+    return find(*args)
 
-  trainer._rollback_target = damage_then_find
+  monkeypatch.setattr(recovery, "rollback_target", damage_then_find)
   with pytest.raises(safetrain.DivergenceError, match="no checkpoint is left to roll back to"):
     trainer.fit()
   corrupt = _files(os.path.join(d, checkpointing.CORRUPT_DIR))

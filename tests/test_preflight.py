@@ -16,7 +16,7 @@ from safetrain import preflight
 
 def built(cls, workdir, **overrides):
   t = cls(tiny_config(**overrides), workdir)
-  t._build()
+  t.build()
   return t
 
 
@@ -59,9 +59,16 @@ class NearWideTrainer(WideTrainer):
   wide_kernel = 25.0  # 8000: finite, but over 10% of 65504
 
 
+def audit(t):
+  g = t.config.guard
+  return preflight.audit(
+    t._forensics, t._first_batch, bad_inputs=g.bad_inputs, fp16_margin=g.preflight_fp16_margin
+  )
+
+
 def test_unscaled_and_nan_inputs_are_named(workdir):
   t = built(UnscaledNaNTrainer, workdir)
-  findings = preflight.run(t, t._first_batch)
+  findings = audit(t)
   unscaled = [f for f in findings if f.startswith("normalize")]
   nan = [f for f in findings if "non-finite input" in f]
   assert len(unscaled) == 1 and "x[:, 0]: range 1000..4000" in unscaled[0]
@@ -73,7 +80,7 @@ def test_unscaled_and_nan_inputs_are_named(workdir):
 
 def test_the_threshold_is_a_config_key(workdir):
   t = built(UnscaledNaNTrainer, workdir, **{"guard.preflight_max_abs_input": 1e4})
-  assert not [f for f in preflight.run(t, t._first_batch) if f.startswith("normalize")]
+  assert not [f for f in audit(t) if f.startswith("normalize")]
 
 
 def test_healthy_experiment_has_no_findings(workdir):
@@ -81,25 +88,25 @@ def test_healthy_experiment_has_no_findings(workdir):
     c = spiral_config("smoke")
     c.precision.policy = policy
     t = SpiralTrainer(c, os.path.join(workdir, policy))
-    t._build()
-    assert preflight.run(t, t._first_batch) == []
+    t.build()
+    assert audit(t) == []
   t = built(TinyTrainer, os.path.join(workdir, "tiny"))
-  assert preflight.run(t, t._first_batch) == []
+  assert audit(t) == []
 
 
 def test_fp16_overflow_and_near_overflow_are_named_by_layer(workdir):
   t = built(WideTrainer, os.path.join(workdir, "a"), **{"precision.policy": "mixed_float16"})
-  over = [f for f in preflight.run(t, t._first_batch) if "float16" in f]
+  over = [f for f in audit(t) if "float16" in f]
   assert len(over) == 1
   assert "wide output overflowed float16" in over[0] and "max |activation| 1.6e5" in over[0]
   assert 'dtype="float32"' in over[0] and "mixed_bfloat16" in over[0]
 
   t = built(NearWideTrainer, os.path.join(workdir, "b"), **{"precision.policy": "mixed_float16"})
-  near = [f for f in preflight.run(t, t._first_batch) if "float16" in f]
+  near = [f for f in audit(t) if "float16" in f]
   assert len(near) == 1 and near[0].startswith("layer wide (Dense) reaches max |activation| 8000")
   # The same model in float32 has nothing to fear from float16's range.
   t = built(NearWideTrainer, os.path.join(workdir, "c"))
-  assert not [f for f in preflight.run(t, t._first_batch) if "float16" in f]
+  assert not [f for f in audit(t) if "float16" in f]
 
 
 class InfLossTrainer(TinyTrainer):
@@ -122,7 +129,7 @@ class InfLossTrainer(TinyTrainer):
 
 def test_nonfinite_initial_loss_names_the_loss(workdir):
   t = built(InfLossTrainer, workdir)
-  (finding,) = preflight.run(t, t._first_batch)
+  (finding,) = audit(t)
   assert finding.startswith("the initial loss is Inf")
   assert "the loss function is the culprit" in finding and "Log op (-Inf)" in finding
 

@@ -10,6 +10,7 @@ import tensorflow as tf
 from common import IndexTrainer, TinyTrainer, all_finite, tiny_config, weights
 
 import safetrain
+from safetrain import recovery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +57,7 @@ def test_divergence_at_step_one_rolls_back_to_the_initial_state(workdir):
   c = tiny_config()
   c.drill.loss_steps = "1-3"
   t = TinyTrainer(c, workdir)
-  t._build()
+  t.build()
   initial = weights(t)
   r = t.fit()
   rollback = [i for i in incidents(workdir) if i["action"] == "rollback"]
@@ -146,20 +147,20 @@ class _Killed(Exception):
   pass
 
 
-def test_a_run_killed_after_a_rollback_resumes_with_lower_lr_and_spent_budget(workdir):
+def test_a_run_killed_after_a_rollback_resumes_with_lower_lr_and_spent_budget(workdir, monkeypatch):
   c = tiny_config(**{"recovery.max_rollbacks": 2})
   c.drill.loss_steps = "12-14"
   first = TinyTrainer(c, workdir)
-  first._build()
-  recover = first._recover
+  roll_back = recovery.Recovery.roll_back
 
   def recover_then_die(*args):
-    recover(*args)
+    roll_back(*args)
     raise _Killed  # the process dies right after the rollback
 
-  first._recover = recover_then_die
+  monkeypatch.setattr(recovery.Recovery, "roll_back", recover_then_die)
   with pytest.raises(_Killed):
     first.fit()
+  monkeypatch.undo()
 
   second = TinyTrainer(c, workdir)
   r = second.fit()

@@ -1,0 +1,445 @@
+"""The outer loop: what `Trainer.fit()` does between calls of the compiled
+inner loop, in eager Python, as Orbit's `Controller.train` does.
+
+Per inner loop: run `step.GuardedLoop` once; record its incidents and hand a
+divergence to `recovery.Recovery`; write the loop's record (metrics.jsonl,
+TensorBoard) and the progress line; evaluate and checkpoint when due; stop on
+a signal, at the end of the data or at `train.steps`. The controller receives
+the parts the trainer built (`Parts`), never the Trainer itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import ml_collections
+import tensorflow as tf
+from absl import logging
+
+from safetrain import (
+  checkpointing,
+  distribute,
+  evaluation,
+  forensics,
+  incidents,
+  kinds,
+  metrics,
+  preemption,
+  preflight,
+  recovery,
+  state,
+)
+from safetrain import (
+  config as config_lib,
+)
+from safetrain import (
+  data as data_lib,
+)
+from safetrain import (
+  step as step_lib,
+)
+from safetrain.errors import BadInputError, PreflightError
+from safetrain.loss_scale import DynamicLossScale
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What `Trainer.fit()` returns.
+
+  Attributes:
+    step: applied updates (skipped steps do not count).
+    loss: mean training loss over the good steps of the last loop (NaN when
+      no loop ran, as on a workdir already at train.steps).
+    incidents: the incident records of the run (as in incidents.jsonl).
+    rollbacks: rollbacks performed over the whole run, resumes included.
+    lr_scale: the learning-rate scale recovery left in force.
+    attempts: steps attempted, skipped ones included.
+    skipped_steps: attempts that did not update the model.
+    batches_skipped: batches passed over by rollbacks with recovery.data=skip.
+    loss_scale: the loss scale at the end (1.0 unless mixed_float16).
+    eval_metrics: the last evaluation's metrics ({} if none ran).
+    stopped: "completed", "preempted" or "data_exhausted".
+  """
+
+  step: int
+  loss: float
+  incidents: list
+  rollbacks: int
+  lr_scale: float
+  attempts: int = 0
+  skipped_steps: int = 0
+  batches_skipped: int = 0
+  loss_scale: float = 1.0
+  eval_metrics: dict = dataclasses.field(default_factory=dict)
+  stopped: str = "completed"
+
+
+@dataclasses.dataclass
+class Parts:
+  """What the trainer built, as the controller uses it."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  trainer_name: str
+  strategy: tf.distribute.Strategy
+  is_chief: bool
+  num_workers: int
+  run: state.RunState
+  data: state.DataState
+  recovery: recovery.RecoveryState
+  loss_scale: DynamicLossScale
+  train_data: data_lib.TrainData
+  iterator: object
+  iterator_in_checkpoint: bool
+  checkpoints: checkpointing.CheckpointStore
+  rollback_objects: dict
+  loop: step_lib.GuardedLoop
+  all_finite: Callable[[], bool]
+  evaluate: Callable[[], dict]
+  forensics: forensics.Context
+  stash: forensics.Stash | None
+
+
+class Controller:
+  """Runs `fit()` on the parts a trainer built.
+
+  Args:
+    parts: the built parts.
+  """
+
+  def __init__(self, parts: Parts):
+    self.config = parts.config
+    self.workdir = parts.workdir
+    self._trainer_name = parts.trainer_name
+    self._strategy = parts.strategy
+    self._is_chief = parts.is_chief
+    self._num_workers = parts.num_workers
+    self._run = parts.run
+    self._data = parts.data
+    self._recovery = parts.recovery
+    self._loss_scale = parts.loss_scale
+    self._train_data = parts.train_data
+    self.iterator = parts.iterator
+    self._iterator_in_checkpoint = parts.iterator_in_checkpoint
+    self._checkpoints = parts.checkpoints
+    self._rollback_objects = parts.rollback_objects
+    self._loop = parts.loop
+    self._all_finite = parts.all_finite
+    self._evaluate = parts.evaluate
+    self._forensics = parts.forensics
+    self._stash = parts.stash
+    # True once the model holds the restored or initial state of the run.
+    self.started = False
+    self._log: metrics.RunLog | None = None
+    self._incidents: incidents.IncidentLog | None = None
+    self._recovery_actions: recovery.Recovery | None = None
+
+  def fit(self) -> FitResult:
+    """Trains to train.steps updates (see Trainer.fit)."""
+    c = self.config
+    self._start()
+    progress = metrics.Progress(c.train.steps, c.train.log_every_steps)
+    eval_metrics: dict = {}
+    last_loss = float("nan")
+    stopped = "completed"
+    with preemption.SignalCatcher() as signals:
+      while self._step() < c.train.steps:
+        out, seconds = self._run_inner_loop()
+        if out.applied:
+          last_loss = float(out.loss_sum) / int(out.applied)
+        record = metrics.loop_record(
+          out,
+          step=self._step(),
+          attempts=int(self._recovery.attempts.numpy()),
+          lr_scale=float(self._recovery.lr_scale.numpy()),
+          loss_scale=float(self._loss_scale.scale.numpy()),
+          seconds=seconds,
+        )
+        rolled_back = self._handle_incidents(out)
+        if rolled_back:
+          record.update(rollback=True, step=self._step())
+        if self._eval_due() and not rolled_back:
+          eval_metrics = self._evaluate()
+          record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        self._log.write(record)
+        progress.update(self._step(), seconds, int(out.applied), record["loss"])
+        if self._step() % c.checkpoint.every_steps == 0 or signals.received:
+          self._save_checkpoint()
+        stopped = self._stop_reason(out, signals)
+        if stopped != "completed":
+          break
+    progress.close()
+    if stopped != "preempted":
+      self._save_checkpoint()
+      eval_metrics = self._evaluate() or eval_metrics
+      if eval_metrics:
+        self._log.write_final_eval(self._step(), eval_metrics)
+    self._log.flush()
+    result = self._result(last_loss, eval_metrics, stopped)
+    logging.info("%s", summary_line(result))
+    return result
+
+  def _start(self) -> None:
+    """Opens the run's records, restores or starts the run, writes config.json."""
+    self._log = metrics.RunLog(self.workdir, enabled=self._is_chief)
+    self._incidents = incidents.IncidentLog(
+      os.path.join(self.workdir, "incidents.jsonl"),
+      enabled=self._is_chief,
+      counter=self._recovery.incidents_total,
+    )
+    self._recovery_actions = recovery.Recovery(
+      policy=recovery.Policy.from_config(self.config.recovery),
+      state=self._recovery,
+      run=self._run,
+      data=self._data,
+      checkpoints=self._checkpoints,
+      rollback_objects=self._rollback_objects,
+      replay_objects=lambda: dict(
+        data=self._data, **({"iterator": self.iterator} if self._iterator_in_checkpoint else {})
+      ),
+      reseek=None if self._iterator_in_checkpoint else self._seek_data,
+      healthy=lambda: bool(self._all_finite()),
+      agree=self._agreed_checkpoint,
+      is_chief=self._is_chief,
+      incidents=self._incidents,
+      diagnose=self._diagnose,
+    )
+    resumed = self._restore_latest()
+    self.started = True
+    if resumed is not None:
+      iterator = self._data.resume(
+        self._train_data,
+        checkpointed=self._iterator_in_checkpoint,
+        iterator_restored=self._checkpoints.iterator_restored,
+      )
+      if iterator is not None:
+        self.iterator = iterator
+        self._checkpoints.replace_objects(iterator=iterator)
+      elif not self._iterator_in_checkpoint:
+        self._seek_data()
+      self._resume_precision()
+    if self._is_chief:
+      metrics.write_config(self.workdir, self.config, self._trainer_name, resumed)
+    if resumed is None:
+      self._run_preflight()
+      self._save_checkpoint()  # the initial state is always a target
+    else:
+      logging.info(
+        "Resumed from %s at step %d (lr scale %.4g, %d rollbacks used).",
+        resumed,
+        self._step(),
+        self._recovery.lr_scale.numpy(),
+        self._recovery.rollbacks_used.numpy(),
+      )
+
+  def _run_inner_loop(self) -> tuple[step_lib.LoopOutput, float]:
+    """One call of the compiled loop; returns its output and its seconds."""
+    step0 = self._step()
+    n = self._next_loop_length(step0)
+    t0 = time.perf_counter()
+    try:
+      out = self._loop(self.iterator, n)
+    except tf.errors.OpError as e:
+      cause = data_lib.pipeline_failure(e)
+      if cause is None:
+        raise
+      # The loop's updates are in the variables but not in the counters:
+      # nothing of it is saved, the last checkpoint stays the resume point.
+      raise BadInputError(
+        f"the training data pipeline failed after step {step0} ({cause}). The last "
+        f"checkpoint ({self._checkpoints.latest_path()}) is intact: fix the data and run "
+        "the same command to resume."
+      ) from None
+    return out, time.perf_counter() - t0
+
+  def _handle_incidents(self, out: step_lib.LoopOutput) -> bool:
+    """Records the loop's incidents and runs recovery; True after a rollback."""
+    params_ok = bool(self._all_finite())
+    self._incidents.add_loop(
+      out,
+      leaf_names=self._train_data.leaf_names,
+      bad_inputs=self.config.guard.bad_inputs,
+      lr_scale=float(self._recovery.lr_scale.numpy()),
+    )
+    self._recovery.skipped_total.assign_add(int(out.attempts) - int(out.applied))
+    if int(out.stop) == step_lib.STOP_RAISE:
+      self._save_checkpoint()
+      raise BadInputError(
+        f"non-finite input at step {self._step() + 1}: "
+        f"{incidents.bad_leaves(out, self._train_data.leaf_names)} (guard.bad_inputs=raise). "
+        "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
+        "skip_batch to train past it."
+      )
+    rolled_back = int(out.stop) == step_lib.STOP_ROLLBACK or not params_ok
+    if rolled_back:
+      kind = "nonfinite_params" if not params_ok else incidents.last_divergence(out)
+      self._recovery_actions.roll_back(kind)
+    self._recovery_actions.refill_budget()
+    return rolled_back
+
+  def _eval_due(self) -> bool:
+    every, step = self.config.eval.every_steps, self._step()
+    return bool(every) and step % every == 0 and step < self.config.train.steps
+
+  def _stop_reason(self, out: step_lib.LoopOutput, signals: preemption.SignalCatcher) -> str:
+    """Why fit() stops after this loop: "completed" (not yet) unless the data
+    ended, a signal came, or no batch was usable (BadInputError)."""
+    if int(out.stop) == step_lib.STOP_DATA_END:
+      logging.warning(
+        "The training data ended at step %d before train.steps=%d; "
+        "stopping cleanly (train.repeat_data is False).",
+        self._step(),
+        self.config.train.steps,
+      )
+      return "data_exhausted"
+    if not int(out.applied) and int(out.counts[kinds.SKIPPED_BATCH]) == int(out.attempts):
+      self._save_checkpoint()
+      raise BadInputError(
+        f"no usable batch in {int(out.attempts)} consecutive batches after step "
+        f"{self._step()}: every one had non-finite inputs "
+        f"({incidents.bad_leaves(out, self._train_data.leaf_names)}); clean the data or check the "
+        "input pipeline"
+      )
+    return "preempted" if signals.received else "completed"
+
+  def _step(self) -> int:
+    return int(self._run.step.numpy())
+
+  def _next_loop_length(self, step: int) -> int:
+    """Up to train.steps_per_loop, ending at the next checkpoint or eval."""
+    c = self.config
+    bounds = [c.train.steps, _next_multiple(step, c.checkpoint.every_steps)]
+    if c.eval.every_steps:
+      bounds.append(_next_multiple(step, c.eval.every_steps))
+    return max(1, min(min(bounds) - step, c.train.steps_per_loop))
+
+  def _result(self, last_loss: float, eval_metrics: dict, stopped: str) -> FitResult:
+    r = self._recovery
+    return FitResult(
+      step=self._step(),
+      loss=last_loss,
+      incidents=self._incidents.all(),
+      rollbacks=int(r.rollbacks_total.numpy()),
+      lr_scale=float(r.lr_scale.numpy()),
+      attempts=int(r.attempts.numpy()),
+      skipped_steps=int(r.skipped_total.numpy()),
+      batches_skipped=int(r.batches_skipped.numpy()),
+      loss_scale=float(self._loss_scale.scale.numpy()),
+      eval_metrics=eval_metrics,
+      stopped=stopped,
+    )
+
+  # ------------------------------------------------- resume and checkpoints
+
+  def _restore_latest(self) -> str | None:
+    """Restores the newest healthy checkpoint; returns its path or None.
+
+    With several workers the chief picks it (repairing the directory if need
+    be) and the others restore the same one from the chief's directory.
+    """
+    healthy = lambda: bool(self._all_finite())  # noqa: E731
+    if self._num_workers == 1:
+      path = self._checkpoints.restore_latest(healthy=healthy)
+    else:
+      path = self._checkpoints.restore_latest(healthy=healthy) if self._is_chief else None
+      path = self._agreed_checkpoint(path)
+      if path is not None and not self._is_chief:
+        self._checkpoints.restore_path(path)
+    if path is not None and self._step() > self.config.train.steps:
+      logging.warning(
+        "The workdir is at step %d, past train.steps=%d: nothing to train (a lower "
+        "train.steps never undoes steps).",
+        self._step(),
+        self.config.train.steps,
+      )
+    return path
+
+  def _agreed_checkpoint(self, path: str | None) -> str | None:
+    """The chief's choice of checkpoint, on every worker (a collective)."""
+    if self._num_workers == 1:
+      return path
+    step = -1 if path is None else checkpointing.step_of(path)
+    step = distribute.broadcast_from_chief(self._strategy, step, self._is_chief)
+    if self._is_chief:
+      return path
+    return None if step < 0 else os.path.join(self._checkpoints.directory, f"ckpt-{step}")
+
+  def _resume_precision(self) -> None:
+    saved = config_lib.POLICIES[int(self._run.precision.numpy())]
+    policy = self.config.precision.policy
+    if saved != policy:
+      self._loss_scale.reset()
+      logging.warning(
+        "Resuming a %s checkpoint under precision.policy=%s: the loss scale starts afresh at %g.",
+        saved,
+        policy,
+        float(self._loss_scale.scale.numpy()),
+      )
+      self._run.precision.assign(config_lib.POLICIES.index(policy))
+
+  def _seek_data(self) -> None:
+    """Re-creates an iterator that is not checkpointed at `data.position`."""
+    self.iterator = self._train_data.iterator(int(self._data.position.numpy()))
+
+  def _save_checkpoint(self) -> None:
+    """Saves the state if it is healthy and not durable yet.
+
+    A state whose step was just saved, resumed from, or rolled back to is
+    durable already (a rollback's side state holds what differs): a
+    committed checkpoint is never written again.
+    """
+    if int(self._run.consecutive_bad.numpy()) != 0:
+      return  # only healthy states are saved
+    if not bool(self._all_finite()):
+      return
+    step = self._step()
+    if self._checkpoints.current_step() == step:
+      return
+    self._checkpoints.save(step)
+
+  def _diagnose(self, kind: str) -> str:
+    """Forensics on the offending batch (never raises)."""
+    batch = self._stash.batch() if self._stash is not None and kind != "nonfinite_params" else None
+    return forensics.diagnose(self._forensics, kind=kind, batch=batch, step=self._step() + 1)
+
+  def _run_preflight(self) -> None:
+    g = self.config.guard
+    if g.preflight == "off":
+      return
+    findings = preflight.audit(
+      self._forensics,
+      self._train_data.first_batch,
+      bad_inputs=g.bad_inputs,
+      fp16_margin=g.preflight_fp16_margin,
+    )
+    for finding in findings:
+      logging.warning("preflight: %s", finding)
+      if sys.stderr.isatty():
+        print(f"safetrain preflight: {finding}", file=sys.stderr)
+    if findings and g.preflight == "strict":
+      raise PreflightError(
+        "preflight found problems (guard.preflight=strict): " + "; ".join(findings)
+      )
+
+
+def _next_multiple(step: int, every: int) -> int:
+  return (step // every + 1) * every
+
+
+def summary_line(result: FitResult) -> str:
+  """One line about a finished fit(): incidents, recovery, the last eval."""
+  text = (
+    f"step {result.step}: {len(result.incidents)} incidents, "
+    f"{result.rollbacks} rollbacks, lr scale {result.lr_scale:.4g}, "
+    f"{result.batches_skipped} batches skipped, {result.skipped_steps} steps skipped"
+  )
+  ev = dict(result.eval_metrics)
+  n = ev.pop(evaluation.EXAMPLES, None)
+  if n is not None:
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(ev.items(), key=lambda kv: kv[0] != "loss"))
+    text += f"; eval on {n} examples: {shown}"
+  return text

@@ -1,0 +1,124 @@
+"""Incidents: the records of everything the guard and recovery did.
+
+Each record goes to `WORKDIR/incidents.jsonl` (one JSON object a line, written
+durably) and to the log. The fields are DESIGN.md's: `step`, `kind`, `action`,
+`restored_step`, `lr_scale_before`, `lr_scale_after`, `batches_skipped`,
+`diagnosis`, `time`, plus what a kind adds (`count`, `last_step`, ...).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import tensorflow as tf
+from absl import logging
+
+from safetrain import kinds
+from safetrain.records import JsonlWriter, read_jsonl
+from safetrain.step import LoopOutput
+
+
+class IncidentLog:
+  """Writes incident records and keeps those of this process.
+
+  Args:
+    path: WORKDIR/incidents.jsonl.
+    enabled: False on non-chief workers, which keep records in memory only.
+    counter: a variable counting incidents over the run (checkpointed).
+  """
+
+  def __init__(self, path: str, *, enabled: bool, counter: tf.Variable):
+    self.path = path
+    self.enabled = enabled
+    self.counter = counter
+    self.records: list[dict] = []
+    self._writer = JsonlWriter(path, enabled=enabled)
+
+  def add(
+    self,
+    *,
+    step: int,
+    kind: str,
+    action: str,
+    restored_step: int | None = None,
+    lr_scale_before: float | None = None,
+    lr_scale_after: float | None = None,
+    batches_skipped: int = 0,
+    diagnosis: str = "",
+    **extra,
+  ) -> dict:
+    """Records one incident (file, log, counter) and returns the record."""
+    record = dict(
+      step=step,
+      kind=kind,
+      action=action,
+      restored_step=restored_step,
+      lr_scale_before=lr_scale_before,
+      lr_scale_after=lr_scale_after,
+      batches_skipped=batches_skipped,
+      diagnosis=diagnosis,
+      time=time.time(),
+      **extra,
+    )
+    self.records.append(record)
+    self._writer.write(record)
+    self.counter.assign_add(1)
+    logging.warning("incident at step %s: %s -> %s. %s", step, kind, action, diagnosis)
+    return record
+
+  def add_loop(self, out: LoopOutput, *, leaf_names: list[str], bad_inputs: str, lr_scale: float):
+    """One record per kind the compiled loop saw, with how often it happened."""
+    skipped_batches = int(out.counts[kinds.SKIPPED_BATCH])
+    for k, name in enumerate(kinds.KINDS):
+      count = int(out.kind_counts[k])
+      if not count:
+        continue
+      if k == kinds.NONFINITE_INPUTS:
+        dropped = bad_inputs == "drop_rows" and (int(out.dropped) or not skipped_batches)
+        action = "dropped_rows" if dropped else "skipped_batch"
+        diagnosis = (
+          f"non-finite values in {bad_leaves(out, leaf_names)}; {int(out.dropped)} rows "
+          f"dropped, {skipped_batches} batches skipped"
+        )
+      else:
+        action, diagnosis = "skipped_step", kinds.text(name)
+      self.add(
+        step=int(out.kind_first[k]),
+        kind=name,
+        action=action,
+        count=count,
+        last_step=int(out.kind_last[k]),
+        lr_scale_before=lr_scale,
+        lr_scale_after=lr_scale,
+        diagnosis=diagnosis,
+      )
+
+  def tally(self) -> str:
+    """ "3x nonfinite_loss, 1x loss_spike": the divergences recorded so far."""
+    counts = collections.Counter()
+    for record in self.records:
+      if record["action"] != "dropped_rows":
+        counts[record["kind"]] += record.get("count", 1)
+    return ", ".join(f"{n}x {kind}" for kind, n in counts.items())
+
+  def all(self) -> list[dict]:
+    """Every record of the run: the file (resumes included) on the chief."""
+    return read_jsonl(self.path) if self.enabled and os.path.exists(self.path) else self.records
+
+
+def bad_leaves(out: LoopOutput, leaf_names: list[str]) -> str:
+  """Where the non-finite inputs of a loop were: "x[:, 1] (3 rows)"."""
+  parts = []
+  for name, bad, col in zip(leaf_names, out.leaf_bad, out.cols):
+    if bad:
+      where = f"{name}[:, {int(col)}]" if col >= 0 else name
+      parts.append(f"{where} ({int(bad)} rows)")
+  return ", ".join(parts) or "the inputs"
+
+
+def last_divergence(out: LoopOutput) -> str:
+  """The kind of the loop's last divergence (inputs apart)."""
+  seen = [(int(out.kind_last[k]), k) for k in range(1, len(kinds.KINDS)) if out.kind_counts[k]]
+  return kinds.KINDS[max(seen)[1]] if seen else "nonfinite_loss"

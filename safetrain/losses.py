@@ -1,0 +1,45 @@
+"""The loss of the default `Trainer.compute_loss`, from `config.loss`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+
+from safetrain.config import ConfigError
+
+
+def make_loss(name: str) -> Callable:
+  """A loss `fn(y, pred, sample_weight=None) -> mean` named by `config.loss`:
+  any keras.losses name, softmax_cross_entropy or sigmoid_cross_entropy."""
+  if name == "softmax_cross_entropy":
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  if name == "sigmoid_cross_entropy":
+    return keras.losses.BinaryCrossentropy(from_logits=True)
+  try:
+    fn = keras.losses.get(name)
+  except ValueError as e:
+    raise ConfigError(
+      "loss", name, "a keras.losses name, softmax_cross_entropy or sigmoid_cross_entropy"
+    ) from e
+  if isinstance(fn, keras.losses.Loss):
+    return fn
+
+  def mean_loss(y, pred, sample_weight=None):
+    per_example = tf.cast(fn(y, pred), tf.float32)
+    if sample_weight is not None:
+      per_example = per_example * tf.cast(sample_weight, tf.float32)
+    return tf.reduce_mean(per_example)
+
+  return mean_loss
+
+
+def regularization_loss(model: keras.Model) -> tf.Tensor:
+  """The sum of `model.losses` in float32, as Keras `fit` adds it."""
+  losses = [tf.reduce_sum(tf.cast(term, tf.float32)) for term in model.losses]
+  if not losses:
+    return tf.constant(0.0)
+  # A sum of a stacked vector, not tf.add_n: an AddN of many terms inside the
+  # compiled loop is what Grappler rewrites into temporary variables.
+  return tf.reduce_sum(tf.stack(losses))
