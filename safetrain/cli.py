@@ -279,7 +279,8 @@ def _last_checkpoint_note(workdir: str) -> str:
     return ""
   if latest is None:
     return ""
-  return f": the last committed checkpoint ({workdir}/checkpoints/ckpt-{latest}) is intact"
+  path = checkpointing.path_of(os.path.join(workdir, "checkpoints"), latest)
+  return f": the last committed checkpoint ({path}) is intact"
 
 
 def _one_line(e: BaseException, typed: bool = False) -> str:

@@ -8,6 +8,7 @@ fails there, loudly and by name, instead of somewhere deep in a run.
 
 from __future__ import annotations
 
+import tensorflow as tf
 from tensorflow.python.checkpoint import checkpoint_management
 
 
@@ -48,3 +49,98 @@ def write_checkpoint_state(
     last_preserved_timestamp=last_preserved_timestamp,
     save_relative_paths=True,
   )
+
+
+# ------------------------------------------------------------------ Keras
+
+
+def learning_rate_schedule(optimizer):
+  """The schedule (or learning-rate variable) a Keras 3 optimizer holds.
+
+  Why an internal: the public `optimizer.learning_rate` evaluates the schedule
+  at the current iteration; safetrain needs the schedule itself, to wrap it
+  and to read the rate the last update used (`iterations - 1`).
+  """
+  return optimizer._learning_rate
+
+
+def set_learning_rate_schedule(optimizer, schedule) -> None:
+  """Makes `schedule` the optimizer's learning rate, in place.
+
+  Why an internal: the public `learning_rate` setter untracks the optimizer's
+  learning-rate variable in place, which breaks tf.train.Checkpoint's
+  append-only tracking of `optimizer.variables` (a checkpoint written before
+  would no longer restore).
+  """
+  optimizer._learning_rate = schedule
+
+
+def disable_gradient_all_reduce(optimizer) -> bool:
+  """Stops a Keras 3 optimizer from summing gradients over replicas.
+
+  Why an internal: Keras's TensorFlow optimizer sums the gradients it gets in
+  replica context over the replicas (`_all_reduce_sum_gradients`); the
+  guarded step has reduced them already (every guard decision is taken on
+  them), and no public option turns the second reduction off. Returns False,
+  changing nothing, for an optimizer without that method.
+  """
+  if not callable(getattr(optimizer, "_all_reduce_sum_gradients", None)):
+    return False
+  optimizer._all_reduce_sum_gradients = list
+  return True
+
+
+def flatten_layers(model) -> list:
+  """Every layer of `model`, nested ones included, the model first.
+
+  Why an internal: `model.layers` lists the top level only; forensics must
+  instrument the layers inside nested models and subclassed layers too.
+  """
+  return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def replace_call(layer, call) -> None:
+  """Makes `layer(...)` run `call` instead of the class's `call` (on this
+  instance only), or, with `call=None`, the class's again.
+
+  Why an internal: Keras's `Layer.__setattr__` tracks attributes (it would
+  wrap the function), so forensics' instrumentation of each layer's call is
+  set with `object.__setattr__`; Keras's `__call__` looks `call` up on the
+  instance.
+  """
+  if call is None:
+    if "call" in vars(layer):
+      object.__delattr__(layer, "call")
+  else:
+    object.__setattr__(layer, "call", call)
+
+
+# ------------------------------------------------------------- TensorFlow
+
+
+def reserve_collective_keys(step: int = 100_000) -> None:
+  """Moves MirroredStrategy's collective key base past the keys in use.
+
+  Why an internal: collective group keys are process-wide and every
+  MirroredStrategy starts them at the class's base, so a second strategy in
+  one process (another trainer, or the user's own) would meet the first one's
+  collectives ("Shape mismatch in the collective instance"). TensorFlow's own
+  tests move `_collective_key_base` the same way.
+  """
+  tf.distribute.MirroredStrategy._collective_key_base += step
+
+
+def iterator_state_error(iterator) -> str | None:
+  """Why tf.train.Checkpoint cannot save a tf.data iterator, or None.
+
+  Why an internal: there is no public "can this iterator be checkpointed"; a
+  pipeline with state outside the graph fails only when saved. Serializing
+  the fresh iterator (`_serialize_to_tensors`, what the checkpoint calls)
+  tells at once and cheaply, before any batch was read.
+  """
+  try:
+    iterator._serialize_to_tensors()
+  except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as e:
+    text = str(e).split("}}")[-1].strip().split(" [Op:")[0].rstrip(".")
+    return text or "the pipeline holds state outside the graph"
+  return None

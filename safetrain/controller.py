@@ -366,7 +366,7 @@ class Controller:
     step = distribute.broadcast_from_chief(self._strategy, step, self._is_chief)
     if self._is_chief:
       return path
-    return None if step < 0 else os.path.join(self._checkpoints.directory, f"ckpt-{step}")
+    return None if step < 0 else checkpointing.path_of(self._checkpoints.directory, step)
 
   def _resume_precision(self) -> None:
     saved = config_lib.POLICIES[int(self._run.precision.numpy())]

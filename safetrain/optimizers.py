@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from safetrain import compat
+
 
 class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
   """A Keras schedule multiplied by a learning-rate scale and a re-warm ramp.
@@ -137,10 +139,9 @@ def wrap_learning_rate(
       optimizer safetrain built itself (its rate is a plain number), or None.
     lr_scale, rewarm_start, rewarm_steps: see ScaledSchedule.
   """
-  base = optimizer._learning_rate  # Keras keeps either a schedule or a variable.
+  base = compat.learning_rate_schedule(optimizer)  # a schedule or a variable
   if not isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
     base = default_schedule() if default_schedule is not None else float(np.asarray(base))
-  # Assigned to the attribute, not through the `learning_rate` setter: the
-  # setter untracks the optimizer's learning-rate variable in place, which
-  # breaks tf.train.Checkpoint's append-only tracking of optimizer.variables.
-  optimizer._learning_rate = ScaledSchedule(base, lr_scale, rewarm_start, rewarm_steps)
+  compat.set_learning_rate_schedule(
+    optimizer, ScaledSchedule(base, lr_scale, rewarm_start, rewarm_steps)
+  )

@@ -152,7 +152,7 @@ class Recovery:
       self.reseek()
     skipped = 0
     if p.data == "skip":
-      skipped = position_before - self.checkpoints.position_of(target, self.data)
+      skipped = position_before - self.checkpoints.position_of(target)
       s.batches_skipped.assign_add(skipped)
     s.lr_scale.assign(lr_after)
     s.rollbacks_used.assign_add(1)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from safetrain import guard, kinds
+from safetrain import compat, guard, kinds
 from safetrain.drill import Drill
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.spike import SpikeDetector
@@ -214,7 +214,8 @@ class GuardedLoop:
     v.position.assign_add(s.attempts)
     self.spike.write(s.spike)
     # The rate the last update used (the schedule follows optimizer.iterations).
-    lr = tf.cast(self.optimizer._learning_rate(self.optimizer.iterations - 1), tf.float32)
+    schedule = compat.learning_rate_schedule(self.optimizer)
+    lr = tf.cast(schedule(self.optimizer.iterations - 1), tf.float32)
     return LoopOutput(
       applied=s.applied,
       attempts=s.attempts,

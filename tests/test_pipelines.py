@@ -22,6 +22,7 @@ import tensorflow as tf
 from common import tiny_config
 
 import safetrain
+from safetrain import compat
 from safetrain.records import read_jsonl
 
 N = 10_000
@@ -103,11 +104,7 @@ def _kill_after_checkpoint(workdir, step):
   for name in os.listdir(d):
     if name.startswith("ckpt-") and int(name.split(".")[0].split("-")[1]) > step:
       os.remove(os.path.join(d, name))
-  from tensorflow.python.checkpoint import checkpoint_management
-
-  checkpoint_management.update_checkpoint_state_internal(
-    d, keep[-1], keep, save_relative_paths=True
-  )
+  compat.write_checkpoint_state(d, keep)
 
 
 @pytest.mark.parametrize("pipeline", sorted(PIPELINES))
