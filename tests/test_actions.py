@@ -2,6 +2,7 @@
 safetrain/callbacks.py), through the public API and the command."""
 
 import csv
+import glob
 import json
 import os
 
@@ -47,6 +48,14 @@ def test_an_action_stops_the_command_at_its_step_with_a_checkpoint_and_exit_0(tm
     np.testing.assert_array_equal(w, tf.train.load_variable(ckpt, key))
   recorded = json.load(open(os.path.join(workdir, "config.json")))["experiment"]
   assert recorded == {"file": STOP_ACTION, "arg": None}
+  # The same command trains on from there (and the action stops it again).
+  code = cli.main_with_exit_code(["safetrain", f"--config={STOP_ACTION}", f"--workdir={workdir}"])
+  assert code == 0 and "stopped at step 15 of 30" in capsys.readouterr().err
+  assert [r["step"] for r in safetrain.read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [
+    5,
+    10,
+    15,
+  ]
 
 
 class ScoreTrainer(TinyTrainer):
@@ -173,6 +182,7 @@ def test_reduce_lr_on_plateau_composes_with_recovery_and_csv_logger_writes_each_
       keras.callbacks.ReduceLROnPlateau(monitor="val_score", mode="min", factor=0.1, patience=1),
       keras.callbacks.CSVLogger(csv_path),
       keras.callbacks.TerminateOnNaN(),
+      keras.callbacks.TensorBoard(str(tmp_path / "tb")),
     )
 
   workdir = str(tmp_path / "run")
@@ -210,6 +220,15 @@ def test_reduce_lr_on_plateau_composes_with_recovery_and_csv_logger_writes_each_
   assert [int(float(r["step"])) for r in rows] == [5, 10, 15, 20, 25]
   np.testing.assert_allclose([float(r["val_score"]) for r in rows], [5, 6, 4, 4, 3])
   np.testing.assert_allclose([float(r["lr"]) for r in rows], [rate[s] for s in (5, 10, 15, 20, 25)])
+  # Keras's TensorBoard callback: epoch_* scalars by evaluation index.
+  events = {}
+  for run in ("train", "validation"):
+    (path,) = glob.glob(str(tmp_path / "tb" / run / "events.out.tfevents.*"))
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        events.setdefault((run, value.tag), []).append(event.step)
+  assert events[("validation", "epoch_score")] == [0, 1, 2, 3, 4]
+  assert events[("train", "epoch_lr")] == [0, 1, 2, 3, 4]
 
 
 def test_callbacks_and_actions_that_cannot_work_are_refused_before_training(tmp_path):

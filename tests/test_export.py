@@ -247,15 +247,21 @@ def test_a_model_compiled_with_the_trainer_optimizer_saves_and_reloads(tmp_path)
   )
 
 
-def test_fit_exports_only_when_it_finishes(tmp_path):
+def test_fit_exports_only_when_it_finishes(tmp_path, monkeypatch, caplog):
+  ended = []
+
   class Preempted(TinyTrainer):
     def actions(self):
       return [lambda record: os.kill(os.getpid(), signal.SIGINT) if record.step == 10 else None]
+
+    def callbacks(self):
+      return [keras.callbacks.LambdaCallback(on_train_end=ended.append)]
 
   workdir = str(tmp_path / "preempted")
   result = Preempted(tiny_config(), workdir).fit()
   assert (result.stopped, result.step, result.exported) == ("preempted", 10, None)
   assert not os.path.exists(os.path.join(workdir, "export"))
+  assert ended == [{}]  # on_train_end ran (no evaluation: no epoch logs)
   workdir = str(tmp_path / "diverged")
   config = tiny_config(**{"drill.loss_steps": "1-100", "recovery.enabled": False})
   with pytest.raises(safetrain.DivergenceError):
@@ -267,3 +273,11 @@ def test_fit_exports_only_when_it_finishes(tmp_path):
   ).fit()
   assert result.stopped == "data_exhausted" and result.step == 16
   assert result.exported == os.path.join(workdir, "export", "model.keras")
+
+  def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(export_lib, "export_model", no_space)
+  result = TinyTrainer(tiny_config(), str(tmp_path / "full")).fit()
+  assert (result.stopped, result.step, result.exported) == ("completed", 20, None)
+  assert "The model was not exported (OSError: [Errno 28] No space left" in caplog.text
