@@ -80,6 +80,11 @@ class Actions:
     self._model = model
     self._last: LoopRecord | None = None
 
+  @property
+  def active(self) -> bool:
+    """Whether there is anything to run."""
+    return bool(self._actions or self._callbacks)
+
   def begin(self, step: int) -> None:
     """Training begins (after the restore), at `step`."""
     if self._model is not None:

@@ -189,6 +189,8 @@ class Controller:
           eval_metrics=evaluated,
           rolled_back=rolled_back,
         )
+        if self._num_workers > 1 and self._actions.active:
+          stop_request = self._agreed_stop(stop_request)
         if self._step() % c.checkpoint.every_steps == 0 or signals.received:
           self._save_checkpoint()
         stopped = self._stop_reason(out, signals)
@@ -310,6 +312,12 @@ class Controller:
       self._recovery_actions.roll_back(kind)
     self._recovery_actions.refill_budget()
     return rolled_back
+
+  def _agreed_stop(self, reason: str | None) -> str | None:
+    """The chief's actions decide for every worker whether the run stops (a
+    collective), so no worker trains on into collectives the others left."""
+    stop = distribute.broadcast_from_chief(self._strategy, int(bool(reason)), self._is_chief)
+    return (reason or "the chief's actions asked to stop") if stop else None
 
   def _eval_due(self) -> bool:
     every, step = self.config.eval.every_steps, self._step()

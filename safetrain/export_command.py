@@ -82,7 +82,8 @@ def _export(trainer, output: str, fmt: str) -> tuple[str, str]:
   ) as e:
     raise ExportError(str(e)) from None
   except (OSError, tf.errors.OpError) as e:
-    raise ExportError(f"cannot write {output}: {getattr(e, 'strerror', None) or e}") from None
+    why = getattr(e, "strerror", None) or _first_line(e)
+    raise ExportError(f"cannot write {output}: {why}") from None
 
 
 def load_trainer(workdir: str):

@@ -498,7 +498,7 @@ class Trainer:
     self._state_ready = True
     return path
 
-  def export(self, path: str | None = None, format: str = "keras") -> str:  # noqa: A002
+  def export(self, path: str | None = None, format: str = "keras") -> str:
     """Writes the model for use without the trainer; returns the path.
 
     Args:
