@@ -75,6 +75,23 @@ def set_learning_rate_schedule(optimizer, schedule) -> None:
   optimizer._learning_rate = schedule
 
 
+def leave_out_of_keras_saves(optimizer, unused) -> None:
+  """Leaves one variable out of the optimizer's Keras save (`model.save`).
+
+  Why an internal: Keras saves an optimizer's variables by position
+  (`save_own_variables`), and `load_model` rebuilds one whose rate is a
+  schedule without a rate variable; with the unused rate variable left in, the
+  counts differ and Keras skips the whole optimizer state. Overriding the
+  instance's `save_own_variables` lets a compiled model's slots load back.
+  """
+
+  def save_own_variables(store):
+    for i, variable in enumerate(v for v in optimizer.variables if v is not unused):
+      store[str(i)] = variable.numpy()
+
+  optimizer.save_own_variables = save_own_variables
+
+
 def disable_gradient_all_reduce(optimizer) -> bool:
   """Stops a Keras 3 optimizer from summing gradients over replicas.
 
