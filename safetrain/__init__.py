@@ -16,6 +16,7 @@ from safetrain.records import read_jsonl
 # command must own that time (a Ctrl-C in it stops the command cleanly).
 _LAZY = {
   "FitResult": "safetrain.trainer",
+  "LoopRecord": "safetrain.actions",
   "Trainer": "safetrain.trainer",
   "unpack_batch": "safetrain.data",
 }
@@ -34,6 +35,7 @@ __all__ = [
   "ConfigError",
   "DivergenceError",
   "FitResult",
+  "LoopRecord",
   "PreflightError",
   "Trainer",
   "WorkdirError",

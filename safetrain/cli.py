@@ -2,6 +2,7 @@
 
   safetrain --config=experiments/NAME.py[:ARG] --workdir=DIR [--config.a.b=V ...]
   safetrain report WORKDIR
+  safetrain export WORKDIR [--format keras|saved_model] [--output PATH]
 
   ARG is a word the experiment lists in its ARGS tuple (or several, joined
   by commas).
@@ -71,7 +72,7 @@ def _main(argv: list[str]) -> int:
   if any(a in _HELP for a in argv[1:]):
     print(__doc__.strip())
     return EXIT_OK
-  module, file_config = _load_experiment(argv)
+  module, file_config, arg = _load_experiment(argv)
   fv = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file(
     "config",
@@ -108,6 +109,8 @@ def _main(argv: list[str]) -> int:
     trainer_cls = experiment.resolve_trainer(config.trainer, module)
     _check_workdir(workdir)
     trainer = trainer_cls(config, workdir)
+    # For `safetrain export` (config.json): the experiment file and its :ARG.
+    trainer._origin.update(file=os.path.abspath(module.__file__), arg=arg or None)
     result = trainer.fit()
   except safetrain.DivergenceError as e:
     print(f"safetrain: diverged: {e.diagnosis}", file=sys.stderr)
@@ -133,6 +136,8 @@ def _main(argv: list[str]) -> int:
   # No loop ran when the workdir was already at train.steps: no loss to show.
   loss = f", final loss {result.loss:.4g}" if math.isfinite(result.loss) else ""
   print(trainer.summary_line(result) + loss)
+  if result.exported:
+    print(f"model exported to {result.exported}")
   if result.step > config.train.steps:
     print(
       f"safetrain: note: the workdir was already at step {result.step}, past "
@@ -147,6 +152,12 @@ def _main(argv: list[str]) -> int:
       file=sys.stderr,
     )
     return EXIT_PREEMPTED
+  if result.stopped == "action":
+    print(
+      f"safetrain: stopped at step {result.step} of {config.train.steps}: "
+      f"{result.stop_reason}; run the same command to train on.",
+      file=sys.stderr,
+    )
   if result.stopped == "data_exhausted":
     print(
       f"safetrain: the training data ended at step {result.step} "
@@ -207,7 +218,7 @@ def _load_experiment(argv: list[str]):
       f"--config: get_config() in {path} returned {type(config).__name__}, not an "
       "ml_collections.ConfigDict (start from safetrain.default_config())"
     )
-  return module, config
+  return module, config, arg
 
 
 def _check_override_keys(argv: list[str], config) -> None:
@@ -279,7 +290,8 @@ def _last_checkpoint_note(workdir: str) -> str:
     return ""
   if latest is None:
     return ""
-  return f": the last committed checkpoint ({workdir}/checkpoints/ckpt-{latest}) is intact"
+  path = checkpointing.path_of(os.path.join(workdir, "checkpoints"), latest)
+  return f": the last committed checkpoint ({path}) is intact"
 
 
 def _one_line(e: BaseException, typed: bool = False) -> str:
@@ -315,6 +327,8 @@ def run() -> None:
   # Inside Trainer.fit a signal stops the run after the current loop; outside
   # it (start-up, restore, final evaluation) there is nothing to finish.
   signal.signal(signal.SIGTERM, _stop)
+  if len(sys.argv) > 1 and sys.argv[1] == "export":
+    sys.exit(_export(sys.argv[2:]))
   try:
     code = main_with_exit_code(sys.argv)
   except (_Stopped, KeyboardInterrupt):
@@ -325,6 +339,17 @@ def run() -> None:
     )
     code = EXIT_PREEMPTED
   sys.exit(code)
+
+
+def _export(argv: list[str]) -> int:
+  """`safetrain export`: a signal stops it with 143, the previous export whole."""
+  try:
+    from safetrain import export_command  # noqa: PLC0415
+
+    return export_command.main(argv)
+  except (_Stopped, KeyboardInterrupt):
+    print("safetrain export: stopped by a signal; nothing was written", file=sys.stderr)
+    return EXIT_PREEMPTED
 
 
 class _Stopped(BaseException):

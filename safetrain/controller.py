@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from safetrain import (
+  actions,
   checkpointing,
   distribute,
   evaluation,
@@ -68,7 +69,11 @@ class FitResult:
     examples_dropped: examples left out of per-example losses (non-finite).
     loss_scale: the loss scale at the end (1.0 unless mixed_float16).
     eval_metrics: the last evaluation's metrics ({} if none ran).
-    stopped: "completed", "preempted" or "data_exhausted".
+    stopped: "completed", "preempted", "data_exhausted", or "action" (an
+      action's `record.stop()` or `model.stop_training`, before train.steps).
+    stop_reason: why an action stopped the run ("" otherwise).
+    exported: the model file fit() wrote (WORKDIR/export/model.keras), or
+      None (preempted, a non-chief worker, or the export failed: see the log).
   """
 
   step: int
@@ -84,6 +89,8 @@ class FitResult:
   loss_scale: float = 1.0
   eval_metrics: dict = dataclasses.field(default_factory=dict)
   stopped: str = "completed"
+  stop_reason: str = ""
+  exported: str | None = None
 
 
 @dataclasses.dataclass
@@ -112,6 +119,8 @@ class Parts:
   stash: forensics.Stash | None
   health: health.Health
   snapshots: SnapshotRing | None
+  actions: actions.Actions | None = None  # the user's actions and Keras callbacks
+  origin: dict | None = None  # the trainer's file and :ARG, for `safetrain export`
 
 
 class Controller:
@@ -147,6 +156,8 @@ class Controller:
     self._quarantine: quarantine.QuarantineLog | None = None
     # The replay of the first quarantined batch of this process, reused after.
     self._bad_batch_diagnosis = ""
+    self._actions = parts.actions or actions.Actions([])
+    self._origin = parts.origin
     # True once the model holds the restored or initial state of the run.
     self.started = False
     self._log: metrics.RunLog | None = None
@@ -160,10 +171,13 @@ class Controller:
     progress = metrics.Progress(c.train.steps, c.train.log_every_steps)
     eval_metrics: dict = {}
     last_loss = float("nan")
-    stopped = "completed"
+    stopped, stop_reason = "completed", ""
+    self._actions.begin(self._step())
     with preemption.SignalCatcher() as signals:
       while self._step() < c.train.steps:
         before = (int(self._data.position.numpy()), int(self._recovery.attempts.numpy()))
+        incidents_before = len(self._incidents.records)
+        self._actions.before_loop(self._step())
         out, seconds = self._run_inner_loop()
         if out.applied:
           last_loss = float(out.loss_sum) / int(out.applied)
@@ -181,24 +195,40 @@ class Controller:
           record.update(rollback=True, step=self._step())
         else:
           self._take_snapshot()
+        evaluated = None
         if self._eval_due() and not rolled_back:
-          eval_metrics = self._evaluate()
+          eval_metrics = evaluated = self._evaluate()
           record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         self._log.write(record)
         progress.update(self._step(), seconds, int(out.applied), record["loss"])
+        # Before the save, so what an action changed (a lowered base rate) is in it.
+        stop_request = self._actions.after_loop(
+          record=record,
+          incidents=self._incidents.records[incidents_before:],
+          eval_metrics=evaluated,
+          rolled_back=rolled_back,
+        )
+        if self._num_workers > 1 and self._actions.active:
+          stop_request = self._agreed_stop(stop_request)
         if self._step() % c.checkpoint.every_steps == 0 or signals.received:
           self._save_checkpoint()
         stopped = self._stop_reason(out, signals)
+        if stopped == "completed" and stop_request and self._step() < c.train.steps:
+          stopped, stop_reason = "action", stop_request
         if stopped != "completed":
           break
     progress.close()
     if stopped != "preempted":
       self._save_checkpoint()
-      eval_metrics = self._evaluate() or eval_metrics
+      final_eval = self._evaluate()
+      eval_metrics = final_eval or eval_metrics
       if eval_metrics:
         self._log.write_final_eval(self._step(), eval_metrics)
+      self._actions.final(self._step(), final_eval)
     self._log.flush()
     result = self._result(last_loss, eval_metrics, stopped)
+    result.stop_reason = stop_reason
+    self._actions.end()
     logging.info("%s", summary_line(result))
     return result
 
@@ -246,7 +276,9 @@ class Controller:
         self._seek_data()
       self._resume_precision()
     if self._is_chief:
-      metrics.write_config(self.workdir, self.config, self._trainer_name, resumed)
+      metrics.write_config(
+        self.workdir, self.config, self._trainer_name, resumed, experiment=self._origin
+      )
     if self._snapshots is not None and self._snapshots.enabled:
       logging.info(
         "In-memory snapshots: %d x %.2f MB (recovery.snapshots, recovery.snapshots_max_mb).",
@@ -418,6 +450,12 @@ class Controller:
       return False
     return bool(self._all_finite())
 
+  def _agreed_stop(self, reason: str | None) -> str | None:
+    """The chief's actions decide for every worker whether the run stops (a
+    collective), so no worker trains on into collectives the others left."""
+    stop = distribute.broadcast_from_chief(self._strategy, int(bool(reason)), self._is_chief)
+    return (reason or "the chief's actions asked to stop") if stop else None
+
   def _eval_due(self) -> bool:
     every, step = self.config.eval.every_steps, self._step()
     return bool(every) and step % every == 0 and step < self.config.train.steps
@@ -505,7 +543,7 @@ class Controller:
     step = distribute.broadcast_from_chief(self._strategy, step, self._is_chief)
     if self._is_chief:
       return path
-    return None if step < 0 else os.path.join(self._checkpoints.directory, f"ckpt-{step}")
+    return None if step < 0 else checkpointing.path_of(self._checkpoints.directory, step)
 
   def _resume_precision(self) -> None:
     saved = config_lib.POLICIES[int(self._run.precision.numpy())]

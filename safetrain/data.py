@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from safetrain import guard
+from safetrain import compat, guard
 from safetrain.errors import BadInputError
 
 
@@ -162,7 +162,7 @@ class TrainData:
     if self.repeat:
       dataset = dataset.repeat()
     first = iter(dataset.take(1))
-    stateful = _stateful(first)
+    stateful = compat.iterator_state_error(first)
     try:
       batch = next(first, None)
     except tf.errors.OpError as e:
@@ -200,20 +200,6 @@ class TrainData:
     """Whether tf.train.Checkpoint can save `iterator` (a plain iterator of a
     pipeline without state outside the graph)."""
     return self.stateful is None and isinstance(iterator, tf.__internal__.tracking.Trackable)
-
-
-def _stateful(iterator) -> str | None:
-  """Why `iterator` cannot be saved, or None when it can.
-
-  Tried on a fresh iterator: serializing a pipeline with state outside the
-  graph fails at once ("RandomUniform is stateful"), before any batch is read.
-  """
-  try:
-    iterator._serialize_to_tensors()
-  except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as e:
-    text = str(e).split("}}")[-1].strip().split(" [Op:")[0].rstrip(".")
-    return text or "the pipeline holds state outside the graph"
-  return None
 
 
 def log_position_based(reason: str) -> None:

@@ -11,6 +11,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from safetrain import compat
+
 
 def split_cpu(n: int) -> None:
   """Splits the first CPU into `n` logical devices (before TF initialises)."""
@@ -68,14 +70,10 @@ def _multi_worker() -> tf.distribute.MultiWorkerMirroredStrategy:
 
 
 def _mirrored(devices: list[str]) -> tf.distribute.MirroredStrategy:
-  # Collective group keys are process-wide and every MirroredStrategy starts
-  # them at the class's base, so a second strategy in one process (another
-  # trainer, or the user's own) would meet this one's collectives ("Shape
-  # mismatch in the collective instance"). Ours gets a base of its own, and the
-  # next one another; TensorFlow's own tests move the base the same way.
-  tf.distribute.MirroredStrategy._collective_key_base += 100_000
+  # Ours gets collective keys of its own, and the next strategy others.
+  compat.reserve_collective_keys()
   strategy = tf.distribute.MirroredStrategy(devices)
-  tf.distribute.MirroredStrategy._collective_key_base += 100_000
+  compat.reserve_collective_keys()
   return strategy
 
 
@@ -130,10 +128,7 @@ def skip_optimizer_all_reduce(optimizer, strategy: tf.distribute.Strategy) -> bo
     return False
   if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
     return False
-  if not callable(getattr(optimizer, "_all_reduce_sum_gradients", None)):
-    return False
-  optimizer._all_reduce_sum_gradients = list
-  return True
+  return compat.disable_gradient_all_reduce(optimizer)
 
 
 def replica_local_state(

@@ -100,12 +100,21 @@ class RunLog:
     self._writer.flush()
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict, trainer: str, resumed) -> None:
-  """Writes WORKDIR/config.json atomically: the resolved config of this start."""
+def write_config(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  trainer: str,
+  resumed,
+  experiment: dict | None = None,
+) -> None:
+  """Writes WORKDIR/config.json atomically: the resolved config of this start,
+  and where the trainer comes from (`experiment`: its file and the
+  experiment's :ARG), which `safetrain export` needs."""
   path = os.path.join(workdir, "config.json")
   data = {
     "config": config.to_dict(),
     "trainer": trainer,
+    "experiment": experiment,
     "resumed_from": resumed,
     "time": time.time(),
   }

@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedules built from `config.optimizer`.
 
-The effective learning rate is `schedule(step) * lr_scale * rewarm(step)`,
-where `lr_scale` and the re-warm anchor are variables owned by recovery, so
-lowering the learning rate after a rollback never retraces the compiled loop.
+The effective learning rate is
+`schedule(step) * base_factor * lr_scale * rewarm(step)`, where `lr_scale` and
+the re-warm anchor are variables owned by recovery and `base_factor` is the
+user's (Keras's ReduceLROnPlateau lowers it), so lowering the learning rate
+never retraces the compiled loop.
 """
 
 from __future__ import annotations
@@ -13,38 +15,100 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from safetrain import compat
 
+
+@keras.saving.register_keras_serializable(package="safetrain")
 class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
-  """A Keras schedule multiplied by a learning-rate scale and a re-warm ramp.
+  """A Keras schedule multiplied by a base factor, a learning-rate scale and a
+  re-warm ramp: `base(step) * base_factor * lr_scale * ramp(step)`.
+
+  `base_factor` is the user's (ReduceLROnPlateau lowers it, through the Keras
+  callbacks adapter); `lr_scale` and the ramp are recovery's. Neither undoes
+  the other: each is its own variable, and a rollback restores neither.
+
+  It serializes (`get_config`/`from_config`, registered as
+  `safetrain>ScaledSchedule`), so a model compiled with the trainer's
+  optimizer saves and loads: the base schedule is saved whole and the
+  factor, scale and re-warm anchor as the numbers they hold at save time.
 
   Args:
     base: the schedule (or a constant float) before scaling.
-    lr_scale: scalar float32 variable (1.0 until recovery lowers it).
-    rewarm_start: scalar int64 variable: the step a rollback restored, or -1.
+    lr_scale: scalar float32 variable (1.0 until recovery lowers it), or a number.
+    rewarm_start: scalar int64 variable: the step a rollback restored, or -1;
+      or a number.
     rewarm_steps: steps over which the rate ramps back up after a rollback
       (0 disables the ramp).
+    base_factor: scalar float32 variable multiplying the base (1.0 until a
+      callback lowers it), or a number.
   """
 
-  def __init__(self, base, lr_scale: tf.Variable, rewarm_start: tf.Variable, rewarm_steps: int = 0):
+  def __init__(self, base, lr_scale, rewarm_start, rewarm_steps: int = 0, base_factor=1.0):
     self.base = base
     self.lr_scale = lr_scale
     self.rewarm_start = rewarm_start
     self.rewarm_steps = rewarm_steps
+    self.base_factor = base_factor
 
   def __call__(self, step):
-    if callable(self.base):
-      lr = tf.cast(self.base(step), tf.float32)
-    else:
-      lr = tf.constant(self.base, tf.float32)
-    lr = lr * self.lr_scale
+    lr = self._base(step) * self.base_factor * self.lr_scale
     if self.rewarm_steps > 0:
       since = tf.cast(step, tf.int64) - self.rewarm_start
       ramp = tf.clip_by_value(tf.cast(since + 1, tf.float32) / float(self.rewarm_steps), 0.0, 1.0)
       lr = lr * tf.where(self.rewarm_start >= 0, ramp, 1.0)
     return lr
 
+  def _base(self, step) -> tf.Tensor:
+    if callable(self.base):
+      return tf.cast(self.base(step), tf.float32)
+    return tf.constant(self.base, tf.float32)
+
+  def base_rate(self, step) -> float:
+    """The rate before recovery: `base(step) * base_factor`, as a number."""
+    return float(self._base(step) * _number(self.base_factor))
+
+  def set_base_rate(self, step, rate: float) -> None:
+    """Sets `base_factor` so that `base_rate(step) == rate`. A base of 0 at
+    `step` (a warm-up's first step) cannot be scaled: the factor is kept."""
+    base = float(self._base(step))
+    if base > 0 and isinstance(self.base_factor, tf.Variable):
+      self.base_factor.assign(float(rate) / base)
+
   def get_config(self):
-    return {"rewarm_steps": self.rewarm_steps}
+    base = self.base
+    if isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
+      base = keras.saving.serialize_keras_object(base)
+    return {
+      "base": base,
+      "lr_scale": _number(self.lr_scale),
+      "rewarm_start": int(_number(self.rewarm_start)),
+      "rewarm_steps": int(self.rewarm_steps),
+      "base_factor": _number(self.base_factor),
+    }
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    if isinstance(config["base"], dict):
+      config["base"] = keras.saving.deserialize_keras_object(config["base"])
+    return cls(**config)
+
+
+def _number(x) -> float:
+  """A variable's value, or a number, as a Python float."""
+  return float(np.asarray(x.numpy() if isinstance(x, tf.Variable) else x))
+
+
+class LearningRateFactor(tf.Module):
+  """The user's factor on the base learning rate (`ScaledSchedule.base_factor`).
+
+  Checkpointed with the run and never rolled back, like recovery's scale:
+  a plateau reduction survives rollbacks and resumes.
+  """
+
+  def __init__(self):
+    super().__init__(name="lr_factor")
+    self.factor = tf.Variable(1.0, dtype=tf.float32, trainable=False, name="factor")
 
 
 def build_schedule(
@@ -72,6 +136,7 @@ def build_schedule(
   raise ValueError(f"unknown schedule {name!r}")
 
 
+@keras.saving.register_keras_serializable(package="safetrain")
 class _WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
   def __init__(self, learning_rate: float, warmup_steps: int):
     self.learning_rate = learning_rate
@@ -127,6 +192,7 @@ def wrap_learning_rate(
   lr_scale: tf.Variable,
   rewarm_start: tf.Variable,
   rewarm_steps: int,
+  base_factor: tf.Variable | float = 1.0,
 ) -> None:
   """Makes the optimizer's learning rate a `ScaledSchedule` recovery can lower.
 
@@ -135,12 +201,14 @@ def wrap_learning_rate(
       kept as the base.
     default_schedule: builds the base from config.optimizer instead, for the
       optimizer safetrain built itself (its rate is a plain number), or None.
-    lr_scale, rewarm_start, rewarm_steps: see ScaledSchedule.
+    lr_scale, rewarm_start, rewarm_steps, base_factor: see ScaledSchedule.
   """
-  base = optimizer._learning_rate  # Keras keeps either a schedule or a variable.
+  base = compat.learning_rate_schedule(optimizer)  # a schedule or a variable
+  rate_variable = base if isinstance(base, keras.Variable) else None
   if not isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
     base = default_schedule() if default_schedule is not None else float(np.asarray(base))
-  # Assigned to the attribute, not through the `learning_rate` setter: the
-  # setter untracks the optimizer's learning-rate variable in place, which
-  # breaks tf.train.Checkpoint's append-only tracking of optimizer.variables.
-  optimizer._learning_rate = ScaledSchedule(base, lr_scale, rewarm_start, rewarm_steps)
+  compat.set_learning_rate_schedule(
+    optimizer, ScaledSchedule(base, lr_scale, rewarm_start, rewarm_steps, base_factor)
+  )
+  if rate_variable is not None:
+    compat.leave_out_of_keras_saves(optimizer, rate_variable)

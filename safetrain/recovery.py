@@ -302,7 +302,7 @@ class Recovery:
       if self.healthy():
         if self.snapshots is not None:
           self.snapshots.drop_after(step_of(target))
-        return target, self.checkpoints.position_of(target, self.data)
+        return target, self.checkpoints.position_of(target)
       if self.is_chief:
         self.checkpoints.set_aside(target, "it restores non-finite values")
 

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from safetrain import guard
+from safetrain import compat, guard
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.spike import SpikeDetector
 
@@ -198,7 +198,7 @@ class Replay:
 
 def _layers_of(model) -> list:
   try:
-    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    layers = compat.flatten_layers(model)
   except (AttributeError, TypeError):
     layers = [model, *getattr(model, "layers", [])]
   return [layer for layer in layers if not isinstance(layer, keras.layers.InputLayer)]
@@ -255,16 +255,12 @@ class _Recorder:
     for layer in self.layers:
       if "call" in vars(layer):
         self._saved[id(layer)] = vars(layer)["call"]
-      # object.__setattr__: Keras's own __setattr__ would try to track it.
-      object.__setattr__(layer, "call", self._wrap(layer, layer.call))
+      compat.replace_call(layer, self._wrap(layer, layer.call))
     return self
 
   def __exit__(self, *exc):
     for layer in self.layers:
-      if id(layer) in self._saved:
-        object.__setattr__(layer, "call", self._saved[id(layer)])
-      elif "call" in vars(layer):
-        object.__delattr__(layer, "call")
+      compat.replace_call(layer, self._saved.get(id(layer)))
     return False
 
 

@@ -10,7 +10,7 @@ A rollback sends the step counter back, so the metrics records do not follow
 one path: the records from the steps a rollback undid are drawn apart, faded,
 as abandoned branches, and the solid line is the history of the final model.
 `plot_data` computes everything drawn, so tests can check the data behind the
-picture rather than pixels.
+picture rather than pixels, without matplotlib; report_plot.py draws it.
 """
 
 from __future__ import annotations
@@ -26,14 +26,6 @@ from typing import Any
 
 from safetrain.records import read_jsonl
 
-KIND_COLORS = {
-  "nonfinite_inputs": "#7b3294",
-  "nonfinite_loss": "#d7191c",
-  "nonfinite_grads": "#fdae61",
-  "loss_spike": "#1a9641",
-  "loss_scale_floor": "#8c510a",
-  "nonfinite_params": "#e7298a",
-}
 SERIES = ("loss", "grad_norm", "grad_norm_max", "lr_scale", "loss_scale", "lr", "eval_loss")
 
 
@@ -51,8 +43,12 @@ def plot_data(workdir: str, skipped: list[str] | None = None) -> dict[str, Any]:
       incidents: [{"step", "kind", "action", "restored_step", "count",
         "diagnosis"}] in file order: the marker positions.
       rollbacks: [(step, restored_step)]; aborts: [step].
+      arrows: [(step, lr_scale_before, restored_step, lr_scale_after)] of
+        each rollback: from where the run gave up, back and down.
+      note: the diagnosis of the last rollback or abort, wrapped ("" if none).
       summary: numbers for the text summary.
       fp16: whether the run used mixed_float16; clip: clip.global_norm.
+      log_steps: whether the step axis is logarithmic; x_max: its extent.
     Lines of the records that are not JSON objects are skipped (and described
     in `skipped`, when given).
   """
@@ -171,17 +167,58 @@ def plot_data(workdir: str, skipped: list[str] | None = None) -> dict[str, Any]:
   )
   right = max([int(r["step"]) for r in train] + [m["step"] for m in marks] + [0])
   early = [m["step"] for m in marks] + [x for x, k in zip(xs, kept) if not k]
+  total_steps = config.get("train", {}).get("steps")
+  reached = max([m["step"] for m in marks] + [x for d in series.values() for x in d["x"]] + [0])
+  if summary["aborted"]:
+    x_max = max(10, reached * 1.1)  # what happened before it stopped, not the plan
+  else:
+    x_max = max(total_steps or 0, reached) * 1.02
   return {
     "log_steps": bool(early) and right >= 100 and max(early) <= 0.05 * right,
+    "x_max": max(x_max, 1),
     "series": series,
     "incidents": marks,
     "rollbacks": [(m["step"], m["restored_step"]) for m in marks if m["action"] == "rollback"],
     "aborts": [m["step"] for m in marks if m["action"] == "abort"],
+    "arrows": [
+      (m["step"], m["lr_scale_before"], m["restored_step"], m["lr_scale_after"])
+      for m in marks
+      if m["action"] == "rollback"
+      and m["restored_step"] is not None
+      and _num(m["lr_scale_before"])
+      and _num(m["lr_scale_after"])
+    ],
+    "note": _note(marks),
     "summary": summary,
     "fp16": fp16,
     "clip": float(config.get("clip", {}).get("global_norm", 0.0) or 0.0),
-    "total_steps": config.get("train", {}).get("steps"),
+    "total_steps": total_steps,
   }
+
+
+def _last_stop(marks: list[dict]) -> dict | None:
+  """The incident of the last rollback or abort: the one whose why is told."""
+  return next((m for m in reversed(marks) if m["action"] in ("rollback", "abort")), None)
+
+
+def _note(marks: list[dict], width: int = 135, max_lines: int = 6) -> str:
+  """The note under the plots: why the run last rolled back or stopped."""
+  last = _last_stop(marks)
+  if not last or not last["diagnosis"]:
+    return ""
+  text = last["diagnosis"]
+  if last["action"] == "abort":
+    # The abort's text wraps the forensics in a run summary the plots show
+    # already; keep the forensics and the reason for stopping.
+    m = re.match(r"Training diverged at step \d+ \([a-z_]+\): (.*?) Over this run:", text)
+    why = re.search(r"Stopping because (.*?)\. The last healthy", text)
+    if m:
+      text = m.group(1) + (f" Stopped because {why.group(1)}." if why else "")
+  head = f"Why (the last {last['action']}, step {last['step']}): "
+  lines = textwrap.wrap(head + text, width)
+  if len(lines) > max_lines:
+    lines = lines[: max_lines - 1] + [lines[max_lines - 1][: width - 3] + "..."]
+  return "\n".join(lines)
 
 
 def _final_lr_scale(train: list, incidents: list) -> float:
@@ -216,232 +253,8 @@ def _initial_loss_scale(config: dict) -> float | None:
   return config.get("loss_scale", {}).get("initial")
 
 
-# ------------------------------------------------------------------ picture
-
-
-def draw(data: dict[str, Any], path: str, title: str) -> None:
-  """Draws `plot_data` output to a PNG at `path`."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from matplotlib.lines import Line2D
-
-  s = data["series"]
-  panels = ["loss", "grad", "lr"] + (["loss_scale"] if data["fp16"] else [])
-  heights = [{"loss": 3.0, "grad": 2.0, "lr": 1.4, "loss_scale": 1.4}[p] for p in panels]
-  note = _note(data)
-  if note:
-    heights.append(0.21 * (note.count("\n") + 1) + 0.1)
-  fig = plt.figure(figsize=(11, 1.36 * sum(heights) + 1.2), constrained_layout=True)
-  grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
-  axes = []
-  for i in range(len(panels)):
-    axes.append(fig.add_subplot(grid[i], sharex=axes[0] if axes else None))
-    if i < len(panels) - 1:
-      axes[-1].tick_params(labelbottom=False)
-  if note:
-    # The diagnosis of the last rollback or abort, under the plots: the why.
-    box = fig.add_subplot(grid[len(panels)])
-    box.axis("off")
-    text = box.text(0, 1, note, va="top", ha="left", fontsize=9, transform=box.transAxes)
-    text.set_in_layout(False)  # its row's height is reserved; don't squeeze the plots
-  ax = dict(zip(panels, axes))
-  main, faded = "#1f4e79", "#9aa7b4"
-
-  def line(a, key, color, label, style="-", marker=None, undone_label=None):
-    if key not in s:
-      return
-    d = s[key]
-    kx = [x for x, k in zip(d["x"], d["kept"]) if k]
-    ky = [y for y, k in zip(d["y"], d["kept"]) if k]
-    a.plot(kx, ky, style, color=color, lw=1.6, label=label, marker=marker, ms=3)
-    undone = [(x, y) for x, y, k in zip(d["x"], d["y"], d["kept"]) if not k]
-    if undone:
-      a.plot(
-        [p[0] for p in undone],
-        [p[1] for p in undone],
-        "x",
-        color=color,
-        alpha=0.6,
-        ms=7,
-        mew=1.5,
-        label=undone_label or "_nolegend_",
-      )
-
-  line(ax["loss"], "loss", main, "train loss", undone_label="loss of steps a rollback undid")
-  line(ax["loss"], "eval_loss", "#e66101", "eval loss", style="--", marker="o")
-  ax["loss"].set_ylabel("loss")
-  _log_if_positive(ax["loss"], s, ("loss", "eval_loss"))
-
-  line(ax["grad"], "grad_norm", main, "grad norm (mean, before clipping)")
-  line(ax["grad"], "grad_norm_max", faded, "grad norm (max)", style=":")
-  if data["clip"] > 0:
-    ax["grad"].axhline(data["clip"], color="#555555", lw=1, ls="--", label="clip.global_norm")
-  ax["grad"].set_ylabel("gradient norm")
-  _log_if_positive(ax["grad"], s, ("grad_norm", "grad_norm_max"))
-
-  if "lr_scale" in s:
-    d = s["lr_scale"]
-    ax["lr"].plot(d["x"], d["y"], color="#4d9221", lw=1.6, drawstyle="steps-post")
-  ax["lr"].set_yscale("log")
-  ax["lr"].set_ylabel("lr scale")
-  if "loss_scale" in ax:
-    if "loss_scale" in s:
-      d = s["loss_scale"]
-      ax["loss_scale"].plot(d["x"], d["y"], color="#762a83", lw=1.6, drawstyle="steps-post")
-    ax["loss_scale"].set_yscale("log", base=2)
-    ax["loss_scale"].set_ylabel("loss scale")
-
-  # Incidents: a vertical line in every panel, colored by kind; rollbacks
-  # solid with an arrow back to the restored step, aborts thick.
-  kinds_seen, actions_seen = [], []
-  for m in data["incidents"]:
-    color = KIND_COLORS.get(m["kind"], "black")
-    act = m["action"]
-    style = {
-      "rollback": dict(ls="-", lw=1.4, alpha=0.9),
-      "abort": dict(ls="-", lw=3.0, alpha=1.0),
-      "skipped_step": dict(ls=":", lw=1.0, alpha=0.8),
-    }.get(act, dict(ls=(0, (2, 2)), lw=1.2, alpha=0.8))
-    for a in axes:
-      a.axvline(m["step"], color=color, zorder=0, **style)
-    if m["kind"] not in kinds_seen:
-      kinds_seen.append(m["kind"])
-    if act not in actions_seen:
-      actions_seen.append(act)
-  top = ax["loss"]
-  if "loss" not in s:
-    top.text(0.5, 0.5, "no step was applied", transform=top.transAxes, ha="center", color="#777777")
-  # The rollback's story in the lr panel: from the step where the run gave up,
-  # back to the restored step, down to the lowered learning-rate scale.
-  for m in data["incidents"]:
-    if m["action"] != "rollback" or m["restored_step"] is None:
-      continue
-    if not (_num(m["lr_scale_before"]) and _num(m["lr_scale_after"])):
-      continue
-    ax["lr"].annotate(
-      "",
-      xy=(m["restored_step"], m["lr_scale_after"]),
-      xytext=(m["step"], m["lr_scale_before"]),
-      arrowprops=dict(
-        arrowstyle="->",
-        color="#333333",
-        lw=0.9,
-        shrinkA=0,
-        shrinkB=2,
-        connectionstyle="arc3,rad=0.0",
-      ),
-    )
-  for step in data["aborts"]:
-    top.annotate(
-      "abort",
-      xy=(step, 0.5),
-      xycoords=("data", "axes fraction"),
-      color="#b2182b",
-      fontweight="bold",
-      ha="right",
-      rotation=90,
-    )
-
-  handles = [Line2D([], [], color=KIND_COLORS.get(k, "black"), lw=2, label=k) for k in kinds_seen]
-  labels = {
-    "rollback": ("-", 1.4, "rollback (arrows: back to the restored step, lower lr)"),
-    "abort": ("-", 3.0, "abort"),
-    "skipped_step": (":", 1.0, "skipped step(s)"),
-    "dropped_rows": ((0, (2, 2)), 1.2, "rows dropped"),
-    "skipped_batch": ((0, (2, 2)), 1.2, "batch skipped"),
-  }
-  for act in actions_seen:
-    ls, lw, label = labels.get(act, ("-", 1, act))
-    handles.append(Line2D([], [], color="#444444", ls=ls, lw=lw, label=label))
-  h, lab = top.get_legend_handles_labels()
-  top.legend(h + handles, lab + [x.get_label() for x in handles], fontsize=8, loc="best", ncol=2)
-  ax["grad"].legend(fontsize=8, loc="best")
-
-  reached = max([*(m["step"] for m in data["incidents"]), *_all_x(s), 0])
-  if data["summary"]["aborted"]:
-    right = max(10, reached * 1.1)  # what happened before it stopped, not the plan
-  else:
-    right = max(data["total_steps"] or 0, reached) * 1.02
-  axes[-1].set_xlim(0, max(right, 1))
-  xlabel = "step (applied updates)"
-  if data["log_steps"]:
-    # Everything happened early in a long run: a log step axis spreads the
-    # incidents out instead of stacking them on the left edge.
-    axes[-1].set_xscale("symlog", linthresh=1.0, linscale=0.3)
-    from matplotlib import ticker
-
-    axes[-1].xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    xlabel += ", log scale"
-  axes[-1].set_xlabel(xlabel)
-  for a in axes:
-    a.grid(True, which="major", alpha=0.3)
-    _short_log_labels(a)
-  if "loss_scale" in ax:
-    ax["loss_scale"].yaxis.set_major_formatter(
-      matplotlib.ticker.FuncFormatter(lambda v, _: f"2^{math.log2(v):.3g}" if v > 0 else "0")
-    )
-    ax["loss_scale"].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  fig.suptitle(title, fontsize=11)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def _note(data: dict[str, Any], width: int = 135, max_lines: int = 6) -> str:
-  last = next(
-    (m for m in reversed(data["incidents"]) if m["action"] in ("rollback", "abort")), None
-  )
-  if not last or not last["diagnosis"]:
-    return ""
-  text = last["diagnosis"]
-  if last["action"] == "abort":
-    # The abort's text wraps the forensics in a run summary the plots show
-    # already; keep the forensics and the reason for stopping.
-    m = re.match(r"Training diverged at step \d+ \([a-z_]+\): (.*?) Over this run:", text)
-    why = re.search(r"Stopping because (.*?)\. The last healthy", text)
-    if m:
-      text = m.group(1) + (f" Stopped because {why.group(1)}." if why else "")
-  head = f"Why (the last {last['action']}, step {last['step']}): "
-  lines = textwrap.wrap(head + text, width)
-  if len(lines) > max_lines:
-    lines = lines[: max_lines - 1] + [lines[max_lines - 1][: width - 3] + "..."]
-  return "\n".join(lines)
-
-
-def _short(v: float, _pos=None) -> str:
-  text = f"{v:.3g}"
-  if "e" in text:
-    mantissa, exp = text.split("e")
-    text = ("" if mantissa == "1" else mantissa + "x") + f"1e{int(exp)}"
-  return text
-
-
-def _short_log_labels(a) -> None:
-  """Tick labels like 0.5, 2.4 and 1e36 instead of 5x10^-1 on log y axes."""
-  from matplotlib import ticker
-
-  if a.get_yscale() != "log":
-    return
-  lo, hi = a.get_ylim()
-  a.yaxis.set_major_formatter(ticker.FuncFormatter(_short))
-  # Within a decade or so, label the minor ticks too, or there are none.
-  small = lo > 0 and hi / lo < 20
-  a.yaxis.set_minor_formatter(ticker.FuncFormatter(_short) if small else ticker.NullFormatter())
-
-
 def _plural(n: int, word: str) -> str:
   return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _all_x(series) -> list:
-  return [x for d in series.values() for x in d["x"]]
-
-
-def _log_if_positive(a, series, keys) -> None:
-  ys = [y for k in keys if k in series for y in series[k]["y"]]
-  if ys and min(ys) > 0:
-    a.set_yscale("log")
 
 
 # -------------------------------------------------------------------- text
@@ -470,9 +283,7 @@ def summary_text(data: dict[str, Any], workdir: str, picture: str | None) -> str
     f"{s['steps_skipped']} steps skipped ({s['overflows']} float16 overflows), "
     f"{s['batches_skipped']} batches skipped by rollbacks, {s['rows_dropped']} rows dropped"
   )
-  diag = next(
-    (m for m in reversed(data["incidents"]) if m["action"] in ("rollback", "abort")), None
-  )
+  diag = _last_stop(data["incidents"])
   if diag and diag["diagnosis"]:
     text = diag["diagnosis"]
     if len(text) > 400:
@@ -520,8 +331,10 @@ def main(argv: list[str]) -> int:
     title = f"{name}: ABORTED at step {at}{planned}, {_plural(s['rollbacks'], 'rollback')}{loss}"
   else:
     title = f"{name}: {s['step']} steps, {_plural(s['rollbacks'], 'rollback')}{loss}"
+  from safetrain import report_plot  # matplotlib: only to draw
+
   try:
-    draw(data, path, title)
+    report_plot.draw(data, path, title)
   except OSError as e:
     print(f"safetrain report: error: cannot write {path}: {e}", file=sys.stderr)
     return 2

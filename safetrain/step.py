@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from safetrain import examples, guard, kinds, quarantine
+from safetrain import compat, examples, guard, kinds, quarantine
 from safetrain.clipping import GradientClip
 from safetrain.drill import Drill
 from safetrain.loss_scale import DynamicLossScale
@@ -246,7 +246,8 @@ class GuardedLoop:
     self.spike.write(s.spike)
     self.clip.write(s.clip)
     # The rate the last update used (the schedule follows optimizer.iterations).
-    lr = tf.cast(self.optimizer._learning_rate(self.optimizer.iterations - 1), tf.float32)
+    schedule = compat.learning_rate_schedule(self.optimizer)
+    lr = tf.cast(schedule(self.optimizer.iterations - 1), tf.float32)
     return LoopOutput(
       applied=s.applied,
       attempts=s.attempts,

@@ -11,6 +11,8 @@ checkpoints. `Trainer.build()` makes those parts; `fit()` hands them over.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 
 import keras
 import ml_collections
@@ -18,7 +20,14 @@ import tensorflow as tf
 from absl import logging
 
 from safetrain import (
+  actions as actions_lib,
+)
+from safetrain import (
+  callbacks as callbacks_lib,
+)
+from safetrain import (
   checkpointing,
+  compat,
   clipping,
   distribute,
   evaluation,
@@ -34,16 +43,18 @@ from safetrain import (
 from safetrain import config as config_lib
 from safetrain import controller as controller_lib
 from safetrain import data as data_lib
+from safetrain import export as export_lib
 from safetrain import optimizers as optimizers_lib
 from safetrain import spike as spike_lib
 from safetrain import step as step_lib
 from safetrain import workdir as workdir_lib
+from safetrain.actions import LoopRecord
 from safetrain.controller import FitResult
 from safetrain.drill import Drill
 from safetrain.errors import BadInputError, WorkdirError
 from safetrain.loss_scale import DynamicLossScale
 
-__all__ = ["FitResult", "Trainer"]
+__all__ = ["FitResult", "LoopRecord", "Trainer"]
 
 
 class Trainer:
@@ -72,6 +83,12 @@ class Trainer:
     self._built = False
     # True once evaluate() restored a checkpoint into the model.
     self._state_ready = False
+    # Where this trainer comes from, for `safetrain export` (config.json): the
+    # file of its class's module, and the experiment's :ARG (the command sets
+    # it). Not a script run as __main__: importing it again could train again.
+    module = sys.modules.get(type(self).__module__)
+    file = getattr(module, "__file__", None) if type(self).__module__ != "__main__" else None
+    self._origin = {"file": os.path.abspath(file) if file else None, "arg": None}
 
   # ---------------------------------------------------------------- hooks
 
@@ -141,6 +158,27 @@ class Trainer:
     loss the guard checks: a non-finite term makes a non-finite loss.
     """
     return losses.regularization_loss(model)
+
+  def actions(self) -> list[Callable[[LoopRecord], None]]:
+    """Returns callables run after every inner loop (default: none).
+
+    Each gets the loop's `safetrain.LoopRecord` (step, loss, metrics,
+    incidents, eval metrics when an evaluation ran) and may end the run with
+    `record.stop(reason)`: it then ends as a finished run does (checkpoint,
+    final evaluation, export, exit 0), with `FitResult.stopped == "action"`.
+    Their return value is ignored. Called once, when the trainer is built;
+    the callables run eagerly, in order, before the Keras callbacks.
+    """
+    return []
+
+  def callbacks(self) -> list[keras.callbacks.Callback]:
+    """Returns Keras callbacks to run between inner loops (default: none).
+
+    See README ("Actions and Keras callbacks") for the mapping of Keras's
+    hooks onto inner loops and evaluations, and which callbacks are refused.
+    Called once, when the trainer is built.
+    """
+    return []
 
   # ------------------------------------------------------------- building
 
@@ -237,6 +275,7 @@ class Trainer:
       # Build variables outside the compiled step, on a sample batch.
       self._sample_loss()
     self.optimizer = self.build_optimizer()
+    self._lr_factor = optimizers_lib.LearningRateFactor()
     default_schedule = None
     if type(self).build_optimizer is Trainer.build_optimizer:
       o = c.optimizer
@@ -253,6 +292,7 @@ class Trainer:
       lr_scale=self._recovery.lr_scale,
       rewarm_start=self._recovery.rewarm_start,
       rewarm_steps=c.recovery.rewarm_steps,
+      base_factor=self._lr_factor.factor,
     )
     self.optimizer.build(self.model.trainable_variables)
     self._skip_keras_all_reduce = distribute.skip_optimizer_all_reduce(
@@ -286,6 +326,7 @@ class Trainer:
         self._rollback_objects,
         data=self._data,
         recovery=self._recovery,
+        lr_factor=self._lr_factor,
         clip=self._clip,
         **({"iterator": iterator} if iterator_in_checkpoint else {}),
       ),
@@ -293,7 +334,7 @@ class Trainer:
       owner=type(self).__qualname__,
       # What a rollback keeps (not restored): persisted by the rollback
       # itself, with no model save (see checkpointing.record_rollback).
-      carry=("data", "recovery", "iterator", "clip"),
+      carry=("data", "recovery", "lr_factor", "iterator", "clip"),
       generation_key="recovery/rollbacks_total/.ATTRIBUTES/VARIABLE_VALUE",
     )
     self._loop = step_lib.GuardedLoop(
@@ -368,6 +409,8 @@ class Trainer:
         stash=self._stash,
         health=self._build_health(),
         snapshots=self._build_snapshots(),
+        actions=self._make_actions(),
+        origin=self._origin,
       )
     )
 
@@ -392,7 +435,7 @@ class Trainer:
 
   def _describe_lr(self) -> str:
     opt = self.optimizer
-    lr = float(opt._learning_rate(opt.iterations))
+    lr = float(compat.learning_rate_schedule(opt)(opt.iterations))
     scale = float(self._recovery.lr_scale.numpy())
     return (
       f"learning rate {lr:.4g} ({type(opt).__name__}, optimizer.learning_rate="
@@ -412,6 +455,29 @@ class Trainer:
     )
     return snapshots.SnapshotRing(
       variables, slots=r.snapshots, max_mb=r.snapshots_max_mb, scope=self._strategy.scope()
+    )
+
+  def _make_actions(self) -> actions_lib.Actions:
+    """The user's actions and Keras callbacks, checked."""
+    name = type(self).__qualname__
+    user_actions = self.actions()
+    if not isinstance(user_actions, (list, tuple)) or not all(map(callable, user_actions)):
+      raise config_lib.ConfigError(
+        "trainer", name, "actions() must return a list of callables taking a LoopRecord"
+      )
+    callbacks = callbacks_lib.check(self.callbacks(), name)
+    return actions_lib.Actions(
+      list(user_actions),
+      callbacks_lib.KerasCallbacks(
+        callbacks,
+        model=self.model,
+        optimizer=self.optimizer,
+        eval_every=self.config.eval.every_steps,
+        train_steps=self.config.train.steps,
+      )
+      if callbacks
+      else None,
+      model=self.model,
     )
 
   def _step(self) -> int:
@@ -474,7 +540,23 @@ class Trainer:
       self._restore_for_inference()
     return self._evaluator()
 
-  def _restore_for_inference(self) -> None:
+  def restore(self) -> str:
+    """Builds the trainer and loads the workdir's newest healthy checkpoint
+    into `self.model`, for evaluation and prediction.
+
+    Read-only: nothing in the workdir is repaired, moved or written, so it is
+    safe beside a run that is training there. A checkpoint that does not read
+    back, or holds non-finite values, is passed over for the one before it.
+    The optimizer is not restored (call fit() to train on).
+
+    Returns:
+      The path of the checkpoint restored. Raises WorkdirError when there is
+      no healthy checkpoint.
+    """
+    self.build()
+    return self._restore_for_inference()
+
+  def _restore_for_inference(self) -> str:
     """Loads the newest committed checkpoint that reads back finite into the
     model, without repairing or moving anything (a run may be writing)."""
     path = self._checkpoints.restore_model_readonly(
@@ -483,11 +565,37 @@ class Trainer:
     )
     if path is None:
       raise WorkdirError(
-        f"no healthy checkpoint in {self._checkpoints.directory} to evaluate: train first "
+        f"no healthy checkpoint in {self._checkpoints.directory}: train first "
         "(fit()), or point the trainer at the workdir of a trained run"
       )
-    logging.info("Evaluating the model of %s", path)
+    logging.info("Restored the model of %s (read-only)", path)
     self._state_ready = True
+    return path
+
+  def export(self, path: str | None = None, format: str = "keras") -> str:
+    """Writes the model for use without the trainer; returns the path.
+
+    Args:
+      path: where to write; default `WORKDIR/export/model.keras` (format
+        "keras") or `WORKDIR/export/saved_model` ("saved_model").
+      format: "keras": the model only (no optimizer), for
+        `keras.saving.load_model`; "saved_model": `model.export()`, a
+        SavedModel with a `serve` endpoint, for TensorFlow Serving.
+
+    The model is the one trained in this process (fit()), or restored
+    (restore()); on a fresh trainer, the newest healthy checkpoint is
+    restored first. The write is atomic: a kill mid-export leaves the
+    previous export whole.
+    """
+    path = path or export_lib.default_path(self.workdir, format)
+    export_lib.check_target(path, format)
+    self.build()
+    if not (self._state_ready or self._controller.started):
+      self._restore_for_inference()
+    spec = export_lib.input_spec(self._element_spec, data_lib.unpack_batch)
+    path = export_lib.export_model(self.model, path, format, input_signature=spec)
+    logging.info("Exported the model to %s", path)
+    return path
 
   # ----------------------------------------------------------- outer loop
 
@@ -514,10 +622,29 @@ class Trainer:
       lock.acquire()
     try:
       self.build()
-      return self._controller.fit()
+      result = self._controller.fit()
+      if result.stopped != "preempted" and self._is_chief:
+        result.exported = self._export_on_finish()
+      return result
     finally:
       if lock is not None:
         lock.release()
+
+  def _export_on_finish(self) -> str | None:
+    """WORKDIR/export/model.keras at the end of a run; a failure is a warning,
+    not a failed run: the final checkpoint holds the model, and
+    `safetrain export WORKDIR` writes it once the cause is fixed."""
+    try:
+      return self.export()
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded
+      logging.warning(
+        "The model was not exported (%s: %s); the final checkpoint is intact, and "
+        "`safetrain export %s` writes WORKDIR/export/model.keras from it.",
+        type(e).__name__,
+        str(e).strip().splitlines()[0] if str(e).strip() else "",
+        self.workdir,
+      )
+      return None
 
   def summary_line(self, result: FitResult) -> str:
     """One line about a finished fit(): incidents, recovery, the last eval."""

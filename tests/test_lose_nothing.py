@@ -28,7 +28,7 @@ from common import TinyTrainer, all_finite, tiny_config
 from test_drills import BASE, DAMAGE, _ckpt_dir, _fit, _flip_bytes, drill
 
 import safetrain
-from safetrain import checkpointing, cli, recovery, workdir
+from safetrain import checkpointing, cli, recovery, rollback_state, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = drill.EXPERIMENT
@@ -287,7 +287,7 @@ class _Killed(BaseException):
   pass
 
 
-def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run):
+def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run, monkeypatch):
   """In-process: the rollback's commit (rollback.json) is the last thing the
   process did. The restart restores the rollback's checkpoint (not the newer
   one it went back from), retires that newer one, and carries on with the
@@ -296,15 +296,15 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run):
   c.drill.loss_steps = "27-29,31-33"  # at 25: a rollback to 25, then one to 20
   first = TinyTrainer(c, str(run))
   first.build()
-  store = first._checkpoints
-  record = store.record_rollback
+  record = first._checkpoints.record_rollback
   state = {}
 
   def commit_then_die(path, generation):
     if generation == 2:
       # The commit, then death before the retirement of ckpt-25.
-      store._retire = lambda *args, **kwargs: None
-      record(path, generation)
+      with monkeypatch.context() as m:
+        m.setattr(rollback_state.RollbackState, "retire", lambda *args, **kwargs: None)
+        record(path, generation)
       state.update(first._recovery.snapshot(), position=int(first._data.position.numpy()))
       raise _Killed
     record(path, generation)

@@ -10,6 +10,10 @@ metric (one step per loop) says which batch each step trained on.
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import keras
 import numpy as np
@@ -18,6 +22,7 @@ import tensorflow as tf
 from common import tiny_config
 
 import safetrain
+from safetrain import compat
 from safetrain.records import read_jsonl
 
 N = 10_000
@@ -99,11 +104,7 @@ def _kill_after_checkpoint(workdir, step):
   for name in os.listdir(d):
     if name.startswith("ckpt-") and int(name.split(".")[0].split("-")[1]) > step:
       os.remove(os.path.join(d, name))
-  from tensorflow.python.checkpoint import checkpoint_management
-
-  checkpoint_management.update_checkpoint_state_internal(
-    d, keep[-1], keep, save_relative_paths=True
-  )
+  compat.write_checkpoint_state(d, keep)
 
 
 @pytest.mark.parametrize("pipeline", sorted(PIPELINES))
@@ -190,3 +191,43 @@ def test_a_failing_pipeline_is_a_bad_input_error_and_the_checkpoint_is_kept(at, 
     state = tf.train.get_checkpoint_state(os.path.join(workdir, "checkpoints"))
     assert state.model_checkpoint_path.endswith("ckpt-10")
   shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_kill9_mid_run_and_the_restart_trains_on_from_the_checkpoints_batch(tmp_path):
+  """The real thing: the command on a generator + py_function + tf.random
+  pipeline, killed with SIGKILL after step 12, restarted with the same command."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "run")
+  cmd = [
+    sys.executable,
+    "-m",
+    "safetrain",
+    f"--config={os.path.join(root, 'tests', 'fixtures', 'configs', 'pipeline_drill.py')}",
+    f"--workdir={workdir}",
+  ]
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(read_jsonl(metrics)) >= 12:
+      break
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed = read_jsonl(metrics)
+  assert 12 <= len(killed) < 40  # killed mid-run
+
+  done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  resumed_from = json.load(open(os.path.join(workdir, "config.json")))["resumed_from"]
+  start = int(resumed_from.rsplit("-", 1)[1])
+  assert start % 5 == 0 and start <= len(killed)
+  after = read_jsonl(metrics)[len(killed) :]
+  # Step s trains on batch s - 1, before the kill and after the restart.
+  assert [(r["step"], int(r["batch_index"])) for r in killed] == [
+    (s, s - 1) for s in range(1, len(killed) + 1)
+  ]
+  assert [(r["step"], int(r["batch_index"])) for r in after] == [
+    (s, s - 1) for s in range(start + 1, 41)
+  ]
+  assert "iterator cannot be checkpointed (" in done.stderr and "is stateful" in done.stderr

@@ -2,12 +2,13 @@
 
 import os
 import shutil
+import sys
 
 import pytest
 from common import TinyTrainer, tiny_config
 
 import safetrain
-from safetrain import report
+from safetrain import kinds, report, report_plot
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,20 @@ def test_lines_that_are_not_json_objects_are_skipped_with_a_warning(run_dir, tmp
   # The records around them are read as before.
   assert "1 rollback;" in out and "the run ABORTED" in out
   assert report.plot_data(str(workdir))["rollbacks"] == [(12, 10)]
+
+
+def test_the_data_behind_the_picture_and_the_summary_need_no_matplotlib(run_dir, monkeypatch):
+  for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+  data = report.plot_data(run_dir)
+  # The rollback's arrow: from step 12 at the full learning rate back to
+  # step 10 at half of it; the note under the plots tells why it stopped.
+  assert data["arrows"] == [(12, 1.0, 10, 0.5)]
+  assert data["note"].startswith("Why (the last abort, step 21): ")
+  assert data["x_max"] == pytest.approx(21 * 1.1)  # where it stopped, not train.steps=30
+  assert "last abort (step 21)" in report.summary_text(data, run_dir, None)
+
+
+def test_every_incident_kind_has_its_colour():
+  assert set(report_plot.KIND_COLORS) == set(kinds.KINDS)
