@@ -27,8 +27,8 @@ from safetrain import (
 )
 from safetrain import (
   checkpointing,
-  compat,
   clipping,
+  compat,
   distribute,
   evaluation,
   examples,
