@@ -482,7 +482,8 @@ def test_a_rollback_with_no_readable_checkpoint_left_stops_and_deletes_nothing(r
   target: each is set aside, and the run stops with DivergenceError (exit 3)
   instead of restoring garbage; every file is kept in corrupt/."""
   d = _ckpt_dir(run)
-  c = tiny_config(**dict(BASE, **{"train.steps": 40}))
+  # No in-memory snapshots: the rollback's target is on disk.
+  c = tiny_config(**dict(BASE, **{"train.steps": 40, "recovery.snapshots": 0}))
   c.drill.loss_steps = "27-29"
   trainer = TinyTrainer(c, str(run))
   find = recovery.rollback_target
