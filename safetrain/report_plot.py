@@ -22,6 +22,9 @@ KIND_COLORS = {
   "loss_spike": "#1a9641",
   "loss_scale_floor": "#8c510a",
   "nonfinite_params": "#e7298a",
+  "loss_growth": "#2c7bb6",
+  "stalled": "#525252",
+  "dead_units": "#01665e",
 }
 
 

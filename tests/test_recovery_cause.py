@@ -1,0 +1,128 @@
+"""Recovery by cause: bad examples are dropped, bad batches quarantined (no
+rollback, no learning-rate cut, no budget spent), diverging states rolled back."""
+
+import os
+
+import tensorflow as tf
+from common import TinyTrainer, all_finite, regression_data, tiny_config
+
+import safetrain
+
+
+def read(workdir, name):
+  path = os.path.join(workdir, name)
+  return safetrain.read_jsonl(path) if os.path.exists(path) else []
+
+
+def test_nan_examples_are_dropped_from_the_mean_and_the_rest_trains(tmp_path):
+  # Attempts 3 and 4: the loss of rows 0 and 1 of the batch is NaN.
+  c = tiny_config(**{"train.steps": 10, "drill.loss_steps": "3-4", "drill.loss_rows": 2})
+  t = TinyTrainer(c, str(tmp_path))
+  r = t.fit()
+  assert r.step == 10 and r.attempts == 10 and r.skipped_steps == 0
+  assert r.examples_dropped == 4 and r.rollbacks == 0 and r.lr_scale == 1.0
+  assert r.quarantined == 0
+  [inc] = r.incidents
+  assert (inc["kind"], inc["action"], inc["step"], inc["last_step"]) == (
+    "nonfinite_loss",
+    "dropped_examples",
+    3,
+    4,
+  )
+  assert inc["examples"] == 4 and inc["cause"] == "bad_batch"
+  q = read(tmp_path, "quarantine.jsonl")
+  assert [(e["step"], e["position"], e["action"], e["rows"], e["bad_examples"]) for e in q] == [
+    (3, 2, "dropped_examples", [0, 1], 2),
+    (4, 3, "dropped_examples", [0, 1], 2),
+  ]
+  assert all_finite(t)
+
+
+def test_nan_examples_beyond_the_limit_lose_the_whole_step(tmp_path):
+  # 8 of 16 rows is more than guard.max_dropped_examples (0.25): not a few
+  # bad examples, the step is skipped (and, the next batch training, quarantined).
+  c = tiny_config(**{"train.steps": 10, "drill.loss_steps": "3", "drill.loss_rows": 8})
+  r = TinyTrainer(c, str(tmp_path)).fit()
+  assert r.examples_dropped == 0 and r.skipped_steps == 1 and r.quarantined == 1
+  assert [(i["action"], i["step"]) for i in r.incidents] == [("quarantined_batch", 3)]
+
+
+def test_nan_batches_are_quarantined_with_no_lr_cut_and_no_budget_spent(tmp_path):
+  c = tiny_config(**{"train.steps": 12, "drill.loss_steps": "4,9"})
+  t = TinyTrainer(c, str(tmp_path))
+  r = t.fit()
+  assert r.step == 12 and r.attempts == 14 and r.skipped_steps == 2
+  assert r.quarantined == 2 and r.rollbacks == 0 and r.lr_scale == 1.0
+  assert int(t._recovery.rollbacks_used.numpy()) == 0
+  # One record per inner loop; attempt 9 is update 8 (one step was skipped).
+  assert [(i["kind"], i["action"], i["step"], i["cause"]) for i in r.incidents] == [
+    ("nonfinite_loss", "quarantined_batch", 4, "bad_batch"),
+    ("nonfinite_loss", "quarantined_batch", 8, "bad_batch"),
+  ]
+  q = read(tmp_path, "quarantine.jsonl")
+  # Attempt 4 is the 4th batch (position 3); attempt 9 the 9th (position 8).
+  assert [(e["attempt"], e["position"], e["action"]) for e in q] == [
+    (4, 3, "quarantined_batch"),
+    (9, 8, "quarantined_batch"),
+  ]
+
+
+class MarkedRowsTrainer(TinyTrainer):
+  """Rows whose first feature is 100 make a scalar loss NaN (their own term
+  is log(0)): a loss bound to the data, not to the state."""
+
+  BAD_BATCHES = (4, 5, 6)  # three in a row: guard.rollback_after
+
+  def build_train_dataset(self):
+    x, y = regression_data()
+    for b in self.BAD_BATCHES:
+      x[16 * b + 3, 0] = 100.0
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True)
+
+  def compute_loss(self, model, batch, training):
+    x, y = batch
+    pred = model(x, training=training)
+    marked = tf.cast(x[:, :1] > 50.0, tf.float32)
+    # A scalar loss: no per-example masking is possible.
+    return tf.reduce_mean(tf.square(pred - y) + tf.math.log(1.0 - marked)), {}
+
+
+def test_a_run_of_data_bound_bad_batches_is_triaged_as_bad_batches(tmp_path):
+  c = tiny_config(**{"train.steps": 12})
+  t = MarkedRowsTrainer(c, str(tmp_path))
+  r = t.fit()
+  # Three bad batches in a row stop the loop; the row probe finds row 3 bad
+  # and the others fine: bad data, quarantined; no rollback, no lr cut.
+  assert r.step == 12 and r.rollbacks == 0 and r.lr_scale == 1.0
+  assert r.quarantined == 3 and r.skipped_steps == 3
+  actions = [(i["action"], i["cause"]) for i in r.incidents]
+  assert set(actions) == {("quarantined_batch", "bad_batch")}
+  q = read(tmp_path, "quarantine.jsonl")
+  assert sorted(e["position"] for e in q) == [4, 5, 6]
+  assert [3] in [e["rows"] for e in q]  # the probed batch names its row
+  assert all_finite(t)
+
+
+def test_frequent_bad_batches_become_a_diverging_state(tmp_path):
+  c = tiny_config(
+    **{
+      "train.steps": 20,
+      "drill.loss_steps": "2,4,6,8",
+      "recovery.bad_batch_rate": 0.2,
+      "recovery.bad_batch_window": 10,
+    }
+  )
+  r = TinyTrainer(c, str(tmp_path)).fit()
+  [rollback] = [i for i in r.incidents if i["action"] == "rollback"]
+  assert rollback["cause"] == "diverging_state" and "frequent" in rollback["why"]
+  assert r.rollbacks == 1 and r.lr_scale == 0.5 and r.step == 20
+
+
+def test_a_diverging_state_still_rolls_back_and_backs_off(tmp_path):
+  # Three NaN attempts in a row whose replay is finite (the drill): not bound
+  # to the batch, so a diverging state.
+  c = tiny_config(**{"train.steps": 20, "drill.loss_steps": "12-14"})
+  r = TinyTrainer(c, str(tmp_path)).fit()
+  [rollback] = [i for i in r.incidents if i["action"] == "rollback"]
+  assert rollback["cause"] == "diverging_state"
+  assert r.rollbacks == 1 and r.lr_scale == 0.5 and r.quarantined == 0 and r.step == 20
