@@ -12,23 +12,29 @@ finishes "successfully" with a loss of ~24 (the target's variance is 1.0) and
 constant predictions. Gradient clipping does not help: Adam's step does not
 depend on the gradient's scale.
 
-What safetrain does: once per inner loop it runs the first training batch
-through the model and counts the units of each ReLU layer that output zero on
-every row. A layer whose units are all dead is a `dead_units` incident,
-recovered like a diverging state: rollback to the last healthy state (here
-the initial one, from memory) with the learning rate halved, and a diagnosis
-naming the layer, the fraction of dead units and the learning rate. The units
-die again at 0.5, 0.25 and 0.125; at 0.0625 (4 rollbacks) they live, and the
-run trains to an MSE of ~0.08 in 600 steps.
+What safetrain does, at its defaults: the first Adam steps blow the loss up
+by three orders of magnitude over its first value, a finite blow-up, and the
+guard stops there (`loss_growth`, step 2), before any unit has died: rollback
+to the initial state with the learning rate halved, four times, until at
+0.0625 the run trains (eval MSE ~0.09 on the 200-step smoke run).
+
+With the growth check off (`:no_growth`), the units die, and the dead-unit
+check catches it: once per inner loop it runs the first training batch
+through the model and counts the units of each ReLU layer that output zero
+on every row. A layer whose units are all dead is a `dead_units` incident,
+recovered like a diverging state: rollback (from disk: the newest in-memory
+snapshots may already be half dead) with the learning rate halved, and a
+diagnosis naming the layer, the fraction of dead units and the learning rate
+("layer hidden3 (Dense, relu): 64 of 64 units (100%) output zero on every row
+of the first training batch ...; learning rate 1 ...").
 
 Run:
   safetrain --config=experiments/zoo_dead_relu.py --workdir=runs/zoo_dead_relu
 
-What to expect: exit code 0; `incidents.jsonl` has 4 `dead_units` rollbacks
-("layer hidden3 (Dense, relu): 64 of 64 units (100%) output zero on every row
-of the first training batch ...; learning rate 1 ..."), lr scale 0.0625, and
-the loss falling after the last one. `:healthy` trains the same network at
-Adam's usual 1e-3: no incidents (the control).
+What to expect: exit code 0; `incidents.jsonl` has 4 `loss_growth`
+rollbacks, lr scale 0.0625 (`:no_growth`: `dead_units` rollbacks instead).
+`:healthy` trains the same network at Adam's usual 1e-3: no incidents (the
+control).
 
 Short variant for tests: `--config=experiments/zoo_dead_relu.py:smoke`.
 """
@@ -42,7 +48,7 @@ import safetrain
 FEATURES, WIDTH, DEPTH = 8, 64, 4
 
 # The :ARG words get_config accepts, alone or joined by commas.
-ARGS = ("smoke", "healthy")
+ARGS = ("smoke", "healthy", "no_growth")
 
 
 def get_config(arg=None):
@@ -57,6 +63,8 @@ def get_config(arg=None):
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 1.0
   config.checkpoint.every_steps = 100
+  if "no_growth" in args:
+    config.guard.growth_factor = 0.0
   if "healthy" in args:
     config.optimizer.learning_rate = 1e-3
   if "smoke" in args:

@@ -289,7 +289,7 @@ class Recovery:
     values is set aside too, and the next one tried.
     """
     while True:
-      target = self.agree(self._readable_target() if self.is_chief else None)
+      target = self.agree(self._readable_target(kind) if self.is_chief else None)
       if target is None:
         corrupt = os.path.join(self.checkpoints.directory, CORRUPT_DIR)
         reason = f"no checkpoint is left to roll back to (unusable ones were moved to {corrupt})"
@@ -306,13 +306,19 @@ class Recovery:
       if self.is_chief:
         self.checkpoints.set_aside(target, "it restores non-finite values")
 
-  def _readable_target(self) -> str | int | None:
+  def _readable_target(self, kind: str) -> str | int | None:
     """`rollback_target` among the snapshots (slot numbers) and the
-    checkpoints that read back whole (paths)."""
+    checkpoints that read back whole (paths).
+
+    A run that stopped learning (`stalled`, `dead_units`) goes to disk: the
+    collapse builds up over loops, so the newest snapshots, taken after a
+    check that found nothing yet, already hold half-dead states.
+    """
     last_restored = int(self.state.last_restored_step.numpy())
+    memory = kind not in ("stalled", "dead_units")
     while True:
       candidates = [(step, path) for step, path in self.checkpoints.checkpoints()]
-      if self.snapshots is not None:
+      if self.snapshots is not None and memory:
         candidates = _with_snapshots(candidates, self.snapshots.targets())
       target = rollback_target(candidates, last_restored)
       if target is None or isinstance(target, int):

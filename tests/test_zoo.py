@@ -18,6 +18,7 @@ import linear_regression
 import numpy as np
 import pytest
 import zoo_clipped_bce
+import zoo_dead_relu
 import zoo_fp16_overflow
 import zoo_nan_data
 import zoo_relu_unscaled
@@ -267,3 +268,48 @@ def test_wide_healthy_plain_keras_is_healthy_too():
   losses = model.fit(x, y, batch_size=32, epochs=5, verbose=0).history["loss"]
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert weights_finite(model)
+
+
+# ----------------------------------------------------------- 8: dead ReLUs
+
+
+def test_dead_relu_is_caught_as_a_finite_blow_up_and_recovers(tmp_path):
+  trainer, result = fit(zoo_dead_relu, "smoke", tmp_path)
+  assert result.step == 200 and all_finite(trainer)
+  rollbacks = [i for i in result.incidents if i["action"] == "rollback"]
+  assert rollbacks and {i["kind"] for i in rollbacks} == {"loss_growth"}
+  assert all(i["restored_step"] == 0 for i in rollbacks)  # before any unit died
+  assert result.lr_scale == 0.5 ** len(rollbacks)
+  _, y = zoo_dead_relu.make_data(1024, trainer.config.seed + 1)
+  assert result.eval_metrics["loss"] < 0.3 * float(np.var(y))
+
+
+def test_dead_relu_units_are_caught_and_the_layer_named(tmp_path):
+  trainer, result = fit(zoo_dead_relu, "smoke,no_growth", tmp_path)
+  assert result.step == 200 and all_finite(trainer)
+  rollbacks = [i for i in result.incidents if i["action"] == "rollback"]
+  assert rollbacks and {i["kind"] for i in rollbacks} == {"dead_units"}
+  first = rollbacks[0]["diagnosis"]
+  assert "layer hidden3 (Dense, relu)" in first and "(100%)" in first
+  assert "learning rate 1 " in first
+  assert result.lr_scale == 0.5 ** len(rollbacks) < 1
+  # Alive again: the model no longer predicts one value.
+  _, y = zoo_dead_relu.make_data(1024, trainer.config.seed + 1)
+  assert result.eval_metrics["loss"] < 0.9 * float(np.var(y))
+  x, _ = zoo_dead_relu.make_data(256, 0)
+  assert float(np.std(trainer.model(x).numpy())) > 0.1
+
+
+def test_dead_relu_healthy_control_has_no_incident(tmp_path):
+  _, result = fit(zoo_dead_relu, "healthy,smoke", tmp_path)
+  assert result.incidents == [] and result.step == 200
+
+
+def test_dead_relu_plain_keras_learns_nothing():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_dead_relu.make_data(4096, 0)
+  loss, model = plain_keras(
+    zoo_dead_relu.make_model(), keras.optimizers.Adam(1.0), "mse", x, y, steps=100
+  )
+  # Broken in any way: non-finite, or no better than predicting the mean.
+  assert not np.isfinite(loss) or loss > 0.9 * float(np.var(y)), loss
