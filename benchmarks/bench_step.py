@@ -212,9 +212,12 @@ def main():
   p.add_argument("--rounds", type=int, default=15)
   p.add_argument("--steps_per_loop", type=int, default=100)
   p.add_argument("--recovery_rounds", type=int, default=3)
+  p.add_argument("--recovery_only", action="store_true", help="only the recovery benchmark")
   args = p.parse_args()
   tf.get_logger().setLevel("ERROR")
   spl = args.steps_per_loop
+  if args.recovery_only:
+    return print_recovery_cost(spl, args.recovery_rounds)
   with tempfile.TemporaryDirectory() as wd:
     runs = {"hand": hand_loop(spl), "safe": None, "keras": keras_fit(spl)}
     runs["safe"], _ = safe_loop(spl, wd)
@@ -238,11 +241,14 @@ def main():
   print(f"  matmul peak (2048^2 float32): {peak / 1e9:.1f} GFLOP/s")
   print(f"  safe / hand  = {rate['safe'] / rate['hand']:.3f}   (target >= 0.97)")
   print(f"  safe / keras = {rate['safe'] / rate['keras']:.3f}   (target >= 1.05)")
+  return print_recovery_cost(spl, args.recovery_rounds)
+
+
+def print_recovery_cost(spl, rounds):
   steps = 20 * spl
-  rec, traces, attempts = recovery_cost(steps, spl, args.recovery_rounds)
+  rec, traces, attempts = recovery_cost(steps, spl, rounds)
   print(
-    f"recovery: fit() of {steps} steps, checkpoint every {steps // 4}, "
-    f"{args.recovery_rounds} rounds, medians"
+    f"recovery: fit() of {steps} steps, checkpoint every {steps // 4}, {rounds} rounds, medians"
   )
   for k, v in rec.items():
     print(f"  {k:14s} {v:6.2f} s   {attempts[k]} steps attempted   loop traced {traces[k]}x")

@@ -3,6 +3,8 @@ rollback, no learning-rate cut, no budget spent), diverging states rolled back."
 
 import os
 
+import keras
+import numpy as np
 import tensorflow as tf
 from common import TinyTrainer, all_finite, regression_data, tiny_config
 
@@ -126,3 +128,63 @@ def test_a_diverging_state_still_rolls_back_and_backs_off(tmp_path):
   [rollback] = [i for i in r.incidents if i["action"] == "rollback"]
   assert rollback["cause"] == "diverging_state"
   assert r.rollbacks == 1 and r.lr_scale == 0.5 and r.quarantined == 0 and r.step == 20
+
+
+def sequence_sums(n=512, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0.0, 1.0, size=(n, 10, 1)).astype(np.float32)
+  return x, x.sum(axis=1)
+
+
+class LstmTrainer(safetrain.Trainer):
+  """An LSTM reading 10 values in [0, 1] and predicting their total."""
+
+  def build_model(self):
+    return keras.Sequential([keras.Input((10, 1)), keras.layers.LSTM(16), keras.layers.Dense(1)])
+
+  def build_train_dataset(self):
+    ds = tf.data.Dataset.from_tensor_slices(sequence_sums()).shuffle(512, seed=1)
+    return ds.batch(16, drop_remainder=True)
+
+
+def lstm_config(**overrides):
+  # SGD at 1.0, no clipping, frequent checkpoints and a short retention: the
+  # run that saved blown-up states as healthy and lost its good checkpoint.
+  return tiny_config(
+    **{
+      "train.steps": 40,
+      "checkpoint.every_steps": 10,
+      "checkpoint.max_to_keep": 2,
+      "optimizer.name": "sgd",
+      "optimizer.learning_rate": 1.0,
+      "clip.global_norm": 0.0,
+      **overrides,
+    }
+  )
+
+
+def test_a_finite_blow_up_is_loss_growth_and_rolls_back_to_the_good_state(tmp_path):
+  t = LstmTrainer(lstm_config(), str(tmp_path))
+  r = t.fit()
+  # The loss grows ~100x a step from step 2 on: caught before any save, long
+  # before it turns non-finite, and rolled back to the initial state.
+  assert r.step == 40 and r.rollbacks == 1 and r.lr_scale == 0.5
+  [rollback] = [i for i in r.incidents if i["action"] == "rollback"]
+  assert rollback["kind"] == "loss_growth" and rollback["restored_step"] == 0
+  assert rollback["step"] <= 5
+  metrics = safetrain.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  first = metrics[0]["loss"]
+  # No blown-up state was ever applied or saved: every loop's loss stays
+  # within the growth factor of the first one, and the run ends trained.
+  assert all(np.isfinite(m["loss"]) and m["loss"] < 1000 * first for m in metrics)
+  assert r.loss < 2.0  # predicting the mean total scores 10/12
+  assert all_finite(t)
+
+
+def test_without_the_growth_check_the_same_run_climbs_unseen(tmp_path):
+  # The control: the hole the check closes (only finite values, so the guard
+  # alone saw nothing while the loss climbed by orders of magnitude).
+  r = LstmTrainer(lstm_config(**{"guard.growth_factor": 0.0}), str(tmp_path)).fit()
+  metrics = safetrain.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert max(m["loss"] for m in metrics) > 1e6 * metrics[0]["loss"]
+  assert not any(i["kind"] == "loss_growth" for i in r.incidents)
