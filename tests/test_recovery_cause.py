@@ -188,3 +188,22 @@ def test_without_the_growth_check_the_same_run_climbs_unseen(tmp_path):
   metrics = safetrain.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   assert max(m["loss"] for m in metrics) > 1e6 * metrics[0]["loss"]
   assert not any(i["kind"] == "loss_growth" for i in r.incidents)
+
+
+class PerExampleTrainer(MarkedRowsTrainer):
+  """The same marked rows, but compute_loss returns per-example losses: it
+  opts in to masking, so only the marked rows are dropped."""
+
+  def compute_loss(self, model, batch, training):
+    x, y = batch
+    pred = model(x, training=training)
+    marked = tf.cast(x[:, :1] > 50.0, tf.float32)
+    return tf.reduce_mean(tf.square(pred - y) + tf.math.log(1.0 - marked), axis=-1), {}
+
+
+def test_a_custom_compute_loss_returning_per_example_losses_drops_only_those_rows(tmp_path):
+  r = PerExampleTrainer(tiny_config(**{"train.steps": 12}), str(tmp_path)).fit()
+  assert r.step == 12 and r.attempts == 12 and r.skipped_steps == 0
+  assert r.examples_dropped == 3 and r.quarantined == 0 and r.rollbacks == 0
+  q = read(tmp_path, "quarantine.jsonl")
+  assert [(e["position"], e["rows"]) for e in q] == [(4, [3]), (5, [3]), (6, [3])]
