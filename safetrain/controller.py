@@ -156,6 +156,8 @@ class Controller:
     self._quarantine: quarantine.QuarantineLog | None = None
     # The replay of the first quarantined batch of this process, reused after.
     self._bad_batch_diagnosis = ""
+    # Loops in a row that stopped on bad batches without training a step.
+    self._stuck_loops = 0
     self._actions = parts.actions or actions.Actions([])
     self._origin = parts.origin
     # True once the model holds the restored or initial state of the run.
@@ -330,6 +332,8 @@ class Controller:
     stopped = int(out.stop) == step_lib.STOP_ROLLBACK
     kind = incidents.last_divergence(out)
     verdict = None
+    if int(out.applied):
+      self._stuck_loops = 0
     if stopped and params_ok:
       verdict = triage.open_run(
         self._forensics,
@@ -338,6 +342,16 @@ class Controller:
         step=self._step() + 1,
         count=int(self._run.consecutive_bad.numpy()),
       )
+      # Bad data is bad batches among good ones: when a loop trained on
+      # nothing, after another such, no batch from this state trains at all.
+      self._stuck_loops += int(verdict.bad_batch and not int(out.applied))
+      if verdict.bad_batch and self._stuck_loops >= 2:
+        self._stuck_loops = 0
+        verdict = triage.diverging(
+          f"{2 * int(self._run.consecutive_bad.numpy())} batches in a row failed, each with "
+          "some rows non-finite, and no batch trained: the state, not the data, is suspect",
+          verdict.diagnosis,
+        )
       if verdict.bad_batch:
         self._run.consecutive_bad.assign(0)
         self._bad_batch_diagnosis = self._bad_batch_diagnosis or verdict.diagnosis
@@ -351,7 +365,14 @@ class Controller:
       open_bad_batch=open_bad,
       bad_batch_diagnosis=self._describe_bad_batches(out),
     )
-    self._write_quarantine(out, before, open_bad, verdict)
+    self._quarantine.write_loop(
+      out,
+      before,
+      stopped=stopped,
+      open_bad=open_bad,
+      rows=verdict.rows if open_bad else None,
+      diagnosis=self._bad_batch_diagnosis,
+    )
     r = self._recovery
     r.skipped_total.assign_add(int(out.attempts) - int(out.applied))
     r.examples_dropped_total.assign_add(int(out.dropped_examples))
@@ -403,37 +424,6 @@ class Controller:
       self._forensics, kind=kind, batch=batch, step=self._step() + 1
     )
     return self._bad_batch_diagnosis
-
-  def _write_quarantine(self, out, before, open_bad: bool, verdict) -> None:
-    """One quarantine.jsonl record per bad batch and per step that dropped
-    examples, with its data position."""
-    position0, attempt0 = before
-    entries = quarantine.entries(out.quarantine)
-    for i, e in enumerate(entries):
-      in_open_run = int(out.stop) == step_lib.STOP_ROLLBACK and e.attempt > int(out.last_good)
-      if e.skipped and in_open_run and not open_bad:
-        continue  # part of a diverging state: rolled back, not bad data
-      rows = e.rows
-      if rows is None and verdict is not None and open_bad and i == len(entries) - 1:
-        rows = verdict.rows  # the row probe of the batch that ended the loop
-      self._quarantine.write(
-        dict(
-          step=e.step,
-          attempt=e.attempt,
-          position=position0 + e.attempt - attempt0 - 1,
-          kind=e.kind,
-          action="quarantined_batch" if e.skipped else "dropped_examples",
-          rows=rows,
-          bad_examples=e.bad_examples,
-          diagnosis=self._bad_batch_diagnosis,
-        )
-      )
-    if int(out.quarantine.n) > quarantine.SLOTS:
-      logging.info(
-        "quarantine: %d entries this loop, the last %d recorded",
-        int(out.quarantine.n),
-        quarantine.SLOTS,
-      )
 
   def _take_snapshot(self) -> None:
     """Snapshots the state in memory when it is healthy."""

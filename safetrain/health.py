@@ -33,7 +33,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from safetrain import guard
+from safetrain import compat, guard
+from safetrain import data as data_lib
 from safetrain.replay import fmt
 from safetrain.spike import SpikeDetector
 
@@ -226,3 +227,42 @@ def dead_fractions_text(found) -> str:
 
 def as_array(found) -> np.ndarray:
   return np.array([f for _, f in found])
+
+
+def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> Health:
+  """The per-loop check a trainer's config asks for.
+
+  Args:
+    config: the run's config (guard.stall_*, guard.dead_*, optimizer).
+    model, optimizer: the live ones.
+    first_batch: the first training batch (its input part feeds the probe).
+    state: the detector's state.
+    spike: the loss statistics.
+    lr_scale: recovery's learning-rate scale variable.
+  """
+  g = config.guard
+  x = None
+  if g.dead_fraction > 0:
+    try:
+      x = data_lib.unpack_batch(first_batch)[0]
+    except ValueError:
+      pass  # a layout only the trainer's compute_loss understands: no probe
+
+  def describe_lr() -> str:
+    lr = float(compat.learning_rate_schedule(optimizer)(optimizer.iterations))
+    scale = float(lr_scale.numpy())
+    return (
+      f"learning rate {lr:.4g} ({type(optimizer).__name__}, optimizer.learning_rate="
+      f"{config.optimizer.learning_rate:g} times recovery's scale {scale:.4g})"
+    )
+
+  return Health(
+    state=state,
+    spike=spike,
+    probe=DeadUnitProbe(model, x, min_units=g.dead_min_units),
+    stall_factor=g.stall_factor,
+    stall_steps=g.stall_steps,
+    stall_norm_drop=g.stall_norm_drop,
+    dead_fraction=g.dead_fraction,
+    describe_lr=describe_lr,
+  )

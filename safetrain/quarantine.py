@@ -24,6 +24,7 @@ import os
 from typing import NamedTuple
 
 import tensorflow as tf
+from absl import logging
 
 from safetrain import examples, kinds
 from safetrain.records import JsonlWriter
@@ -116,6 +117,54 @@ class QuarantineLog:
   def write(self, record: dict) -> None:
     self._writer.write(record)
     self.written += 1
+
+  def write_loop(
+    self,
+    out,
+    before: tuple[int, int],
+    *,
+    stopped: bool,
+    open_bad: bool,
+    rows: list[int] | None,
+    diagnosis: str,
+  ) -> None:
+    """One record per bad batch and per step that dropped examples of one
+    loop, with its data position.
+
+    Args:
+      out: the loop's `step.LoopOutput`.
+      before: (data position, attempts) before the loop.
+      stopped: the loop ended on `guard.rollback_after` failures in a row.
+      open_bad: the open run of failures that ended the loop was judged bad
+        batches (else its batches belong to a diverging state: not recorded).
+      rows: the row probe's non-finite rows of the batch that ended the loop.
+      diagnosis: what the replay of a quarantined batch found, or "".
+    """
+    position0, attempt0 = before
+    found = entries(out.quarantine)
+    for i, e in enumerate(found):
+      in_open_run = stopped and e.attempt > int(out.last_good)
+      if e.skipped and in_open_run and not open_bad:
+        continue  # part of a diverging state: rolled back, not bad data
+      e_rows = e.rows
+      if e_rows is None and open_bad and i == len(found) - 1:
+        e_rows = rows
+      self.write(
+        dict(
+          step=e.step,
+          attempt=e.attempt,
+          position=position0 + e.attempt - attempt0 - 1,
+          kind=e.kind,
+          action="quarantined_batch" if e.skipped else "dropped_examples",
+          rows=e_rows,
+          bad_examples=e.bad_examples,
+          diagnosis=diagnosis,
+        )
+      )
+    if int(out.quarantine.n) > SLOTS:
+      logging.info(
+        "quarantine: %d entries this loop, the last %d recorded", int(out.quarantine.n), SLOTS
+      )
 
   @staticmethod
   def exists(workdir: str) -> bool:

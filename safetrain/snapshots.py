@@ -149,3 +149,22 @@ class SnapshotRing:
 
 def _read(v):
   return v.value if isinstance(v, keras.Variable) else v.read_value()
+
+
+def build(recovery_config, *, num_workers: int, modules: list, scope) -> SnapshotRing | None:
+  """The ring `recovery.snapshots` asks for; None with several workers (the
+  chief picks every rollback target) or recovery.data=replay (a checkpointed
+  iterator cannot be snapshotted).
+
+  Args:
+    recovery_config: config.recovery.
+    num_workers: the workers of the run.
+    modules: what a rollback restores (see `state_variables`).
+    scope: the strategy scope.
+  """
+  r = recovery_config
+  if num_workers > 1 or r.data == "replay" or not r.snapshots:
+    return None
+  return SnapshotRing(
+    state_variables(modules), slots=r.snapshots, max_mb=r.snapshots_max_mb, scope=scope
+  )

@@ -28,7 +28,6 @@ from safetrain import (
 from safetrain import (
   checkpointing,
   clipping,
-  compat,
   distribute,
   evaluation,
   examples,
@@ -407,54 +406,25 @@ class Trainer:
         evaluate=self.evaluate,
         forensics=self._forensics,
         stash=self._stash,
-        health=self._build_health(),
-        snapshots=self._build_snapshots(),
+        health=health.build(
+          self.config,
+          model=self.model,
+          optimizer=self.optimizer,
+          first_batch=self._first_batch,
+          state=self._health_state,
+          spike=self._spike,
+          lr_scale=self._recovery.lr_scale,
+        ),
+        snapshots=snapshots.build(
+          self.config.recovery,
+          num_workers=self._num_workers,
+          modules=[list(self.model.variables), list(self.optimizer.variables)]
+          + [self._run, self._loss_scale, self._spike, self._health_state],
+          scope=self._strategy.scope(),
+        ),
         actions=self._make_actions(),
         origin=self._origin,
       )
-    )
-
-  def _build_health(self) -> health.Health:
-    g = self.config.guard
-    try:
-      x = data_lib.unpack_batch(self._first_batch)[0]
-    except ValueError:
-      x = None  # a layout only the trainer's compute_loss understands: no probe
-    return health.Health(
-      state=self._health_state,
-      spike=self._spike,
-      probe=health.DeadUnitProbe(self.model, x, min_units=g.dead_min_units)
-      if g.dead_fraction > 0
-      else health.DeadUnitProbe(self.model, None, min_units=g.dead_min_units),
-      stall_factor=g.stall_factor,
-      stall_steps=g.stall_steps,
-      stall_norm_drop=g.stall_norm_drop,
-      dead_fraction=g.dead_fraction,
-      describe_lr=self._describe_lr,
-    )
-
-  def _describe_lr(self) -> str:
-    opt = self.optimizer
-    lr = float(compat.learning_rate_schedule(opt)(opt.iterations))
-    scale = float(self._recovery.lr_scale.numpy())
-    return (
-      f"learning rate {lr:.4g} ({type(opt).__name__}, optimizer.learning_rate="
-      f"{self.config.optimizer.learning_rate:g} times recovery's scale {scale:.4g})"
-    )
-
-  def _build_snapshots(self) -> snapshots.SnapshotRing | None:
-    """The in-memory snapshot ring; None with several workers (the chief
-    picks every rollback target) or recovery.data=replay (a checkpointed
-    iterator cannot be snapshotted)."""
-    r = self.config.recovery
-    if self._num_workers > 1 or r.data == "replay" or not r.snapshots:
-      return None
-    variables = snapshots.state_variables(
-      [list(self.model.variables), list(self.optimizer.variables)]
-      + [self._run, self._loss_scale, self._spike, self._health_state]
-    )
-    return snapshots.SnapshotRing(
-      variables, slots=r.snapshots, max_mb=r.snapshots_max_mb, scope=self._strategy.scope()
     )
 
   def _make_actions(self) -> actions_lib.Actions:

@@ -207,3 +207,24 @@ def test_a_custom_compute_loss_returning_per_example_losses_drops_only_those_row
   assert r.examples_dropped == 3 and r.quarantined == 0 and r.rollbacks == 0
   q = read(tmp_path, "quarantine.jsonl")
   assert [(e["position"], e["rows"]) for e in q] == [(4, [3]), (5, [3]), (6, [3])]
+
+
+def test_snapshots_over_their_memory_cap_are_off_and_rollbacks_go_to_disk(tmp_path, caplog):
+  c = tiny_config(
+    **{"train.steps": 20, "drill.loss_steps": "12-14", "recovery.snapshots_max_mb": 1e-4}
+  )
+  with caplog.at_level("INFO"):
+    r = TinyTrainer(c, str(tmp_path)).fit()
+  assert any("In-memory snapshots off" in m.getMessage() for m in caplog.records)
+  [rollback] = [i for i in r.incidents if i["action"] == "rollback"]
+  assert rollback["restored_step"] == 10 and rollback["checkpoint"].endswith("ckpt-10")
+
+
+def test_snapshots_make_the_rollback_go_back_one_loop(tmp_path):
+  c = tiny_config(**{"train.steps": 20, "drill.loss_steps": "12-14"})
+  r = TinyTrainer(c, str(tmp_path)).fit()
+  [rollback] = [i for i in r.incidents if i["action"] == "rollback"]
+  # The state of step 10 comes from memory (a snapshot is preferred to the
+  # checkpoint of the same step: no read).
+  assert rollback["restored_step"] == 10
+  assert rollback["checkpoint"] == "memory snapshot of step 10"
