@@ -13,25 +13,27 @@ from step 2 on: the first batch with such a row poisons the gradients, the
 weights become NaN, and the run is lost.
 
 What safetrain does: the loss of such a batch is not finite, so the step is
-skipped (`nonfinite_loss`, action `skipped_step`): weights, optimizer slots
-and the step counter stay as they were, and the next batch trains normally.
-When `guard.rollback_after=3` bad batches come in a row (more often as the
-weights grow and more outlier rows saturate), it rolls back to the last
-healthy checkpoint with half the learning rate, and forensics replays the
-offending batch: every layer output is finite but the loss is NaN, so the
-diagnosis names the loss function as the culprit (a Log op giving -inf) and
-says to compute the loss from logits. The run completes: in 300 steps 2
-rollbacks, 72 skipped steps, eval accuracy 0.91 on clean rows. The rollbacks
-do not cure a buggy loss (they only lower the learning rate); with 3% bad rows
-the recovery budget ran out at step ~300 in our runs, and the run stopped
-with exit code 3 and the same diagnosis.
+skipped: weights, optimizer slots and the step counter stay as they were,
+and the next batch from the same state trains. That makes it a bad batch,
+not a diverging state: it is quarantined (`nonfinite_loss`, action
+`quarantined_batch`, cause `bad_batch`; one `quarantine.jsonl` record per
+batch with its data position), with no rollback, no learning-rate cut and no
+recovery budget spent. When `guard.rollback_after=3` bad batches come in a
+row, triage replays the last one from the same state and runs its rows one
+by one: some rows non-finite and the others finite means bad data, still
+quarantined. The run completes: in 300 steps ~74 batches quarantined, lr
+scale 1, no rollback (before: 72 skipped steps and 2 rollbacks that halved
+the learning rate twice without curing anything; with 3% bad rows the budget
+ran out and the run stopped with exit code 3). Only when bad batches become
+frequent (`recovery.bad_batch_rate`, 30%) are they treated as a diverging
+state.
 
 Run:
   safetrain --config=experiments/zoo_clipped_bce.py --workdir=runs/zoo_bce
 
 What to expect: exit code 0; `WORKDIR/incidents.jsonl` has `nonfinite_loss`
-incidents (one `skipped_step` record per loop, with the count) and a couple
-of `rollback` records whose diagnosis blames the loss function. The real fix
+incidents (one `quarantined_batch` record per loop, with the count) and no
+rollback; `WORKDIR/quarantine.jsonl` lists the batches. The real fix
 is to clip to [eps, 1 - eps], or better to drop the sigmoid and use
 `keras.losses.BinaryCrossentropy(from_logits=True)`:
 `--config=experiments/zoo_clipped_bce.py:fixed` does that and never sees a
@@ -40,7 +42,7 @@ loss stays higher, ~0.6: the outlier rows have huge but finite losses, and
 the spike detector may skip the odd batch with one as a `loss_spike`).
 
 Short variant for tests: `--config=experiments/zoo_clipped_bce.py:smoke`
-(100 steps; 2 rollbacks).
+(100 steps; ~17 batches quarantined, no rollback).
 """
 
 import keras
