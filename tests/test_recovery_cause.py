@@ -228,3 +228,17 @@ def test_snapshots_make_the_rollback_go_back_one_loop(tmp_path):
   # checkpoint of the same step: no read).
   assert rollback["restored_step"] == 10
   assert rollback["checkpoint"] == "memory snapshot of step 10"
+
+
+def test_a_state_whose_loss_is_far_above_its_best_is_not_saved_as_healthy(tmp_path):
+  t = TinyTrainer(tiny_config(**{"train.steps": 10}), str(tmp_path))
+  t.fit()
+  ckpt = os.path.join(tmp_path, "checkpoints", "ckpt-11.index")
+  best = float(t._spike.best.numpy())
+  t._run.step.assign(11)
+  t._spike.mean.assign(100 * best)  # finite, but 100x its best (guard.stall_factor 3)
+  t._controller._save_checkpoint()
+  assert not os.path.exists(ckpt)
+  t._spike.mean.assign(best)
+  t._controller._save_checkpoint()
+  assert os.path.exists(ckpt)
