@@ -88,6 +88,7 @@ def test_two_workers_share_one_rollback_and_only_the_chief_writes(tmp_path):
   # and rolled back together.
   for err in (err0, err1):
     assert "incident at step 5: nonfinite_loss -> rollback" in err
+
   def summary(out):
     return [line for line in out.splitlines() if line.startswith("step ")][-1]
 
