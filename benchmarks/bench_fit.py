@@ -25,10 +25,15 @@ machine a 3% effect is only real when it is larger than the spread.
 It also prints the number of graph nodes in each compiled loop's body, the
 per-step op budget the guard adds.
 
-  .venv/bin/python benchmarks/bench_fit.py [--rounds 3] [--short 200] [--long 8200]
+  .venv/bin/python benchmarks/bench_fit.py [--rounds 3] [--short 200] [--long 8200] [--breakdown]
+
+--breakdown adds safetrain runs with one checkpoint only (at the end), then
+also spike detection off, then also the input check off: the end-to-end cost
+of each piece.
 """
 
 import argparse
+import functools
 import gc
 import math
 import os
@@ -127,7 +132,7 @@ def keras_fit(steps: int) -> tuple[float, int]:
   return dt, body_nodes(graph) if graph is not None else 0
 
 
-def safe_fit(steps: int) -> tuple[float, int]:
+def safe_fit(steps: int, **overrides) -> tuple[float, int]:
   config = safetrain.default_config()
   config.trainer = "BenchTrainer"
   config.train.steps = steps
@@ -135,6 +140,9 @@ def safe_fit(steps: int) -> tuple[float, int]:
   config.train.steps_per_loop = STEPS_PER_LOOP
   config.guard.preflight = "off"  # an eager replay of step 1: start-up only
   config.optimizer.learning_rate = 1e-3
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    setattr(config[group], name, value(steps) if callable(value) else value)
   with tempfile.TemporaryDirectory() as workdir:
     t = time.perf_counter()
     trainer = BenchTrainer(config, workdir)
@@ -151,9 +159,25 @@ def main():
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--short", type=int, default=200)
   p.add_argument("--long", type=int, default=8200)
+  p.add_argument(
+    "--breakdown",
+    action="store_true",
+    help="also safetrain with one checkpoint (at the end), then spike detection, then the "
+    "input check off: what each costs",
+  )
   args = p.parse_args()
   logging.set_verbosity(logging.WARNING)
   runs = {"hand": hand_fit, "safe": safe_fit, "keras": keras_fit}
+  if args.breakdown:
+    # Each guard piece turned off in turn, to price it end to end.
+    one_save = {"checkpoint.every_steps": lambda steps: steps}
+    runs["-ckpt"] = functools.partial(safe_fit, **one_save)
+    runs["-ckpt-spike"] = functools.partial(
+      safe_fit, **one_save, **{"guard.spike_detection": False}
+    )
+    runs["-ckpt-spike-input"] = functools.partial(
+      safe_fit, **one_save, **{"guard.spike_detection": False, "guard.check_inputs": False}
+    )
   names = list(runs)
   per_step = {k: [] for k in names}
   startup = {k: [] for k in names}
@@ -161,7 +185,7 @@ def main():
   for name in names:  # warm the process (imports, first traces), untimed
     runs[name](STEPS_PER_LOOP)
   for r in range(args.rounds):
-    order = names[r % 3 :] + names[: r % 3]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for name in order:
       lengths = (args.short, args.long) if r % 2 == 0 else (args.long, args.short)
       t = {}
@@ -175,10 +199,10 @@ def main():
     f"MLP 64-256-256-1, batch 256, Adam, fp32, {STEPS_PER_LOOP} steps per loop; fit() of "
     f"{args.long} minus fit() of {args.short} steps, {args.rounds} interleaved rounds"
   )
-  print(f"  contender  ms/step [min..max]        start-up s ({args.short} steps)   loop-body nodes")
+  print(f"  {'contender':18s}  ms/step [min..max]      start-up s ({args.short} steps)  body nodes")
   for k in names:
     print(
-      f"  {k:6s}  {med[k] * 1e3:8.3f} {spread(per_step[k], 1e3):18s}  "
+      f"  {k:18s}  {med[k] * 1e3:8.3f} {spread(per_step[k], 1e3):18s}  "
       f"{statistics.median(startup[k]):6.2f} {spread(startup[k], 1, '.2f'):18s}  {ops[k]:5d}"
     )
   for other, target in (("hand", 0.97), ("keras", 1.05)):
