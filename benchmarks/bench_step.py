@@ -182,7 +182,7 @@ def safe_loop(steps_per_loop, workdir, trainer_cls=BenchTrainer, config=None):
     t = clock()
     out = call()
     dt = clock() - t
-    assert int(out["applied"]) == steps_per_loop
+    assert int(out.applied) == steps_per_loop
     return dt
 
   return run, trainer
