@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from safetrain import kinds
+from safetrain import kinds, summaries
 from safetrain.records import JsonlWriter
 from safetrain.step import LoopOutput
 
@@ -85,11 +85,13 @@ class RunLog:
   def write(self, record: dict) -> None:
     """Appends `record` and writes its numbers as scalars at its step."""
     self._jsonl.write(record)
-    with self._writer.as_default(step=record["step"]):
-      for k, v in record.items():
-        if k in ("step", "time") or v is None or isinstance(v, bool):
-          continue
-        tf.summary.scalar(k if not k.startswith("eval_") else "eval/" + k[5:], v)
+    values = {
+      (k if not k.startswith("eval_") else "eval/" + k[5:]): v
+      for k, v in record.items()
+      if k not in ("step", "time") and v is not None and not isinstance(v, bool)
+    }
+    with self._writer.as_default():
+      summaries.write_scalars(values, record["step"])
 
   def write_final_eval(self, step: int, eval_metrics: dict) -> None:
     self.write(

@@ -19,12 +19,8 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from safetrain import (
-  actions as actions_lib,
-)
-from safetrain import (
-  callbacks as callbacks_lib,
-)
+from safetrain import actions as actions_lib
+from safetrain import callbacks as callbacks_lib
 from safetrain import (
   checkpointing,
   clipping,
@@ -144,7 +140,7 @@ class Trainer:
     """
     x, y, sample_weight = data_lib.unpack_batch(batch)
     pred = model(x, training=training)
-    pred = tf.nest.map_structure(lambda p: tf.cast(p, tf.float32), pred)
+    pred = losses.float32_predictions(pred)
     per_example = self._loss_fn(y, pred, sample_weight=sample_weight)
     return per_example + self.regularization_loss(model)
 
