@@ -111,6 +111,7 @@ class Parts:
   stash: forensics.Stash | None
   actions: actions.Actions | None = None  # the user's actions and Keras callbacks
   origin: dict | None = None  # the trainer's file and :ARG, for `safetrain export`
+  train_metrics: object = None  # stateful_metrics.MetricSet of build_metrics(), or None
 
 
 class Controller:
@@ -143,6 +144,7 @@ class Controller:
     self._stash = parts.stash
     self._actions = parts.actions or actions.Actions([])
     self._origin = parts.origin
+    self._train_metrics = parts.train_metrics or None
     # True once the model holds the restored or initial state of the run.
     self.started = False
     self._log: metrics.RunLog | None = None
@@ -162,6 +164,8 @@ class Controller:
       while self._step() < c.train.steps:
         incidents_before = len(self._incidents.records)
         self._actions.before_loop(self._step())
+        if self._train_metrics is not None:
+          self._train_metrics.reset()
         out, seconds = self._run_inner_loop()
         if out.applied:
           last_loss = float(out.loss_sum) / int(out.applied)
@@ -173,6 +177,9 @@ class Controller:
           loss_scale=float(self._loss_scale.scale.numpy()),
           seconds=seconds,
         )
+        if self._train_metrics is not None:
+          shown = self._train_metrics.results() if int(out.applied) else {}
+          record.update({k: shown.get(k) for k in self._train_metrics.names})
         rolled_back = self._handle_incidents(out)
         if rolled_back:
           record.update(rollback=True, step=self._step())
@@ -181,7 +188,13 @@ class Controller:
           eval_metrics = evaluated = self._evaluate()
           record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         self._log.write(record)
-        progress.update(self._step(), seconds, int(out.applied), record["loss"])
+        progress.update(
+          self._step(),
+          seconds,
+          int(out.applied),
+          record["loss"],
+          {k: record[k] for k in self._train_metrics.names} if self._train_metrics else None,
+        )
         # Before the save, so what an action changed (a lowered base rate) is in it.
         stop_request = self._actions.after_loop(
           record=record,

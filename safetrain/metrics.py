@@ -134,14 +134,26 @@ class Progress:
     self.next_log = log_every
     self.ema = None
 
-  def update(self, step: int, seconds: float, applied: int, loss: float | None) -> None:
+  def update(
+    self,
+    step: int,
+    seconds: float,
+    applied: int,
+    loss: float | None,
+    extra: dict | None = None,
+  ) -> None:
+    """Shows the step, the rate, the loop's loss and `extra` ({name: value}:
+    the stateful metrics of the loop)."""
     if applied and seconds > 0:
       rate = applied / seconds
       self.ema = rate if self.ema is None else 0.7 * self.ema + 0.3 * rate
     rate = self.ema or 0.0
     eta = (self.total - step) / rate if rate else float("nan")
     shown = "None" if loss is None else format(loss, ".4g")
-    text = f"step {step}/{self.total}  {rate:.1f} steps/s  loss {shown}  ETA {_fmt_time(eta)}"
+    text = f"step {step}/{self.total}  {rate:.1f} steps/s  loss {shown}"
+    for name, value in (extra or {}).items():
+      text += f"  {name} {'None' if value is None else format(value, '.4g')}"
+    text += f"  ETA {_fmt_time(eta)}"
     if self.tty:
       sys.stderr.write("\r" + text.ljust(79))
       sys.stderr.flush()
