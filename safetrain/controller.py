@@ -43,7 +43,7 @@ from safetrain import (
 from safetrain import (
   step as step_lib,
 )
-from safetrain.errors import BadInputError, PreflightError
+from safetrain.errors import BadInputError, DivergenceError, PreflightError
 from safetrain.loss_scale import DynamicLossScale
 
 
@@ -163,6 +163,7 @@ class Controller:
     with preemption.SignalCatcher() as signals:
       while self._step() < c.train.steps:
         incidents_before = len(self._incidents.records)
+        step_before = self._step()
         self._actions.before_loop(self._step())
         if self._train_metrics is not None:
           self._train_metrics.reset()
@@ -180,14 +181,23 @@ class Controller:
         if self._train_metrics is not None:
           shown = self._train_metrics.results() if int(out.applied) else {}
           record.update({k: shown.get(k) for k in self._train_metrics.names})
-        rolled_back = self._handle_incidents(out)
+        try:
+          rolled_back = self._handle_incidents(out)
+        except DivergenceError:
+          # The abort's incident (with its diagnosis) is in TensorBoard too.
+          attempts = int(self._recovery.attempts.numpy())
+          self._log.summaries.incidents(attempts, self._incidents.records[incidents_before:])
+          self._log.flush()
+          raise
         if rolled_back:
           record.update(rollback=True, step=self._step())
         evaluated = None
         if self._eval_due() and not rolled_back:
           eval_metrics = evaluated = self._evaluate()
           record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-        self._log.write(record)
+        self._log.write(record, self._incidents.records[incidents_before:])
+        if not rolled_back:
+          self._maybe_histograms(step_before, record["attempts"])
         progress.update(
           self._step(),
           seconds,
@@ -217,7 +227,7 @@ class Controller:
       final_eval = self._evaluate()
       eval_metrics = final_eval or eval_metrics
       if eval_metrics:
-        self._log.write_final_eval(self._step(), eval_metrics)
+        self._log.write_final_eval(self._step(), eval_metrics, int(self._recovery.attempts.numpy()))
       self._actions.final(self._step(), final_eval)
     self._log.flush()
     result = self._result(last_loss, eval_metrics, stopped)
@@ -325,6 +335,15 @@ class Controller:
       self._recovery_actions.roll_back(kind)
     self._recovery_actions.refill_budget()
     return rolled_back
+
+  def _maybe_histograms(self, step_before: int, attempts: int) -> None:
+    """Weight histograms and layer gradient norms when the loop crossed a
+    multiple of train.histogram_every_steps (the chief only)."""
+    every = self.config.train.histogram_every_steps
+    if not every or not self._is_chief or self._step() // every <= step_before // every:
+      return
+    f = self._forensics
+    self._log.summaries.histograms(attempts, f.model, f.compute_loss, self._train_data.first_batch)
 
   def _agreed_stop(self, reason: str | None) -> str | None:
     """The chief's actions decide for every worker whether the run stops (a

@@ -10,12 +10,12 @@ import time
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from safetrain import kinds
 from safetrain.records import JsonlWriter
 from safetrain.step import LoopOutput
+from safetrain.summaries import Summaries
 
 
 def loop_record(
@@ -76,28 +76,23 @@ class RunLog:
 
   def __init__(self, workdir: str, *, enabled: bool):
     self._jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), enabled=enabled)
-    self._writer = (
-      tf.summary.create_file_writer(os.path.join(workdir, "events"))
-      if enabled
-      else tf.summary.create_noop_writer()
-    )
+    self.summaries = Summaries(workdir, enabled=enabled)
 
-  def write(self, record: dict) -> None:
-    """Appends `record` and writes its numbers as scalars at its step."""
+  def write(self, record: dict, incidents: list[dict] = ()) -> None:
+    """Appends `record`; writes its numbers and the loop's incidents to
+    TensorBoard (see `summaries`)."""
     self._jsonl.write(record)
-    with self._writer.as_default(step=record["step"]):
-      for k, v in record.items():
-        if k in ("step", "time") or v is None or isinstance(v, bool):
-          continue
-        tf.summary.scalar(k if not k.startswith("eval_") else "eval/" + k[5:], v)
+    self.summaries.loop(record)
+    self.summaries.incidents(record["attempts"], list(incidents))
 
-  def write_final_eval(self, step: int, eval_metrics: dict) -> None:
-    self.write(
+  def write_final_eval(self, step: int, eval_metrics: dict, attempts: int) -> None:
+    self._jsonl.write(
       {"step": step, "final_eval": True, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
     )
+    self.summaries.eval(attempts, eval_metrics)
 
   def flush(self) -> None:
-    self._writer.flush()
+    self.summaries.flush()
 
 
 def write_config(

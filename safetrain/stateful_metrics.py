@@ -30,7 +30,6 @@ import tensorflow as tf
 from safetrain import data as data_lib
 from safetrain.errors import ConfigError
 
-
 # Fields of a loop record and of an evaluation's results a metric may not shadow.
 RESERVED = frozenset(
   "step attempts loss last_loss grad_norm grad_norm_max lr lr_scale loss_scale good overflow "

@@ -348,9 +348,7 @@ class GuardedLoop:
     )
     if self.train_metrics is not None:
       # Every replica decided the same class: each adds its shard on a good step.
-      tf.cond(
-        step_class == kinds.GOOD, lambda: self.train_metrics.update(batch, pred[0]), tf.no_op
-      )
+      tf.cond(step_class == kinds.GOOD, lambda: self.train_metrics.update(batch, pred[0]), tf.no_op)
     if self.stash is not None:
       tf.cond(step_class == kinds.DIVERGENCE, lambda: self._stash_batch(batch), tf.no_op)
 

@@ -131,7 +131,12 @@ def test_train_auc_is_the_auc_of_the_loops_good_steps(tmp_path):
   """With one step per loop and SGD at a negligible rate, the loop's AUC is Keras's AUC
   of the model on exactly that batch."""
   config = auc_config(
-    **{"train.steps": 3, "train.steps_per_loop": 1, "optimizer.name": "sgd", "optimizer.learning_rate": 1e-9}
+    **{
+      "train.steps": 3,
+      "train.steps_per_loop": 1,
+      "optimizer.name": "sgd",
+      "optimizer.learning_rate": 1e-9,
+    }
   )
   trainer = OrderedAucTrainer(config, str(tmp_path))
   trainer.fit()
