@@ -53,8 +53,11 @@ class FitResult:
 
   Attributes:
     step: applied updates (skipped steps do not count).
-    loss: mean training loss over the good steps of the last loop (NaN when
-      no loop ran, as on a workdir already at train.steps).
+    loss: mean training loss over the good steps of the loop whose end
+      state the run finished with (never a loop a rollback undid); NaN when
+      no loop of this process ended at that state (none ran, as on a workdir
+      already at train.steps, or a rollback restored a state from before
+      this process started).
     incidents: the incident records of the run (as in incidents.jsonl).
     rollbacks: rollbacks performed over the whole run, resumes included.
     lr_scale: the learning-rate scale recovery left in force.
@@ -158,6 +161,7 @@ class Controller:
     progress = metrics.Progress(c.train.steps, c.train.log_every_steps)
     eval_metrics: dict = {}
     last_loss = float("nan")
+    kept_loss: dict[int, float] = {}  # step -> the loss of the loop that ended there
     stopped, stop_reason = "completed", ""
     self._actions.begin(self._step())
     with preemption.SignalCatcher() as signals:
@@ -168,8 +172,6 @@ class Controller:
         if self._train_metrics is not None:
           self._train_metrics.reset()
         out, seconds = self._run_inner_loop()
-        if out.applied:
-          last_loss = float(out.loss_sum) / int(out.applied)
         record = metrics.loop_record(
           out,
           step=self._step(),
@@ -190,7 +192,21 @@ class Controller:
           self._log.flush()
           raise
         if rolled_back:
-          record.update(rollback=True, step=self._step())
+          # The state fields of a rollback's record are those the run goes on
+          # from (the restored step, the lowered learning-rate scale); its
+          # measurements (loss, grad_norm, lr, counts) are the undone loop's.
+          record.update(
+            rollback=True,
+            step=self._step(),
+            lr_scale=float(self._recovery.lr_scale.numpy()),
+            loss_scale=float(self._loss_scale.scale.numpy()),
+          )
+        # The loss of the state that was kept: an undone loop's is not, and a
+        # rollback takes the run back to the state some earlier loop ended at.
+        kept_loss = {k: v for k, v in kept_loss.items() if k <= self._step()}
+        if not rolled_back and out.applied:
+          kept_loss[self._step()] = record["loss"]
+        last_loss = kept_loss.get(self._step(), float("nan"))
         evaluated = None
         if self._eval_due() and not rolled_back:
           eval_metrics = evaluated = self._evaluate()

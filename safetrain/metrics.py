@@ -153,7 +153,8 @@ class Progress:
       sys.stderr.write("\r" + text.ljust(79))
       sys.stderr.flush()
     elif step >= self.next_log or step >= self.total:
-      logging.info("%s", text)
+      # The command prints it on the terminal without absl's prefix (logs.py).
+      logging.info("%s", text, extra={"safetrain_terminal": True})
       while self.next_log <= step:
         self.next_log += self.log_every
 
