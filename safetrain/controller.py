@@ -305,6 +305,7 @@ class Controller:
         self._step(),
         self._recovery.lr_scale.numpy(),
         self._recovery.rollbacks_used.numpy(),
+        extra={"safetrain_terminal": True},  # on the command's terminal too
       )
 
   def _run_inner_loop(self) -> tuple[step_lib.LoopOutput, float]:

@@ -7,9 +7,11 @@ rollback and no resume moves backwards, so the charts never fold back on
 themselves. Where nothing was skipped it equals the step; the applied step
 is a scalar of its own (`step`), which drops at a rollback.
 
-The loop a rollback undid writes its scalars under `undone/<name>` instead
-of `<name>`: its losses (often 1e30 and more) stay out of the default loss
-chart, whose scale stays the one of the trajectory that was kept; a
+The loop a rollback undid writes its measurements under `undone/<name>`
+instead of `<name>` (its state fields, `step`, `lr_scale` and `loss_scale`,
+are those after the restore and stay under their names): its losses
+(often 1e30 and more) stay out of the default loss chart, whose scale stays
+the one of the trajectory that was kept; a
 `rollback` scalar (1) marks where it happened. Each incident is a text
 summary (`incidents`) at the attempt of the loop that saw it, naming its
 step, kind, action, learning-rate scale and diagnosis. With
@@ -27,6 +29,9 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+# A rollback record's fields that describe the state the run goes on from
+# (after the restore and the backoff), not the undone loop: charted as usual.
+_STATE = ("step", "lr_scale", "loss_scale")
 # Record fields that are not numbers to chart.
 _NOT_SCALARS = ("time", "attempts", "rollback", "final_eval")
 
@@ -56,7 +61,7 @@ class Summaries:
       for k, v in record.items():
         if k.startswith("eval_") or not _is_number(v) or k in _NOT_SCALARS:
           continue
-        tf.summary.scalar(f"undone/{k}" if undone and k != "step" else k, v)
+        tf.summary.scalar(f"undone/{k}" if undone and k not in _STATE else k, v)
       if undone:
         tf.summary.scalar("rollback", 1.0)
     self.eval(x, {k[5:]: v for k, v in record.items() if k.startswith("eval_")})

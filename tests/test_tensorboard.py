@@ -62,7 +62,9 @@ def test_train_and_eval_runs_overlay_on_a_monotone_axis_after_a_rollback(rolled_
   # The loop the rollback undid is charted apart, where it happened.
   assert [s for s, _ in train["undone/loss"]] == [15]
   np.testing.assert_allclose(train["undone/loss"][0][1], undone[0]["loss"], rtol=1e-6)
-  assert train["rollback"] == [(15, 1.0)]
+  assert train["rollback"] == [(15, 1.0)] and "undone/lr_scale" not in train
+  # The rollback's state fields are charted as usual: the lowered scale from 15 on.
+  assert train["lr_scale"] == [(5, 1.0), (10, 1.0), (15, 0.5), (20, 0.5), (25, 0.5)]
   # The applied step is a curve of its own, which drops at the rollback.
   assert train["step"] == [(5, 5.0), (10, 10.0), (15, 10.0), (20, 15.0), (25, 20.0)]
   # The eval run uses the same names and axis, so `loss` overlays.
