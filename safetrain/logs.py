@@ -9,7 +9,8 @@ prints it). Every log line, with absl's prefixes, goes to `WORKDIR/log.txt`
 (appended across resumes): the full incident lines, the INFO lines (saves,
 resumes, budget refills, progress), the library warnings. With `-v`
 (`--verbose`) or `--alsologtostderr` the terminal shows every line as absl
-prints it, as before, and no short lines.
+prints it, as before, and no short lines; so does a non-chief worker of a
+multi-worker run, which writes no log.txt.
 
 Library code marks the records meant for the short terminal form: an
 incident carries `extra={INCIDENT: record}` (incidents.py), the progress
@@ -84,6 +85,11 @@ class _ShortLines(std_logging.Handler):
     return f"{line}\n  {diagnosis}"
 
 
+class _Nothing(std_logging.Filter):
+  def filter(self, record) -> bool:
+    return False
+
+
 class _Stderr(std_logging.Handler):
   """Every line in absl's format on the current sys.stderr."""
 
@@ -122,7 +128,6 @@ def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None):
   root = std_logging.getLogger()
   absl_handler = logging.get_absl_handler()
   added: list[std_logging.Handler] = []
-  terminal_filter = None
   if workdir is not None:
     file_handler = std_logging.FileHandler(os.path.join(workdir, LOG_FILE), encoding="utf-8")
     file_handler.setFormatter(logging.PythonFormatter())
@@ -130,13 +135,20 @@ def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None):
     if quiet_filter is not None:
       file_handler.addFilter(quiet_filter)
     added.append(file_handler)
-  if not verbose:
-    terminal_filter = _TerminalFilter()
-    absl_handler.addFilter(terminal_filter)
+  # Without a log file (a non-chief worker) nothing may be left out: every
+  # line on the terminal, as with -v.
+  terminal_filter = _Nothing() if verbose or workdir is None else _TerminalFilter()
+  # The terminal's lines go to the current sys.stderr through handlers of
+  # this run; absl's own handler (which `run()` installs) stays quiet, so the
+  # output is the same in-process and through the command.
+  absl_handler.addFilter(terminal_filter)
+  if verbose or workdir is None:
+    every_line = _Stderr()
+    if quiet_filter is not None:
+      every_line.addFilter(quiet_filter)
+    added.append(every_line)
+  else:
     added.append(_ShortLines())
-  elif absl_handler not in root.handlers:
-    # Called in-process (not through `run()`, which installs absl's handler).
-    added.append(_Stderr())
   for handler in added:
     root.addHandler(handler)
   try:
@@ -145,5 +157,4 @@ def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None):
     for handler in added:
       root.removeHandler(handler)
       handler.close()
-    if terminal_filter is not None:
-      absl_handler.removeFilter(terminal_filter)
+    absl_handler.removeFilter(terminal_filter)
