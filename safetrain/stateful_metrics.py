@@ -11,8 +11,8 @@ The metric variables are never checkpointed: a set is reset before it is
 updated (the training set at each inner loop's start, the evaluation set at
 each evaluation's start) and read when its loop or evaluation ends, and every
 save, restore and rollback happens between loops, where no metric holds
-anything that has not been reported. A resumed or rolled-back run therefore
-reports exactly what an uninterrupted one reports from the next loop on.
+anything that has not been reported. After a resume or a rollback every
+loop's metrics therefore start from zero, as in an uninterrupted run.
 
 Under a distribution strategy the variables are Keras's own (`on_read`,
 aggregated by sum), so each replica accumulates its shard and a read outside
@@ -98,7 +98,11 @@ def check(metrics, trainer: str, taken: set[str]) -> dict:
       raise ConfigError(
         "trainer", trainer, f"build_metrics() name {name!r} is already a record field or metric"
       )
-    if np.asarray(metric.result()).size != 1:
+    try:
+      size = np.asarray(metric.result()).size
+    except Exception:  # noqa: BLE001 - a metric built on its first update (F1Score)
+      continue
+    if size != 1:
       raise ConfigError(
         "trainer",
         trainer,

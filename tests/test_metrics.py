@@ -3,6 +3,7 @@ good steps only, reset per inner loop and per evaluation, on one device and
 on two replicas."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -127,6 +128,27 @@ class OrderedAucTrainer(AucTrainer):
     return ds.batch(self.config.train.batch_size, drop_remainder=True)
 
 
+def test_metrics_see_the_rows_the_input_guard_kept_and_start_from_zero_after_a_rollback(
+  tmp_path,
+):
+  # Attempt 2 has one NaN row (dropped, the step still trains on 15 rows);
+  # attempts 13-15 have NaN losses: the third rolls back to step 10.
+  config = auc_config(**{"train.steps": 20, "drill.input_steps": "2", "drill.loss_steps": "13-15"})
+  result = AucTrainer(config, str(tmp_path)).fit()
+  assert result.rollbacks == 1 and result.step == 20
+  loops = records(tmp_path)
+  assert [(r["step"], r["good"], bool(r.get("rollback"))) for r in loops] == [
+    (5, 5, False),
+    (10, 5, False),
+    (10, 2, True),
+    (15, 5, False),
+    (20, 5, False),
+  ]
+  # 79 = 4 x 16 + 15; the undone loop counted its 2 good steps; the loops
+  # after the rollback start from zero.
+  assert [r["rows"] for r in loops] == [79, 80, 32, 80, 80]
+
+
 def test_train_auc_is_the_auc_of_the_loops_good_steps(tmp_path):
   """With one step per loop and SGD at a negligible rate, the loop's AUC is Keras's AUC
   of the model on exactly that batch."""
@@ -161,13 +183,36 @@ class SharedMetricTrainer(AucTrainer):
     return {"auc": SharedMetricTrainer.auc}
 
 
+class VectorMetric(RowCount):
+  def result(self):
+    return tf.zeros([2])
+
+
+class VectorMetricTrainer(AucTrainer):
+  def build_metrics(self):
+    return {"pair": VectorMetric()}
+
+
+class ClashingNameTrainer(AucTrainer):
+  def build_metrics(self):
+    return {"grad_norm": keras.metrics.AUC()}
+
+
+class NotAMetricTrainer(AucTrainer):
+  def build_metrics(self):
+    return {"auc": lambda y, p: 0.0}
+
+
 @pytest.mark.parametrize(
   "cls, message",
   [
     (NoPredTrainer, "compute_loss must return (loss, metrics, y_pred)"),
     (SharedMetricTrainer, "must return new metrics"),
+    (VectorMetricTrainer, "'pair' (VectorMetric) has a non-scalar result"),
+    (ClashingNameTrainer, "name 'grad_norm' is already a record field"),
+    (NotAMetricTrainer, "must return a dict {name: keras.metrics.Metric}"),
   ],
 )
 def test_build_metrics_mistakes_are_config_errors_at_build(cls, message, tmp_path):
-  with pytest.raises(safetrain.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+  with pytest.raises(safetrain.ConfigError, match=re.escape(message)):
     cls(auc_config(), str(tmp_path)).build()

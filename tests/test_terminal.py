@@ -90,6 +90,8 @@ def test_sigterm_prints_the_loss_of_the_kept_state_and_rollback_records_are_one_
     cwd=ROOT,
   )
   assert p.returncode == 143, p.stderr[-3000:]
+  # safetrain's own warning, without absl's prefix.
+  assert "\nsafetrain: warning: Received signal 15" in p.stderr
   kept, undone = safetrain.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert p.stdout.startswith("step 5: 2 incidents, 1 rollbacks, lr scale 0.5")
   assert f"final loss {kept['loss']:.4g}" in p.stdout
