@@ -99,7 +99,7 @@ def safe_loop(strategy, steps_per_loop, workdir):
     t = time.perf_counter()
     out = call()
     dt = time.perf_counter() - t
-    assert int(out["applied"]) == steps_per_loop
+    assert int(out.applied) == steps_per_loop
     return dt
 
   return run, trainer

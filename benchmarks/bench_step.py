@@ -1,8 +1,8 @@
 """Speed of the guarded step against the loops users would otherwise run.
 
-Three loops on the same MLP (64-256-256-1), batch 256, float32, the same data
-and the same number of steps per host sync (steps_per_loop), run interleaved
-for many rounds on this machine; medians and ratios are printed:
+Three loops on the same model, the same data, the same initial weights and the
+same number of steps per host sync (steps_per_loop), run interleaved for many
+rounds on this machine; medians, spread and ratios are printed:
 
   hand    the loop a careful user writes: steps_per_loop steps in one
           tf.function, tf.clip_by_global_norm, apply_gradients, nothing else;
@@ -11,14 +11,29 @@ for many rounds on this machine; medians and ratios are printed:
   keras   model.fit with steps_per_execution=steps_per_loop,
           global_clipnorm=1.0 and TerminateOnNaN.
 
-It also prints achieved FLOP/s against a measured large-matmul peak, and the
-cost of recovery: fit() with 3 injected divergences (3 rollbacks) against a
-clean fit() of the same steps, and whether recovery retraced the loop.
+Two models: an MLP (64-256-256-1, batch 256), where a step costs about a
+millisecond and the guard's fixed cost shows, and a real convolutional model,
+keras.applications.MobileNetV2 at 32x32 with 10 classes (batch 64, softmax
+cross-entropy), where a step costs ~100 ms. For the MLP it also prints achieved
+FLOP/s against a measured large-matmul peak, and the cost of recovery: fit()
+with 3 injected divergences (3 rollbacks) against a clean fit() of the same
+steps. For MobileNetV2 it also measures end to end through the public API:
+`Trainer(config, workdir).fit()` of two run lengths, the difference divided by
+the difference in steps, so start-up (build, tracing, checkpoints) cancels;
+Keras fit() likewise, on one compiled model.
 
   .venv/bin/python benchmarks/bench_step.py [--rounds 15] [--steps_per_loop 100]
+  .venv/bin/python benchmarks/bench_step.py --only conv [--conv_rounds 7] [--conv_fit_rounds 3]
+
+On a machine other processes load, wall times swing by 2x from round to round;
+--clock=cpu --threads=1 times each loop by this process's CPU time on one
+TensorFlow thread, which measures the work a loop does rather than the share
+of the cores it got.
 """
 
 import argparse
+import functools
+import gc
 import os
 import statistics
 import sys
@@ -34,6 +49,10 @@ import tensorflow as tf  # noqa: E402
 import safetrain  # noqa: E402
 
 FEATURES, HIDDEN, BATCH = 64, 256, 256
+
+# What the loops are timed with: wall time, or with --clock=cpu this
+# process's CPU time, which other processes on a shared machine disturb less.
+clock = time.perf_counter
 
 
 def make_model(seed=0):
@@ -68,31 +87,68 @@ class BenchTrainer(safetrain.Trainer):
     return ds
 
 
-def bench_config(steps, steps_per_loop):
+def bench_config(steps, steps_per_loop, batch=BATCH):
   c = safetrain.default_config()
   c.trainer = "BenchTrainer"
   c.train.steps = steps
-  c.train.batch_size = BATCH
+  c.train.batch_size = batch
   c.train.steps_per_loop = steps_per_loop
+  c.train.log_every_steps = steps
   c.checkpoint.every_steps = steps
   c.guard.preflight = "off"
   c.optimizer.learning_rate = 1e-3
   return c
 
 
-def hand_loop(steps_per_loop):
-  model = make_model()
+# MobileNetV2 at 32x32: a real convolutional model whose step costs ~100 ms.
+
+
+def make_conv_model(seed=0):
+  keras.utils.set_random_seed(seed)
+  return keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+
+
+def conv_arrays(batch):
+  rng = np.random.default_rng(0)
+  # MobileNetV2's preprocess_input maps pixels to [-1, 1].
+  x = rng.uniform(-1.0, 1.0, size=(batch * 16, 32, 32, 3)).astype(np.float32)
+  y = rng.integers(0, 10, size=batch * 16).astype(np.int64)
+  return x, y
+
+
+def make_conv_dataset(batch):
+  ds = tf.data.Dataset.from_tensor_slices(conv_arrays(batch))
+  return ds.repeat().batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+class ConvTrainer(safetrain.Trainer):
+  def build_model(self):
+    return make_conv_model()
+
+  def build_train_dataset(self):
+    return make_conv_dataset(self.config.train.batch_size)
+
+
+def conv_config(steps, steps_per_loop, batch):
+  c = bench_config(steps, steps_per_loop, batch)
+  c.trainer = "ConvTrainer"
+  c.loss = "sparse_categorical_crossentropy"  # on MobileNetV2's softmax head
+  return c
+
+
+def hand_loop(steps_per_loop, model_fn=make_model, dataset_fn=make_dataset, loss="mse"):
+  model = model_fn()
   opt = keras.optimizers.Adam(1e-3)
   opt.build(model.trainable_variables)
-  loss_fn = keras.losses.MeanSquaredError()
-  it = iter(make_dataset())
+  loss_fn = keras.losses.get(loss)
+  it = iter(dataset_fn())
 
   @tf.function
   def loop(n):
     for _ in tf.range(n):
       x, y = next(it)
       with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x, training=True))
+        loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
       grads = tape.gradient(loss, model.trainable_variables)
       grads, _ = tf.clip_by_global_norm(grads, 1.0)
       opt.apply_gradients(zip(grads, model.trainable_variables))
@@ -102,15 +158,16 @@ def hand_loop(steps_per_loop):
   loop(n).numpy()  # trace and warm up
 
   def run():
-    t = time.perf_counter()
+    t = clock()
     loop(n).numpy()
-    return time.perf_counter() - t
+    return clock() - t
 
   return run
 
 
-def safe_loop(steps_per_loop, workdir):
-  trainer = BenchTrainer(bench_config(10**6, steps_per_loop), workdir)
+def safe_loop(steps_per_loop, workdir, trainer_cls=BenchTrainer, config=None):
+  config = config or bench_config(10**6, steps_per_loop)
+  trainer = trainer_cls(config, workdir)
   trainer.build()
   n = tf.constant(steps_per_loop, tf.int64)
 
@@ -122,31 +179,36 @@ def safe_loop(steps_per_loop, workdir):
   call()
 
   def run():
-    t = time.perf_counter()
+    t = clock()
     out = call()
-    dt = time.perf_counter() - t
-    assert int(out["applied"]) == steps_per_loop
+    dt = clock() - t
+    assert int(out.applied) == steps_per_loop
     return dt
 
   return run, trainer
 
 
-def keras_fit(steps_per_loop):
-  model = make_model()
+def keras_model(steps_per_loop, model_fn=make_model, loss="mse"):
+  model = model_fn()
   model.compile(
     optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0),
-    loss="mse",
+    loss=loss,
     steps_per_execution=steps_per_loop,
   )
-  ds = make_dataset()
+  return model
+
+
+def keras_fit(steps_per_loop, model_fn=make_model, dataset_fn=make_dataset, loss="mse"):
+  model = keras_model(steps_per_loop, model_fn, loss)
+  ds = dataset_fn()
   times = []
 
   class Timer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
-      self.t = time.perf_counter()
+      self.t = clock()
 
     def on_epoch_end(self, epoch, logs=None):
-      times.append(time.perf_counter() - self.t)
+      times.append(clock() - self.t)
 
   cbs = [keras.callbacks.TerminateOnNaN(), Timer()]
   model.fit(ds, epochs=1, steps_per_epoch=steps_per_loop, verbose=0, callbacks=cbs)
@@ -207,17 +269,123 @@ def recovery_cost(steps, steps_per_loop, rounds):
   return {k: statistics.median(v) for k, v in times.items()}, traces, attempts
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--rounds", type=int, default=15)
-  p.add_argument("--steps_per_loop", type=int, default=100)
-  p.add_argument("--recovery_rounds", type=int, default=3)
-  args = p.parse_args()
+def spread(values) -> str:
+  return f"[{min(values) * 1e3:.0f}..{max(values) * 1e3:.0f}]"
+
+
+def conv_bench(args) -> None:
+  """MobileNetV2: the compiled loops, then fit() end to end."""
+  batch, spl = args.conv_batch, args.conv_steps_per_loop
+  model_fn = make_conv_model
+  dataset_fn = functools.partial(make_conv_dataset, batch)
+  loss = "sparse_categorical_crossentropy"
+  with tempfile.TemporaryDirectory() as wd:
+    runs = {
+      "hand": hand_loop(spl, model_fn, dataset_fn, loss),
+      "safe": safe_loop(spl, wd, ConvTrainer, conv_config(10**6, spl, batch))[0],
+      "keras": keras_fit(spl, model_fn, dataset_fn, loss),
+    }
+    names = list(runs)
+    # Building each contender seeded the RNGs, which clears TensorFlow's
+    # kernel cache (see below): one untimed call each brings all three back.
+    for run in runs.values():
+      run()
+    per_step = {k: [] for k in runs}
+    for r in range(args.conv_rounds):
+      # Interleaved, and in a rotating order, so noise and order hit all alike.
+      for name in names[r % 3 :] + names[: r % 3]:
+        per_step[name].append(runs[name]() / spl)
+  med = {k: statistics.median(v) for k, v in per_step.items()}
+  print(
+    f"MobileNetV2 32x32x3, 10 classes, batch {batch}, float32, steps_per_loop {spl}, "
+    f"{args.conv_rounds} interleaved rounds: compiled loop, ms per step, median [min..max]"
+  )
+  for k in names:
+    print(f"  {k:6s} {med[k] * 1e3:7.1f} {spread(per_step[k])}")
+  # Speed ratios, of the medians and, less sensitive to the load of other
+  # processes drifting over minutes, the median of each round's own ratio.
+  for other, target in (("hand", 0.99), ("keras", 1.0)):
+    paired = statistics.median(o / s for o, s in zip(per_step[other], per_step["safe"]))
+    print(
+      f"  safe / {other:5s} = {med[other] / med['safe']:.3f} (medians), {paired:.3f} "
+      f"(median of per-round ratios)   target >= {target}"
+    )
+
+  if not args.conv_fit_rounds:
+    return
+  short, long = (int(v) for v in args.conv_fit_steps.split(","))
+  model = keras_model(spl, model_fn, loss)
+  ds = dataset_fn()
+
+  # A finished fit() leaves a model and a traced graph to Python's cyclic GC:
+  # collect them untimed, not inside the next measurement.
+  def keras_seconds(steps):
+    gc.collect()
+    t = clock()
+    model.fit(
+      ds,
+      epochs=1,
+      steps_per_epoch=steps,
+      verbose=0,
+      callbacks=[keras.callbacks.TerminateOnNaN()],
+    )
+    return clock() - t
+
+  def safe_seconds(steps):
+    gc.collect()
+    with tempfile.TemporaryDirectory() as wd:
+      t = clock()
+      result = ConvTrainer(conv_config(steps, spl, batch), wd).fit()
+      dt = clock() - t
+    assert result.step == steps and not result.incidents, result
+    return dt
+
+  keras_seconds(spl)  # compile and trace once: later fits reuse it
+  hand_e2e = []  # the hand loop timed again in each round, as the baseline
+  e2e = {"safe": [], "keras": []}
+  for r in range(args.conv_fit_rounds):
+    lengths = (short, long) if r % 2 == 0 else (long, short)
+    t = {n: safe_seconds(n) for n in lengths}
+    e2e["safe"].append((t[long] - t[short]) / (long - short))
+    # Trainer._build seeds the RNGs (keras.utils.set_random_seed), and
+    # tf.random.set_seed clears TensorFlow's kernel cache: every other
+    # tf.function re-instantiates its graph on its next call (seconds for
+    # MobileNetV2). Warm the other two up again, untimed.
+    keras_seconds(spl)
+    runs["hand"]()
+    t = {n: keras_seconds(n) for n in lengths}
+    e2e["keras"].append((t[long] - t[short]) / (long - short))
+    gc.collect()
+    hand_e2e += [runs["hand"]() / spl for _ in range(3)]
+  med_e2e = {k: statistics.median(v) for k, v in e2e.items()}
+  print(
+    f"MobileNetV2 end to end: fit() of {long} minus fit() of {short} steps, per step, "
+    f"{args.conv_fit_rounds} rounds, ms per step, median [min..max]"
+  )
+  print(
+    f"  safe   {med_e2e['safe'] * 1e3:7.1f} {spread(e2e['safe'])}   Trainer(config, workdir).fit()"
+  )
+  print(
+    f"  keras  {med_e2e['keras'] * 1e3:7.1f} {spread(e2e['keras'])}   model.fit, one compiled model"
+  )
+  print(
+    f"  hand   {statistics.median(hand_e2e) * 1e3:7.1f} {spread(hand_e2e)}   the compiled hand loop"
+  )
+  print(
+    f"  safe fit / hand loop = {statistics.median(hand_e2e) / med_e2e['safe']:.3f}   "
+    "(target >= 0.99)"
+  )
+  print(f"  safe fit / keras fit = {med_e2e['keras'] / med_e2e['safe']:.3f}   (target >= 1.0)")
+
+
+def mlp_bench(args) -> None:
   tf.get_logger().setLevel("ERROR")
   spl = args.steps_per_loop
   with tempfile.TemporaryDirectory() as wd:
     runs = {"hand": hand_loop(spl), "safe": None, "keras": keras_fit(spl)}
     runs["safe"], _ = safe_loop(spl, wd)
+    for run in runs.values():  # untimed: building each one cleared the kernel cache
+      run()
     times = {k: [] for k in runs}
     for _ in range(args.rounds):
       for name, run in runs.items():  # interleaved: noise hits all three alike
@@ -256,6 +424,33 @@ def main():
     f"each rollback costs {extra:.2f} s"
     " beyond the steps it redoes"
   )
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--only", choices=("all", "mlp", "conv"), default="all")
+  p.add_argument("--rounds", type=int, default=15)
+  p.add_argument("--steps_per_loop", type=int, default=100)
+  p.add_argument("--recovery_rounds", type=int, default=3)
+  p.add_argument("--conv_batch", type=int, default=64)
+  p.add_argument("--conv_steps_per_loop", type=int, default=10)
+  p.add_argument("--conv_rounds", type=int, default=7)
+  p.add_argument("--conv_fit_rounds", type=int, default=3)
+  p.add_argument("--conv_fit_steps", default="20,160", help="the two run lengths, short,long")
+  p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+  p.add_argument("--threads", type=int, default=0, help="TF intra- and inter-op threads (0: TF's)")
+  args = p.parse_args()
+  tf.get_logger().setLevel("ERROR")
+  if args.threads:
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+  global clock
+  clock = time.process_time if args.clock == "cpu" else time.perf_counter
+  print(f"timed by {args.clock} clock, TF threads {args.threads or 'default'}")
+  if args.only in ("all", "mlp"):
+    mlp_bench(args)
+  if args.only in ("all", "conv"):
+    conv_bench(args)
   return 0
 
 

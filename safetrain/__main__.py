@@ -1,3 +1,3 @@
-from safetrain.cli import run
+from safetrain.cli import entry_point
 
-run()
+entry_point()

@@ -381,3 +381,29 @@ def _stop(signum, frame) -> None:
 
 if __name__ == "__main__":
   run()
+
+
+def entry_point() -> None:
+  """The `safetrain` command and `python -m safetrain`: `run()`, then a hard exit.
+
+  After a run whose input pipeline failed (a `from_generator` or
+  `py_function` dataset raising), TensorFlow's interpreter-shutdown teardown
+  can wait forever on the pipeline's threads: the run has finished, written
+  everything and decided its exit code, and the process hangs. So the command
+  flushes what it printed and logged, then leaves with `os._exit`. In-process
+  callers (tests, notebooks) use `run()`, which raises SystemExit as usual.
+  """
+  try:
+    run()
+    code = 0
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if e.code is not None and not isinstance(e.code, int):
+      print(e.code, file=sys.stderr)
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  std_logging.shutdown()
+  os._exit(code)

@@ -92,6 +92,27 @@ def leave_out_of_keras_saves(optimizer, unused) -> None:
   optimizer.save_own_variables = save_own_variables
 
 
+def activation_input(p: tf.Tensor):
+  """`(logits, "Softmax"|"Sigmoid")` when `p` is a softmax or sigmoid output, else None.
+
+  Why an internal: in a graph the producing op is read (`p.op`); eagerly there
+  is no op, and Keras's own softmax and sigmoid leave their input on the output
+  as `_keras_logits` (what Keras's cross-entropy reads to work from logits).
+  The eager candidate is accepted only when it reproduces `p` exactly.
+  """
+  if hasattr(p, "op") and not isinstance(p, tf.__internal__.EagerTensor):
+    if p.op.type in ("Softmax", "Sigmoid") and len(p.op.inputs) == 1:
+      return p.op.inputs[0], p.op.type
+    return None
+  x = getattr(p, "_keras_logits", None)
+  if x is None:
+    return None
+  for name, fn in (("Softmax", tf.nn.softmax), ("Sigmoid", tf.sigmoid)):
+    if x.dtype == p.dtype and x.shape == p.shape and bool(tf.reduce_all(fn(x) == p)):
+      return x, name
+  return None
+
+
 def disable_gradient_all_reduce(optimizer) -> bool:
   """Stops a Keras 3 optimizer from summing gradients over replicas.
 

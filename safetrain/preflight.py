@@ -3,13 +3,15 @@
 The checks catch, before any update, what would otherwise surface as a NaN
 some steps later: non-finite or unnormalized input features, a non-finite
 initial loss or gradient, and under mixed_float16 layer activations at or near
-float16's largest value (65504). Each finding is one sentence that names the
-feature or the layer and says what to do. With guard.preflight=warn they are
+float16's largest value (65504) and an output layer whose softmax or sigmoid
+computes in float16. Each finding is one sentence that names the feature or the
+layer and says what to do. With guard.preflight=warn they are
 logged and printed; with strict, any finding stops the run (exit code 2).
 """
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -68,8 +70,52 @@ def audit(ctx: forensics.Context, batch, *, bad_inputs: str, fp16_margin: float)
       + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     )
   if ctx.fp16:
+    findings += _fp16_output_findings(rep)
     findings += _fp16_findings(rep, fp16_margin)
   return findings
+
+
+def _output_activation(layer) -> str | None:
+  """The activation `layer` ends in when it is softmax or sigmoid, else None."""
+  if isinstance(layer, keras.layers.Softmax):
+    return "softmax"
+  name = getattr(getattr(layer, "activation", None), "__name__", None)
+  return name if name in ("softmax", "sigmoid") else None
+
+
+def _fp16_output_findings(rep: forensics.Replay) -> list[str]:
+  """Output layers that compute a softmax or sigmoid in float16.
+
+  TensorFlow's mixed-precision guide keeps the model's final activation in
+  float32: probabilities in float16 round coarsely, and the gradient of
+  log(p) (about -1/p) overflows float16 once the model is confidently wrong.
+  The output layers are the leaf layers whose output is the model's output.
+  """
+  model = next((r for r in reversed(rep.layers) if r.is_model), None)
+  if model is None or model.output is None:
+    return []
+  outputs = [id(t) for t in tf.nest.flatten(model.output)]
+  out, seen = [], set()
+  for r in rep.layers:
+    if r.is_model or not r.leaf or r.name in seen or r.outputs.dtype != "float16":
+      continue
+    if not any(id(t) in outputs for t in tf.nest.flatten(r.output)):
+      continue
+    activation = _output_activation(r.layer)
+    if activation is None:
+      continue
+    seen.add(r.name)
+    out.append(
+      f"output layer {r.name} ({r.cls}) computes its {activation} in float16 under "
+      "mixed_float16, where a cross-entropy's gradient through the rounded probabilities "
+      "(-1/p) overflows once the model is confidently wrong and drives the loss scale to "
+      "its floor; keep the output in float32, as TensorFlow's mixed-precision guide "
+      f'advises: dtype="float32" on {r.name}, or {r.name} linear and '
+      f'keras.layers.Activation("{activation}", dtype="float32") after it (the default '
+      "compute_loss already recomputes it in float32 from its logits; a custom "
+      "compute_loss and model.predict do not)"
+    )
+  return out
 
 
 def _fp16_findings(rep: forensics.Replay, margin: float) -> list[str]:

@@ -19,6 +19,18 @@ step, kind, action, learning-rate scale and diagnosis. With
 histogram of every trainable weight (`weights/<path>`) and the gradient norm
 of every layer (`grad_norm/<layer>`), the latter computed on the first
 training batch in inference mode, so the probe changes no state.
+
+Scalars are written one event per call (`write_scalars`), not one op per
+number:
+
+`tf.summary.scalar` runs one eager op per value: for the dozen-odd numbers of
+a loop record that is ~3.5 ms per inner loop on this CPU (~20 ms under load),
+a few percent of a loop of 100 one-millisecond steps. `write_scalars` builds
+the same `Summary` protobuf `tf.summary.scalar` writes (a float32 scalar
+tensor under the "scalars" plugin's metadata) for all values at once and hands
+it to the default writer with one `write_raw_pb` op (~0.5 ms). TensorBoard and
+`tf.compat.v1.train.summary_iterator` read them back exactly as scalars
+written one at a time; the values of one call share one event.
 """
 
 from __future__ import annotations
@@ -27,7 +39,36 @@ import os
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+
+# What tf.summary.scalar attaches to every value (display name and
+# description unset), in TensorFlow's own proto class.
+_SCALAR_METADATA = tf.compat.v1.SummaryMetadata.FromString(
+  scalar_metadata.create_summary_metadata(None, None).SerializeToString()
+)
+
+
+def scalars_event(values: dict[str, float]) -> bytes:
+  """The serialized `Summary` holding each `tag: value` as a float32 scalar."""
+  summary = tf.compat.v1.Summary()
+  for tag, value in values.items():
+    entry = summary.value.add(tag=tag)
+    entry.metadata.CopyFrom(_SCALAR_METADATA)
+    entry.tensor.CopyFrom(tf.make_tensor_proto(np.float32(value)))
+  return summary.SerializeToString()
+
+
+def write_scalars(values: dict[str, float], step: int) -> None:
+  """Writes `values` at `step` to the default summary writer, in one op.
+
+  Runs eagerly (between inner loops); a no-op without a default writer or
+  with no values, like `tf.summary.scalar`.
+  """
+  if values:
+    tf.summary.experimental.write_raw_pb(scalars_event(values), step=step)
+
 
 # A rollback record's fields that describe the state the run goes on from
 # (after the restore and the backoff), not the undone loop: charted as usual.
@@ -57,23 +98,21 @@ class Summaries:
     `eval_*` fields go to the eval run under their plain names."""
     x = record["attempts"]
     undone = bool(record.get("rollback"))
-    with self._train.as_default(step=x):
-      for k, v in record.items():
-        if k.startswith("eval_") or not _is_number(v) or k in _NOT_SCALARS:
-          continue
-        tf.summary.scalar(f"undone/{k}" if undone and k not in _STATE else k, v)
-      if undone:
-        tf.summary.scalar("rollback", 1.0)
+    values = {
+      (f"undone/{k}" if undone and k not in _STATE else k): v
+      for k, v in record.items()
+      if not k.startswith("eval_") and _is_number(v) and k not in _NOT_SCALARS
+    }
+    if undone:
+      values["rollback"] = 1.0
+    with self._train.as_default():
+      write_scalars(values, x)
     self.eval(x, {k[5:]: v for k, v in record.items() if k.startswith("eval_")})
 
   def eval(self, x: int, metrics: dict) -> None:
     """An evaluation's results, in the eval run."""
-    if not metrics:
-      return
-    with self._eval.as_default(step=x):
-      for k, v in metrics.items():
-        if _is_number(v):
-          tf.summary.scalar(k, v)
+    with self._eval.as_default():
+      write_scalars({k: v for k, v in metrics.items() if _is_number(v)}, x)
 
   def incidents(self, x: int, records: list[dict]) -> None:
     """One text summary per incident record."""

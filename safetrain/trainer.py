@@ -20,12 +20,8 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from safetrain import (
-  actions as actions_lib,
-)
-from safetrain import (
-  callbacks as callbacks_lib,
-)
+from safetrain import actions as actions_lib
+from safetrain import callbacks as callbacks_lib
 from safetrain import (
   checkpointing,
   distribute,
@@ -143,7 +139,7 @@ class Trainer:
     stateful metrics)."""
     x, y, sample_weight = data_lib.unpack_batch(batch)
     pred = model(x, training=training)
-    pred = tf.nest.map_structure(lambda p: tf.cast(p, tf.float32), pred)
+    pred = losses.float32_predictions(pred)
     loss = self._loss_fn(y, pred, sample_weight=sample_weight)
     return loss + self.regularization_loss(model), pred
 

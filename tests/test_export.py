@@ -167,12 +167,6 @@ def test_the_export_command_says_in_one_line_what_it_cannot_find(trained, tmp_pa
   assert not os.path.exists(os.path.join(copy, "export", "model.keras.tmp"))
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=IndexError,
-  reason="checkpointing.restore_model_readonly catches OpError, ValueError and "
-  "AssertionError, but TensorFlow's reader raises IndexError on a data file cut short",
-)
 def test_the_export_command_passes_over_a_checkpoint_cut_short(trained, tmp_path):
   copy = _copy(trained[0], tmp_path)
   data = os.path.join(copy, "checkpoints", "ckpt-20.data-00000-of-00001")

@@ -231,3 +231,18 @@ def test_kill9_mid_run_and_the_restart_trains_on_from_the_checkpoints_batch(tmp_
     (s, s - 1) for s in range(start + 1, 41)
   ]
   assert "iterator cannot be checkpointed (" in done.stderr and "is stateful" in done.stderr
+
+
+def test_the_command_exits_2_on_a_failing_generator_and_the_process_ends(tmp_path):
+  """Through the real command: one line, no traceback, exit 2, the checkpoint
+  before the failure kept, and the process gone (no teardown hang)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "run")
+  config = os.path.join(root, "tests", "fixtures", "configs", "failing_generator.py")
+  cmd = [sys.executable, "-m", "safetrain", f"--config={config}", f"--workdir={workdir}"]
+  done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=180)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+  assert "ValueError: corrupt record 12" in done.stderr and "failed after step 10" in done.stderr
+  state = tf.train.get_checkpoint_state(os.path.join(workdir, "checkpoints"))
+  assert state.model_checkpoint_path.endswith("ckpt-10")

@@ -140,3 +140,83 @@ def test_strict_raises_before_step_one(workdir):
     t.fit()
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "checkpoint"))
   assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+class ProbabilityHeadTrainer(TinyTrainer):
+  """A 3-class softmax head named `probs`, in the policy's dtype unless
+  `head_dtype` says otherwise."""
+
+  head_dtype = None
+
+  def build_model(self):
+    return keras.Sequential(
+      [
+        keras.Input((4,)),
+        keras.layers.Dense(8, activation="relu"),
+        keras.layers.Dense(3, activation="softmax", name="probs", dtype=self.head_dtype),
+      ]
+    )
+
+  def build_train_dataset(self):
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices((x, np.arange(32) % 3)).batch(16)
+
+
+class Float32HeadTrainer(ProbabilityHeadTrainer):
+  head_dtype = "float32"
+
+
+class SigmoidSubclassed(keras.Model):
+  def __init__(self):
+    super().__init__()
+    self.hidden = keras.layers.Dense(8, activation="relu")
+    self.out = keras.layers.Dense(1, name="is_positive")
+    self.act = keras.layers.Activation("sigmoid", name="p_positive")
+
+  def call(self, x):
+    return self.act(self.out(self.hidden(x)))
+
+
+class SigmoidHeadTrainer(ProbabilityHeadTrainer):
+  def build_model(self):
+    return SigmoidSubclassed()
+
+  def build_train_dataset(self):
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices((x, np.ones((32, 1), np.float32))).batch(16)
+
+
+def test_float16_output_activation_is_named_with_tensorflows_advice(workdir):
+  fp16 = {"precision.policy": "mixed_float16", "loss": "sparse_categorical_crossentropy"}
+  t = built(ProbabilityHeadTrainer, os.path.join(workdir, "a"), **fp16)
+  (finding,) = audit(t)
+  assert finding.startswith("output layer probs (Dense) computes its softmax in float16")
+  assert "(-1/p) overflows" in finding and "loss scale to its floor" in finding
+  assert 'dtype="float32" on probs' in finding
+  assert 'keras.layers.Activation("softmax", dtype="float32")' in finding
+
+  # A subclassed model whose output is a separate sigmoid activation layer.
+  fp16["loss"] = "binary_crossentropy"
+  t = built(SigmoidHeadTrainer, os.path.join(workdir, "b"), **fp16)
+  (finding,) = audit(t)
+  assert finding.startswith("output layer p_positive (Activation) computes its sigmoid")
+  assert 'keras.layers.Activation("sigmoid", dtype="float32")' in finding
+
+  # The advice followed, or no float16 at all: nothing to say.
+  fp16["loss"] = "sparse_categorical_crossentropy"
+  t = built(Float32HeadTrainer, os.path.join(workdir, "c"), **fp16)
+  assert audit(t) == []
+  t = built(ProbabilityHeadTrainer, os.path.join(workdir, "d"), loss=fp16["loss"])
+  assert audit(t) == []
+
+
+def test_strict_stops_on_a_float16_softmax_head(workdir):
+  c = tiny_config(
+    **{
+      "guard.preflight": "strict",
+      "precision.policy": "mixed_float16",
+      "loss": "sparse_categorical_crossentropy",
+    }
+  )
+  with pytest.raises(safetrain.PreflightError, match="output layer probs"):
+    ProbabilityHeadTrainer(c, workdir).fit()

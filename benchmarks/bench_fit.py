@@ -1,0 +1,222 @@
+"""What a user pays end to end: `Trainer(config, workdir).fit()` against the
+loop they would otherwise run, through the public API, start-up included.
+
+Three contenders train the MLP of bench_step.py (64-256-256-1, batch 256,
+Adam 1e-3, global-norm clipping at 1.0, float32, 100 steps per host sync):
+
+  hand    a careful user's loop: build the model and optimizer, a
+          tf.function running 100 steps (tf.clip_by_global_norm,
+          apply_gradients), an eager Python loop calling it and reading the
+          loss once per call;
+  safe    `Trainer(config, workdir).fit()` at default settings (every guard
+          on: input check, classification, NaN-safe clipping, spike
+          detection; checkpoints, metrics.jsonl and TensorBoard summaries);
+  keras   `model.compile(steps_per_execution=100)` + `model.fit` with
+          `global_clipnorm=1.0` and `TerminateOnNaN`.
+
+Each contender is built from scratch and run for two lengths (--short and
+--long steps); the difference divided by the difference in steps is the
+per-step cost with start-up cancelled; the short run is the start-up cost.
+Rounds are interleaved in a rotating order, and the ratios are taken both of
+the medians and as the median of each round's own ratio (less sensitive to a
+load that drifts over minutes). The spread (min..max) is printed: on a shared
+machine a 3% effect is only real when it is larger than the spread.
+
+It also prints the number of graph nodes in each compiled loop's body, the
+per-step op budget the guard adds.
+
+  .venv/bin/python benchmarks/bench_fit.py [--rounds 3] [--short 200] [--long 8200] [--breakdown]
+
+--breakdown adds safetrain runs with one checkpoint only (at the end), then
+also spike detection off, then also the input check off: the end-to-end cost
+of each piece.
+"""
+
+import argparse
+import functools
+import gc
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import logging  # noqa: E402
+from bench_step import BenchTrainer, make_dataset, make_model  # noqa: E402
+
+import safetrain  # noqa: E402
+
+STEPS_PER_LOOP = 100
+
+
+def spread(values, scale: float = 1.0, fmt: str = ".3f") -> str:
+  return f"[{min(values) * scale:{fmt}}..{max(values) * scale:{fmt}}]"
+
+
+def body_nodes(graph: tf.Graph) -> int:
+  """Nodes in the largest `while` body of a traced loop, nested branches
+  included: what one step executes at most."""
+  library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+
+  def nodes(name, seen):
+    if name in seen or name not in library:
+      return 0
+    seen.add(name)
+    total = len(library[name].node_def)
+    for node in library[name].node_def:
+      for value in node.attr.values():
+        if value.HasField("func"):
+          total += nodes(value.func.name, seen)
+        for f in value.list.func:
+          total += nodes(f.name, seen)
+    return total
+
+  bodies = [n for n in library if "while_body" in n]
+  return max((nodes(b, set()) for b in bodies), default=0)
+
+
+def hand_fit(steps: int) -> tuple[float, int]:
+  t = time.perf_counter()
+  model = make_model()
+  opt = keras.optimizers.Adam(1e-3)
+  opt.build(model.trainable_variables)
+  it = iter(make_dataset())
+
+  @tf.function
+  def loop(n):
+    loss = tf.constant(0.0)
+    for _ in tf.range(n):
+      x, y = next(it)
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+      grads = tape.gradient(loss, model.trainable_variables)
+      grads, _ = tf.clip_by_global_norm(grads, 1.0)
+      opt.apply_gradients(zip(grads, model.trainable_variables))
+    return loss
+
+  n = tf.constant(STEPS_PER_LOOP)
+  for _ in range(steps // STEPS_PER_LOOP):
+    loss = float(loop(n).numpy())
+  assert math.isfinite(loss)
+  dt = time.perf_counter() - t
+  return dt, body_nodes(loop.get_concrete_function(n).graph)
+
+
+def keras_fit(steps: int) -> tuple[float, int]:
+  t = time.perf_counter()
+  model = make_model()
+  model.compile(
+    optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0),
+    loss="mse",
+    steps_per_execution=STEPS_PER_LOOP,
+  )
+  model.fit(
+    make_dataset(),
+    epochs=1,
+    steps_per_epoch=steps,
+    verbose=0,
+    callbacks=[keras.callbacks.TerminateOnNaN()],
+  )
+  dt = time.perf_counter() - t
+  # Keras wraps its compiled multi-step function in a plain Python closure.
+  graph = None
+  for cell in model.train_function.__closure__ or ():
+    if hasattr(cell.cell_contents, "_list_all_concrete_functions"):
+      graph = cell.cell_contents._list_all_concrete_functions()[0].graph
+  return dt, body_nodes(graph) if graph is not None else 0
+
+
+def safe_fit(steps: int, **overrides) -> tuple[float, int]:
+  config = safetrain.default_config()
+  config.trainer = "BenchTrainer"
+  config.train.steps = steps
+  config.train.batch_size = 256
+  config.train.steps_per_loop = STEPS_PER_LOOP
+  config.guard.preflight = "off"  # an eager replay of step 1: start-up only
+  config.optimizer.learning_rate = 1e-3
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    setattr(config[group], name, value(steps) if callable(value) else value)
+  with tempfile.TemporaryDirectory() as workdir:
+    t = time.perf_counter()
+    trainer = BenchTrainer(config, workdir)
+    result = trainer.fit()
+    dt = time.perf_counter() - t
+  assert result.step == steps and not result.incidents, result
+  fn = trainer._train_loop_fn
+  graph = fn._list_all_concrete_functions()[0].graph
+  return dt, body_nodes(graph)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--short", type=int, default=200)
+  p.add_argument("--long", type=int, default=8200)
+  p.add_argument(
+    "--breakdown",
+    action="store_true",
+    help="also safetrain with one checkpoint (at the end), then spike detection, then the "
+    "input check off: what each costs",
+  )
+  args = p.parse_args()
+  logging.set_verbosity(logging.WARNING)
+  runs = {"hand": hand_fit, "safe": safe_fit, "keras": keras_fit}
+  if args.breakdown:
+    # Each guard piece turned off in turn, to price it end to end.
+    one_save = {"checkpoint.every_steps": lambda steps: steps}
+    runs["-ckpt"] = functools.partial(safe_fit, **one_save)
+    runs["-ckpt-spike"] = functools.partial(
+      safe_fit, **one_save, **{"guard.spike_detection": False}
+    )
+    runs["-ckpt-spike-input"] = functools.partial(
+      safe_fit, **one_save, **{"guard.spike_detection": False, "guard.check_inputs": False}
+    )
+  names = list(runs)
+  per_step = {k: [] for k in names}
+  startup = {k: [] for k in names}
+  ops = {}
+  for name in names:  # warm the process (imports, first traces), untimed
+    runs[name](STEPS_PER_LOOP)
+  for r in range(args.rounds):
+    order = names[r % len(names) :] + names[: r % len(names)]
+    for name in order:
+      lengths = (args.short, args.long) if r % 2 == 0 else (args.long, args.short)
+      t = {}
+      for n in lengths:
+        gc.collect()
+        t[n], ops[name] = runs[name](n)
+      per_step[name].append((t[args.long] - t[args.short]) / (args.long - args.short))
+      startup[name].append(t[args.short])
+  med = {k: statistics.median(v) for k, v in per_step.items()}
+  print(
+    f"MLP 64-256-256-1, batch 256, Adam, fp32, {STEPS_PER_LOOP} steps per loop; fit() of "
+    f"{args.long} minus fit() of {args.short} steps, {args.rounds} interleaved rounds"
+  )
+  print(f"  {'contender':18s}  ms/step [min..max]      start-up s ({args.short} steps)  body nodes")
+  for k in names:
+    print(
+      f"  {k:18s}  {med[k] * 1e3:8.3f} {spread(per_step[k], 1e3):18s}  "
+      f"{statistics.median(startup[k]):6.2f} {spread(startup[k], 1, '.2f'):18s}  {ops[k]:5d}"
+    )
+  for other, target in (("hand", 0.97), ("keras", 1.05)):
+    paired = statistics.median(o / s for o, s in zip(per_step[other], per_step["safe"]))
+    print(
+      f"  safe fit / {other:5s} = {med[other] / med['safe']:.3f} (medians), {paired:.3f} "
+      f"(median of per-round ratios)   target >= {target}"
+    )
+  print(
+    f"  start-up safe / keras = "
+    f"{statistics.median(startup['safe']) / statistics.median(startup['keras']):.2f}   "
+    "target <= 1.2"
+  )
+
+
+if __name__ == "__main__":
+  main()
