@@ -1,11 +1,15 @@
 """The `safetrain` command.
 
-  safetrain --config=experiments/NAME.py[:ARG] --workdir=DIR [--config.a.b=V ...]
+  safetrain --config=experiments/NAME.py[:ARG] --workdir=DIR [--config.a.b=V ...] [-v]
   safetrain report WORKDIR
   safetrain export WORKDIR [--format keras|saved_model] [--output PATH]
 
   ARG is a word the experiment lists in its ARGS tuple (or several, joined
   by commas).
+
+The terminal shows a short line per incident, each cause's diagnosis once,
+the progress, warnings and the summary; every log line (absl's format) goes
+to WORKDIR/log.txt, and to the terminal as well with -v or --alsologtostderr.
 
 Exit codes:
   0    trained to train.steps (or the data ended, with train.repeat_data=False).
@@ -85,6 +89,12 @@ def _main(argv: list[str]) -> int:
   workdir_flag = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints and records.", flag_values=fv
   )
+  verbose_flag = flags.DEFINE_boolean(
+    "verbose", False, "Every log line on the terminal too.", short_name="v", flag_values=fv
+  )
+  also_flag = flags.DEFINE_boolean(
+    "alsologtostderr", False, "Every log line on the terminal too (as -v).", flag_values=fv
+  )
   _check_override_keys(argv, file_config)
   try:
     rest = fv(argv)
@@ -100,7 +110,8 @@ def _main(argv: list[str]) -> int:
   import tensorflow as tf  # noqa: PLC0415 - after the cheap checks above
 
   import safetrain  # noqa: PLC0415
-  from safetrain import errors, experiment  # noqa: PLC0415
+  from safetrain import errors, experiment, logs  # noqa: PLC0415
+  from safetrain import workdir as workdir_lib  # noqa: PLC0415
 
   logging.set_verbosity(logging.INFO)
   tf.get_logger().setLevel("WARNING")
@@ -108,10 +119,16 @@ def _main(argv: list[str]) -> int:
     safetrain.validate(config)
     trainer_cls = experiment.resolve_trainer(config.trainer, module)
     _check_workdir(workdir)
-    trainer = trainer_cls(config, workdir)
-    # For `safetrain export` (config.json): the experiment file and its :ARG.
-    trainer._origin.update(file=os.path.abspath(module.__file__), arg=arg or None)
-    result = trainer.fit()
+    chief = workdir_lib.is_chief_process(config.distribute.strategy)
+    with logs.command_logging(
+      workdir if chief else None,
+      verbose=verbose_flag.value or also_flag.value,
+      quiet_filter=_quiet_library_info,
+    ):
+      trainer = trainer_cls(config, workdir)
+      # For `safetrain export` (config.json): the experiment file and its :ARG.
+      trainer._origin.update(file=os.path.abspath(module.__file__), arg=arg or None)
+      result = trainer.fit()
   except safetrain.DivergenceError as e:
     print(f"safetrain: diverged: {e.diagnosis}", file=sys.stderr)
     return EXIT_DIVERGED

@@ -50,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32
   c.train.steps_per_loop = 100
   c.train.log_every_steps = 100
+  # TensorBoard histograms of every weight and of the per-layer gradient
+  # norms every this many steps (0: off).
+  c.train.histogram_every_steps = 0
   # Repeat the training dataset when it ends; if False, a run whose data ends
   # before train.steps stops cleanly there (checkpoint written, exit 0).
   c.train.repeat_data = True
@@ -274,6 +277,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "train.batch_size", 1, MAX_INT32)
   _int(config, "train.steps_per_loop", 1, MAX_STEPS)
   _int(config, "train.log_every_steps", 1, MAX_STEPS)
+  _int(config, "train.histogram_every_steps", 0, MAX_STEPS)
   _bool(config, "train.repeat_data")
   _bool(config, "train.deterministic")
   _int(config, "eval.every_steps", 0, MAX_STEPS)

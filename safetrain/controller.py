@@ -46,7 +46,7 @@ from safetrain import (
 from safetrain import (
   step as step_lib,
 )
-from safetrain.errors import BadInputError, PreflightError
+from safetrain.errors import BadInputError, DivergenceError, PreflightError
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.snapshots import SnapshotRing
 
@@ -57,8 +57,11 @@ class FitResult:
 
   Attributes:
     step: applied updates (skipped steps do not count).
-    loss: mean training loss over the good steps of the last loop (NaN when
-      no loop ran, as on a workdir already at train.steps).
+    loss: mean training loss over the good steps of the loop whose end
+      state the run finished with (never a loop a rollback undid); NaN when
+      no loop of this process ended at that state (none ran, as on a workdir
+      already at train.steps, or a rollback restored a state from before
+      this process started).
     incidents: the incident records of the run (as in incidents.jsonl).
     rollbacks: rollbacks performed over the whole run, resumes included.
     lr_scale: the learning-rate scale recovery left in force.
@@ -121,6 +124,7 @@ class Parts:
   snapshots: SnapshotRing | None
   actions: actions.Actions | None = None  # the user's actions and Keras callbacks
   origin: dict | None = None  # the trainer's file and :ARG, for `safetrain export`
+  train_metrics: object = None  # stateful_metrics.MetricSet of build_metrics(), or None
 
 
 class Controller:
@@ -160,6 +164,7 @@ class Controller:
     self._stuck_loops = 0
     self._actions = parts.actions or actions.Actions([])
     self._origin = parts.origin
+    self._train_metrics = parts.train_metrics or None
     # True once the model holds the restored or initial state of the run.
     self.started = False
     self._log: metrics.RunLog | None = None
@@ -173,16 +178,18 @@ class Controller:
     progress = metrics.Progress(c.train.steps, c.train.log_every_steps)
     eval_metrics: dict = {}
     last_loss = float("nan")
+    kept_loss: dict[int, float] = {}  # step -> the loss of the loop that ended there
     stopped, stop_reason = "completed", ""
     self._actions.begin(self._step())
     with preemption.SignalCatcher() as signals:
       while self._step() < c.train.steps:
         before = (int(self._data.position.numpy()), int(self._recovery.attempts.numpy()))
         incidents_before = len(self._incidents.records)
+        step_before = self._step()
         self._actions.before_loop(self._step())
+        if self._train_metrics is not None:
+          self._train_metrics.reset()
         out, seconds = self._run_inner_loop()
-        if out.applied:
-          last_loss = float(out.loss_sum) / int(out.applied)
         record = metrics.loop_record(
           out,
           step=self._step(),
@@ -191,18 +198,50 @@ class Controller:
           loss_scale=float(self._loss_scale.scale.numpy()),
           seconds=seconds,
         )
-        rolled_back, quarantined = self._handle_incidents(out, before)
+        if self._train_metrics is not None:
+          shown = self._train_metrics.results() if int(out.applied) else {}
+          record.update({k: shown.get(k) for k in self._train_metrics.names})
+        try:
+          rolled_back, quarantined = self._handle_incidents(out, before)
+        except DivergenceError:
+          # The abort's incident (with its diagnosis) is in TensorBoard too.
+          attempts = int(self._recovery.attempts.numpy())
+          self._log.summaries.incidents(attempts, self._incidents.records[incidents_before:])
+          self._log.flush()
+          raise
         record["quarantined"] = quarantined
         if rolled_back:
-          record.update(rollback=True, step=self._step())
+          # The state fields of a rollback's record are those the run goes on
+          # from (the restored step, the lowered learning-rate scale); its
+          # measurements (loss, grad_norm, lr, counts) are the undone loop's.
+          record.update(
+            rollback=True,
+            step=self._step(),
+            lr_scale=float(self._recovery.lr_scale.numpy()),
+            loss_scale=float(self._loss_scale.scale.numpy()),
+          )
         else:
           self._take_snapshot()
+        # The loss of the state that was kept: an undone loop's is not, and a
+        # rollback takes the run back to the state some earlier loop ended at.
+        kept_loss = {k: v for k, v in kept_loss.items() if k <= self._step()}
+        if not rolled_back and out.applied:
+          kept_loss[self._step()] = record["loss"]
+        last_loss = kept_loss.get(self._step(), float("nan"))
         evaluated = None
         if self._eval_due() and not rolled_back:
           eval_metrics = evaluated = self._evaluate()
           record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-        self._log.write(record)
-        progress.update(self._step(), seconds, int(out.applied), record["loss"])
+        self._log.write(record, self._incidents.records[incidents_before:])
+        if not rolled_back:
+          self._maybe_histograms(step_before, record["attempts"])
+        progress.update(
+          self._step(),
+          seconds,
+          int(out.applied),
+          record["loss"],
+          {k: record[k] for k in self._train_metrics.names} if self._train_metrics else None,
+        )
         # Before the save, so what an action changed (a lowered base rate) is in it.
         stop_request = self._actions.after_loop(
           record=record,
@@ -225,7 +264,7 @@ class Controller:
       final_eval = self._evaluate()
       eval_metrics = final_eval or eval_metrics
       if eval_metrics:
-        self._log.write_final_eval(self._step(), eval_metrics)
+        self._log.write_final_eval(self._step(), eval_metrics, int(self._recovery.attempts.numpy()))
       self._actions.final(self._step(), final_eval)
     self._log.flush()
     result = self._result(last_loss, eval_metrics, stopped)
@@ -297,6 +336,7 @@ class Controller:
         self._step(),
         self._recovery.lr_scale.numpy(),
         self._recovery.rollbacks_used.numpy(),
+        extra={"safetrain_terminal": True},  # on the command's terminal too
       )
     self._take_snapshot()
 
@@ -439,6 +479,15 @@ class Controller:
     if self._health.far_above_best():
       return False
     return bool(self._all_finite())
+
+  def _maybe_histograms(self, step_before: int, attempts: int) -> None:
+    """Weight histograms and layer gradient norms when the loop crossed a
+    multiple of train.histogram_every_steps (the chief only)."""
+    every = self.config.train.histogram_every_steps
+    if not every or not self._is_chief or self._step() // every <= step_before // every:
+      return
+    f = self._forensics
+    self._log.summaries.histograms(attempts, f.model, f.compute_loss, self._train_data.first_batch)
 
   def _agreed_stop(self, reason: str | None) -> str | None:
     """The chief's actions decide for every worker whether the run stops (a

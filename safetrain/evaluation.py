@@ -25,6 +25,9 @@ class Evaluator:
     compute_loss: batch -> (loss, {name: metric}), each the mean over the
       batch's rows (the trainer's compute_loss with training=False).
     steps: batches per evaluation; 0 evaluates the whole dataset.
+    metrics: the stateful Keras metrics of evaluation (`MetricSet`), reset
+      at the start of every evaluation, or None; compute_loss then returns
+      y_pred as a third element.
   """
 
   def __init__(
@@ -34,11 +37,13 @@ class Evaluator:
     build_dataset: Callable[[], tf.data.Dataset | None],
     compute_loss: Callable,
     steps: int,
+    metrics=None,
   ):
     self._strategy = strategy
     self._build_dataset = build_dataset
     self._compute_loss = compute_loss
     self._steps = steps
+    self._metrics = metrics or None
     self._dataset = None
     self._built = False
     # A short last batch has another shape: one generic trace, not one per shape.
@@ -60,6 +65,8 @@ class Evaluator:
       return {}
     totals: dict[str, float] = {}
     rows = 0.0
+    if self._metrics is not None:
+      self._metrics.reset()
     for batches, batch in enumerate(self._dataset, 1):
       sums, n = self._step_fn(batch)
       rows += float(n)
@@ -71,6 +78,8 @@ class Evaluator:
       logging.warning("The eval dataset yielded no examples; nothing was evaluated.")
       return {}
     out = {k: v / rows for k, v in totals.items()}
+    if self._metrics is not None:
+      out.update(self._metrics.results())
     out[EXAMPLES] = int(rows)
     return out
 
@@ -79,7 +88,9 @@ class Evaluator:
 
     def replica(batch):
       rows = tf.shape(tf.nest.flatten(batch)[0])[0]
-      loss, metrics = self._compute_loss(batch)
+      loss, metrics, *pred = self._compute_loss(batch)
+      if self._metrics is not None:
+        self._metrics.update(batch, pred[0])
       w = tf.cast(rows, tf.float32)
       # A replica's shard of a short last batch may be empty, and its mean NaN.
       out = {k: tf.where(rows > 0, v * w, 0.0) for k, v in dict(metrics, loss=loss).items()}

@@ -65,7 +65,15 @@ class IncidentLog:
     self.records.append(record)
     self._writer.write(record)
     self.counter.assign_add(1)
-    logging.warning("incident at step %s: %s -> %s. %s", step, kind, action, diagnosis)
+    # The command shows it on the terminal in short (safetrain/logs.py).
+    logging.warning(
+      "incident at step %s: %s -> %s. %s",
+      step,
+      kind,
+      action,
+      diagnosis,
+      extra={"safetrain_incident": record},
+    )
     return record
 
   def add_loop(

@@ -10,12 +10,12 @@ import time
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
-from safetrain import kinds, summaries
+from safetrain import kinds
 from safetrain.records import JsonlWriter
 from safetrain.step import LoopOutput
+from safetrain.summaries import Summaries
 
 
 def loop_record(
@@ -76,30 +76,23 @@ class RunLog:
 
   def __init__(self, workdir: str, *, enabled: bool):
     self._jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), enabled=enabled)
-    self._writer = (
-      tf.summary.create_file_writer(os.path.join(workdir, "events"))
-      if enabled
-      else tf.summary.create_noop_writer()
-    )
+    self.summaries = Summaries(workdir, enabled=enabled)
 
-  def write(self, record: dict) -> None:
-    """Appends `record` and writes its numbers as scalars at its step."""
+  def write(self, record: dict, incidents: list[dict] = ()) -> None:
+    """Appends `record`; writes its numbers and the loop's incidents to
+    TensorBoard (see `summaries`)."""
     self._jsonl.write(record)
-    values = {
-      (k if not k.startswith("eval_") else "eval/" + k[5:]): v
-      for k, v in record.items()
-      if k not in ("step", "time") and v is not None and not isinstance(v, bool)
-    }
-    with self._writer.as_default():
-      summaries.write_scalars(values, record["step"])
+    self.summaries.loop(record)
+    self.summaries.incidents(record["attempts"], list(incidents))
 
-  def write_final_eval(self, step: int, eval_metrics: dict) -> None:
-    self.write(
+  def write_final_eval(self, step: int, eval_metrics: dict, attempts: int) -> None:
+    self._jsonl.write(
       {"step": step, "final_eval": True, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
     )
+    self.summaries.eval(attempts, eval_metrics)
 
   def flush(self) -> None:
-    self._writer.flush()
+    self.summaries.flush()
 
 
 def write_config(
@@ -136,19 +129,32 @@ class Progress:
     self.next_log = log_every
     self.ema = None
 
-  def update(self, step: int, seconds: float, applied: int, loss: float | None) -> None:
+  def update(
+    self,
+    step: int,
+    seconds: float,
+    applied: int,
+    loss: float | None,
+    extra: dict | None = None,
+  ) -> None:
+    """Shows the step, the rate, the loop's loss and `extra` ({name: value}:
+    the stateful metrics of the loop)."""
     if applied and seconds > 0:
       rate = applied / seconds
       self.ema = rate if self.ema is None else 0.7 * self.ema + 0.3 * rate
     rate = self.ema or 0.0
     eta = (self.total - step) / rate if rate else float("nan")
     shown = "None" if loss is None else format(loss, ".4g")
-    text = f"step {step}/{self.total}  {rate:.1f} steps/s  loss {shown}  ETA {_fmt_time(eta)}"
+    text = f"step {step}/{self.total}  {rate:.1f} steps/s  loss {shown}"
+    for name, value in (extra or {}).items():
+      text += f"  {name} {'None' if value is None else format(value, '.4g')}"
+    text += f"  ETA {_fmt_time(eta)}"
     if self.tty:
       sys.stderr.write("\r" + text.ljust(79))
       sys.stderr.flush()
     elif step >= self.next_log or step >= self.total:
-      logging.info("%s", text)
+      # The command prints it on the terminal without absl's prefix (logs.py).
+      logging.info("%s", text, extra={"safetrain_terminal": True})
       while self.next_log <= step:
         self.next_log += self.log_every
 

@@ -89,22 +89,27 @@ def plot_data(workdir: str, skipped: list[str] | None = None) -> dict[str, Any]:
         "y": [p[1] for p in pts],
         "kept": [p[2] for p in pts],
       }
-  # A rollback record holds the scales from before the rollback (the record
-  # is made first): they stand at the step the loop reached; the lowered
-  # learning-rate scale takes effect at the restored step.
-  new_lr = iter(i.get("lr_scale_after") for i in incidents if i.get("action") == "rollback")
+  # The learning-rate scale of a rollback is told by its incident: the scale
+  # before stands at the step the loop reached, the lowered one takes effect
+  # at the restored step. (A rollback record holds the scales the run goes on
+  # with, those after the restore and the backoff; records written before
+  # that held the ones from before: the incidents serve both.)
+  scales = iter(
+    (i.get("lr_scale_before"), i.get("lr_scale_after"))
+    for i in incidents
+    if i.get("action") == "rollback"
+  )
   initial = {"lr_scale": 1.0, "loss_scale": _initial_loss_scale(config)}
   for key in ("lr_scale", "loss_scale"):
     pts = []
     for x, a, r in zip(xs, after, train):
       if not _num(r.get(key)):
         continue
-      if r.get("rollback"):
-        pts.append((x, r[key]))
-        if key == "lr_scale":
-          lowered = next(new_lr, None)
-          if _num(lowered):
-            pts.append((a, lowered))
+      if r.get("rollback") and key == "lr_scale":
+        before, lowered = next(scales, (None, None))
+        pts.append((x, before if _num(before) else r[key]))
+        if _num(lowered):
+          pts.append((a, lowered))
       else:
         pts.append((a, r[key]))
     if pts:

@@ -149,6 +149,9 @@ class GuardedLoop:
     stash: variables that keep the last divergent batch for forensics, or None.
     skip_keras_all_reduce: the optimizer was told not to all-reduce again.
     metric_names: the names of compute_loss's metrics.
+    train_metrics: the stateful Keras metrics (`stateful_metrics.MetricSet`),
+      updated on good steps only, or None; compute_loss then returns y_pred
+      as a third element.
   """
 
   def __init__(
@@ -173,6 +176,7 @@ class GuardedLoop:
     stash: list | None,
     skip_keras_all_reduce: bool,
     metric_names: list[str],
+    train_metrics=None,
   ):
     self.strategy = strategy
     self.model = model
@@ -194,6 +198,7 @@ class GuardedLoop:
     self.stash = stash
     self.skip_keras_all_reduce = skip_keras_all_reduce
     self.metric_names = list(metric_names)
+    self.train_metrics = train_metrics or None
     self.function = tf.function(self._loop)
 
   def __call__(self, iterator, n: int) -> LoopOutput:
@@ -345,7 +350,7 @@ class GuardedLoop:
     scale = self.loss_scale.scale.value() if self.fp16 else None
     masked = None
     with tf.GradientTape() as tape:
-      loss, metrics = self.compute_loss(model, batch, True)
+      loss, metrics, *pred = self.compute_loss(model, batch, True)
       if examples.is_per_example(loss):
         losses = self.drill.corrupt_examples(examples.per_example(loss), attempt)
         if self.drop_examples:
@@ -413,6 +418,9 @@ class GuardedLoop:
       fp16=self.fp16,
       at_floor=self.loss_scale.at_floor() if self.fp16 else None,
     )
+    if self.train_metrics is not None:
+      # Every replica decided the same class: each adds its shard on a good step.
+      tf.cond(step_class == kinds.GOOD, lambda: self.train_metrics.update(batch, pred[0]), tf.no_op)
     if self.stash is not None:
       tf.cond(step_class == kinds.DIVERGENCE, lambda: self._stash_batch(batch), tf.no_op)
     limit = self.clip.threshold(clip_state, norm)
@@ -476,7 +484,7 @@ class GuardedLoop:
       guard.put_back(self.model.non_trainable_variables, nt_before)
     kept = examples.masked_batch(batch, masked.ok)
     with tf.GradientTape() as tape:
-      loss, _ = self.compute_loss(self.model, kept, True)
+      loss, *_ = self.compute_loss(self.model, kept, True)
       loss = tf.reduce_sum(examples.per_example(loss)) / tf.maximum(masked.total_ok, 1.0)
       scaled = loss * scale if self.fp16 else loss
     grads = tape.gradient(scaled, self.model.trainable_variables)

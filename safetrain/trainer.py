@@ -10,6 +10,7 @@ checkpoints. `Trainer.build()` makes those parts; `fit()` hands them over.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from safetrain import (
   recovery,
   snapshots,
   state,
+  stateful_metrics,
 )
 from safetrain import config as config_lib
 from safetrain import controller as controller_lib
@@ -138,11 +140,16 @@ class Trainer:
     example, so to the mean), as Keras `fit` does. An override that wants them
     adds `self.regularization_loss(model)` after calling the model.
     """
+    return self._default_loss(model, batch, training)[0]
+
+  def _default_loss(self, model: keras.Model, batch, training: bool):
+    """The default compute_loss, and the predictions it made (for the
+    stateful metrics)."""
     x, y, sample_weight = data_lib.unpack_batch(batch)
     pred = model(x, training=training)
     pred = losses.float32_predictions(pred)
     per_example = self._loss_fn(y, pred, sample_weight=sample_weight)
-    return per_example + self.regularization_loss(model)
+    return per_example + self.regularization_loss(model), pred
 
   def regularization_loss(self, model: keras.Model) -> tf.Tensor:
     """The sum of `model.losses`, in float32: kernel, bias and activity
@@ -153,6 +160,24 @@ class Trainer:
     loss the guard checks: a non-finite term makes a non-finite loss.
     """
     return losses.regularization_loss(model)
+
+  def build_metrics(self) -> dict[str, keras.metrics.Metric]:
+    """Returns stateful Keras metrics, `{name: keras.metrics.Metric}`
+    (default: none), for example `{"auc": keras.metrics.AUC()}`.
+
+    Called twice when the trainer is built, in the strategy's scope: once
+    for training and once for evaluation, so it must return new objects on
+    each call. Each metric gets `update_state(y, y_pred, sample_weight)` on
+    every good training step (a skipped step changes no metric state) and
+    on every eval batch: `y` and `sample_weight` come from the batch as the
+    default compute_loss reads it, `y_pred` from compute_loss (the default
+    has it; an override returns `(loss, metrics, y_pred)`). Training metrics
+    are reset at the start of each inner loop and reported in its record
+    (metrics.jsonl, TensorBoard, the progress line, actions); evaluation
+    metrics are reset at the start of each evaluation and reported with its
+    results. Each result must be a scalar.
+    """
+    return {}
 
   def actions(self) -> list[Callable[[LoopRecord], None]]:
     """Returns callables run after every inner loop (default: none).
@@ -302,6 +327,22 @@ class Trainer:
       lambda: self._call_compute_loss(self.model, self._first_batch, True),
     )
     _, sample_metrics = self._sample_loss()
+    self._train_metrics, self._eval_metrics = stateful_metrics.build_sets(
+      self.build_metrics,
+      type(self).__qualname__,
+      taken=set(sample_metrics),
+      first_batch=self._first_batch,
+      # Fails now, eagerly, if an override does not return y_pred.
+      check_pred=lambda: self._call_compute_loss(
+        self.model, self._first_batch, False, with_pred=True
+      ),
+    )
+    loss_for_metrics = functools.partial(
+      self._call_compute_loss_per_example, with_pred=bool(self._train_metrics)
+    )
+    mean_for_metrics = functools.partial(
+      self._call_compute_loss, with_pred=bool(self._train_metrics)
+    )
 
     self._rollback_objects = dict(
       model=self.model,
@@ -336,7 +377,7 @@ class Trainer:
       strategy=self._strategy,
       model=self.model,
       optimizer=self.optimizer,
-      compute_loss=self._call_compute_loss_per_example,
+      compute_loss=loss_for_metrics,
       loss_scale=self._loss_scale,
       spike=self._spike,
       drill=self._drill,
@@ -359,6 +400,7 @@ class Trainer:
       stash=self._stash.variables if self._stash is not None else None,
       skip_keras_all_reduce=self._skip_keras_all_reduce,
       metric_names=sorted(sample_metrics),
+      train_metrics=self._train_metrics or None,
     )
     self._train_loop_fn = self._loop.function
     self._all_finite_fn = tf.function(
@@ -367,8 +409,9 @@ class Trainer:
     self._evaluator = evaluation.Evaluator(
       strategy=self._strategy,
       build_dataset=self.build_eval_dataset,
-      compute_loss=lambda batch: self._call_compute_loss(self.model, batch, False),
+      compute_loss=lambda batch: mean_for_metrics(self.model, batch, False),
       steps=c.eval.steps,
+      metrics=self._eval_metrics or None,
     )
     self._forensics = forensics.Context(
       model=self.model,
@@ -420,6 +463,7 @@ class Trainer:
         ),
         actions=self._make_actions(),
         origin=self._origin,
+        train_metrics=self._train_metrics,
       )
     )
 
@@ -455,18 +499,33 @@ class Trainer:
     resume or replay by position)."""
     return self._controller.iterator
 
-  def _call_compute_loss_per_example(self, model, batch, training):
+  def _call_compute_loss_per_example(self, model, batch, training, with_pred: bool = False):
     """compute_loss, normalised to (float32 loss or per-example losses,
-    {name: float32 metric}): what the compiled step takes."""
-    out = self.compute_loss(model, batch, training)
-    loss, metrics_ = out if isinstance(out, (tuple, list)) else (out, {})
-    return tf.cast(loss, tf.float32), {k: tf.cast(v, tf.float32) for k, v in metrics_.items()}
+    {name: float32 metric}), and y_pred as a third element `with_pred` (for
+    the stateful metrics): what the compiled step takes."""
+    if with_pred and type(self).compute_loss is Trainer.compute_loss:
+      (loss, pred), metrics_ = self._default_loss(model, batch, training), {}
+    else:
+      out = self.compute_loss(model, batch, training)
+      if not isinstance(out, (tuple, list)):
+        out = (out, {})
+      loss, metrics_, pred = (*out, None) if len(out) == 2 else out
+    result = tf.cast(loss, tf.float32), {k: tf.cast(v, tf.float32) for k, v in metrics_.items()}
+    if not with_pred:
+      return result
+    if pred is None:
+      raise config_lib.ConfigError(
+        "trainer",
+        type(self).__qualname__,
+        "build_metrics() needs y_pred: compute_loss must return (loss, metrics, y_pred)",
+      )
+    return (*result, pred)
 
-  def _call_compute_loss(self, model, batch, training):
-    """compute_loss, normalised to (float32 mean loss, {name: float32 metric}):
-    per-example losses are averaged plainly (a NaN stays NaN)."""
-    loss, metrics_ = self._call_compute_loss_per_example(model, batch, training)
-    return examples.plain_mean(loss), metrics_
+  def _call_compute_loss(self, model, batch, training, with_pred: bool = False):
+    """compute_loss, normalised to (float32 mean loss, {name: float32 metric}
+    [, y_pred]): per-example losses are averaged plainly (a NaN stays NaN)."""
+    loss, *rest = self._call_compute_loss_per_example(model, batch, training, with_pred)
+    return (examples.plain_mean(loss), *rest)
 
   def _sample_loss(self):
     """compute_loss on the first batch, eagerly. A batch that does not fit the

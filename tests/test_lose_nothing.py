@@ -237,7 +237,8 @@ def _rollback_drill(tmp_path, reference, kills):
       assert traces[-1] is not None, "the run ended before the rollback"
     p = drill.start(work, ROLLBACK_STEPS, log, ROLLBACK_FLAGS)
     assert p.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
-  text = (tmp_path / "log").read_text()
+  # The terminal, and WORKDIR/log.txt (every line: the INFO ones are there).
+  text = (tmp_path / "log").read_text() + open(os.path.join(work, "log.txt")).read()
   assert "Traceback" not in text and "unreadable" not in text and "cannot be used" not in text
   assert not os.path.exists(os.path.join(_ckpt_dir(work), checkpointing.CORRUPT_DIR))
   n = drill.compare_checkpoints(

@@ -83,7 +83,9 @@ def test_workdir_layout(tmp_path):
     "dropped_rows",
   ):
     assert key in rec
-  events = os.listdir(tmp_path / "events")
+  # TensorBoard runs, as Keras's callback lays them out (DESIGN.md).
+  assert sorted(os.listdir(tmp_path / "events")) == ["eval", "train"]
+  events = os.listdir(tmp_path / "events" / "train")
   assert events and events[0].startswith("events.out.tfevents")
 
 
