@@ -109,8 +109,9 @@ def test_a_skipped_step_changes_no_metric_state_and_train_metrics_reset_per_loop
   config = auc_config(**{"drill.loss_steps": "3"})
   trainer = AucTrainer(config, str(tmp_path))
   result = trainer.fit()
+  # (The next batch trained: a bad batch, quarantined.)
   assert [(i["step"], i["kind"], i["action"]) for i in result.incidents] == [
-    (3, "nonfinite_loss", "skipped_step")
+    (3, "nonfinite_loss", "quarantined_batch")
   ]
   loops = records(tmp_path)
   assert [(r["step"], r["good"], r["divergence"]) for r in loops] == [(5, 5, 1), (10, 5, 0)]
