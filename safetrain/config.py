@@ -113,6 +113,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.guard.spike_threshold = 10.0
   c.guard.spike_rel_floor = 0.25
   c.guard.spike_decay = 0.98
+  # ... and, for a positive loss, above spike_first_loss_fraction times the
+  # run's first loss: late in training, a batch whose loss is 10x a tiny running
+  # mean (an optimizer memorizing its data) is noise, not a divergence, while
+  # a real spike climbs back towards where the run started. 0 disables.
+  c.guard.spike_first_loss_fraction = 0.1
   # A finite blow-up: a good step's loss above growth_factor times the best
   # running mean of the loss (and above the first one) is divergence
   # (`loss_growth`), from the first step on, warm-up or not. 0 disables.
@@ -320,6 +325,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "guard.spike_warmup_steps", 1, MAX_STEPS)
   _num(config, "guard.spike_threshold", 0.0, 1e9, lo_open=True)
   _num(config, "guard.spike_rel_floor", 0.0, 1e9)
+  _num(config, "guard.spike_first_loss_fraction", 0.0, 1e3)
   _num(config, "guard.spike_decay", 0.0, 1.0, lo_open=True, hi_open=True)
   _num(config, "guard.growth_factor", 0.0, 1e30)
   _check(

@@ -29,6 +29,10 @@ class SpikeDetector(tf.Module):
     rel_floor: the deviation used is at least rel_floor * |mean|, so a very
       smooth loss curve does not make every small wiggle a spike.
     decay: EMA decay of both statistics.
+    first_loss_fraction: a positive loss must also exceed this fraction of the
+      run's first loss to be a spike (0 turns the floor off). An optimizer
+      memorizing its data sees single batches at 10x a running mean that is a
+      hundredth of where the run started: noise, not a divergence.
     growth_factor: a loss above growth_factor * max(best, first / growth_factor)
       is a blow-up; 0 turns it off. With both off, no statistics are kept.
   """
@@ -41,6 +45,7 @@ class SpikeDetector(tf.Module):
     threshold: float = 10.0,
     rel_floor: float = 0.25,
     decay: float = 0.98,
+    first_loss_fraction: float = 0.0,
     growth_factor: float = 0.0,
   ):
     super().__init__(name="spike_detector")
@@ -51,6 +56,7 @@ class SpikeDetector(tf.Module):
     self.threshold = threshold
     self.rel_floor = rel_floor
     self.decay = decay
+    self.first_loss_fraction = float(first_loss_fraction)
     self.mean = tf.Variable(0.0, trainable=False, name="mean")
     self.dev = tf.Variable(0.0, trainable=False, name="dev")
     self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="count")
@@ -84,8 +90,11 @@ class SpikeDetector(tf.Module):
     """Whether `loss` is a spike against the carried statistics."""
     if not self.enabled:
       return tf.constant(False)
-    mean, dev, count, _, _ = stats
-    return tf.logical_and(count >= self.warmup_steps, loss > self._limit(mean, dev))
+    mean, dev, count, _, first = stats
+    limit = self._limit(mean, dev)
+    if self.first_loss_fraction > 0:
+      limit = tf.maximum(limit, self.first_loss_fraction * first)  # first <= 0: no floor
+    return tf.logical_and(count >= self.warmup_steps, loss > limit)
 
   def is_growth(self, stats, loss: tf.Tensor) -> tf.Tensor:
     """Whether `loss` is orders of magnitude above the best running mean

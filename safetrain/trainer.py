@@ -260,6 +260,7 @@ class Trainer:
       threshold=g.spike_threshold,
       rel_floor=g.spike_rel_floor,
       decay=g.spike_decay,
+      first_loss_fraction=g.spike_first_loss_fraction,
       growth_factor=g.growth_factor,
     )
     self._clip = clipping.GradientClip(

@@ -6,6 +6,7 @@ import tensorflow as tf
 from common import TinyTrainer, all_finite, regression_data, tiny_config, weights
 
 import safetrain
+from safetrain.spike import SpikeDetector
 
 
 class OrderedTrainer(TinyTrainer):
@@ -242,3 +243,37 @@ def test_inner_loop_is_traced_once_across_loops_and_lr_scale_changes(tmp_path):
   r = t.fit()
   assert r.rollbacks == 1 and r.lr_scale == 0.5
   assert t._train_loop_fn.experimental_get_tracing_count() == 1
+
+
+def test_a_spike_must_also_climb_back_towards_the_first_loss():
+  """Late in a run that memorizes its data the running mean is a hundredth of
+  the first loss, and one batch at 10x that mean is noise: not a spike under
+  the default floor (a tenth of the first loss), a spike without it. A loss
+  back near where the run started is a spike either way."""
+  c = safetrain.default_config().guard
+  stats = (
+    tf.constant(0.001),  # running mean
+    tf.constant(0.0001),  # mean absolute deviation
+    tf.constant(5000, tf.int64),  # good steps seen
+    tf.constant(0.001),  # best running mean
+    tf.constant(0.3),  # first loss
+  )
+
+  def detector(fraction):
+    return SpikeDetector(
+      warmup_steps=c.spike_warmup_steps,
+      threshold=c.spike_threshold,
+      rel_floor=c.spike_rel_floor,
+      decay=c.spike_decay,
+      first_loss_fraction=fraction,
+    )
+
+  default, off = detector(c.spike_first_loss_fraction), detector(0.0)
+  assert c.spike_first_loss_fraction == 0.1
+  assert not bool(default.is_spike(stats, tf.constant(0.011)))
+  assert bool(off.is_spike(stats, tf.constant(0.011)))
+  for spiking in (default, off):
+    assert bool(spiking.is_spike(stats, tf.constant(0.05)))
+  # A negative first loss (a log-likelihood, say) sets no floor.
+  negative = (*stats[:4], tf.constant(-2.0))
+  assert bool(default.is_spike(negative, tf.constant(0.011)))
