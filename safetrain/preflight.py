@@ -11,12 +11,15 @@ logged and printed; with strict, any finding stops the run (exit code 2).
 
 from __future__ import annotations
 
+import sys
+
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from safetrain import forensics, guard
+from safetrain.errors import PreflightError
 
 
 def audit(ctx: forensics.Context, batch, *, bad_inputs: str, fp16_margin: float) -> list[str]:
@@ -152,3 +155,23 @@ def _finite_rows_only(batch):
   if not bool(tf.reduce_any(row_ok)):
     return None
   return guard.mask_rows(batch, row_ok)
+
+
+def check(
+  ctx: forensics.Context, batch, *, mode: str, bad_inputs: str, fp16_margin: float
+) -> list[str]:
+  """Runs `audit` as `guard.preflight` says: "off" does nothing, "warn" logs
+  each finding (and prints it on a terminal), "strict" also raises
+  PreflightError when there is any. Returns the findings."""
+  if mode == "off":
+    return []
+  findings = audit(ctx, batch, bad_inputs=bad_inputs, fp16_margin=fp16_margin)
+  for finding in findings:
+    logging.warning("preflight: %s", finding)
+    if sys.stderr.isatty():
+      print(f"safetrain preflight: {finding}", file=sys.stderr)
+  if findings and mode == "strict":
+    raise PreflightError(
+      "preflight found problems (guard.preflight=strict): " + "; ".join(findings)
+    )
+  return findings

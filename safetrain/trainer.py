@@ -46,10 +46,10 @@ from safetrain import spike as spike_lib
 from safetrain import step as step_lib
 from safetrain import workdir as workdir_lib
 from safetrain.actions import LoopRecord
-from safetrain.controller import FitResult
 from safetrain.drill import Drill
 from safetrain.errors import BadInputError, WorkdirError
 from safetrain.loss_scale import DynamicLossScale
+from safetrain.results import FitResult, summary_line
 
 __all__ = ["FitResult", "LoopRecord", "Trainer"]
 
@@ -674,4 +674,4 @@ class Trainer:
 
   def summary_line(self, result: FitResult) -> str:
     """One line about a finished fit(): incidents, recovery, the last eval."""
-    return controller_lib.summary_line(result)
+    return summary_line(result)
