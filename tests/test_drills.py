@@ -130,10 +130,10 @@ def _check_end_state(workdir, reference, steps=STEPS):
   assert drill.compare_metrics(workdir, reference) == steps // 5
 
 
-def test_sigterm_then_three_kill9_at_random_moments_then_a_bit_exact_finish(tmp_path, reference):
+def test_sigterm_then_a_kill9_at_a_random_moment_then_a_bit_exact_finish(tmp_path, reference):
   """One run of the command: preempted with SIGTERM, restarted, killed with
-  SIGKILL three times at random moments (one process start each, which is
-  what costs the time here), restarted to the end."""
+  SIGKILL at a random moment, restarted to the end (a process start each is
+  what costs the time here; the twenty-kill drill below is the long one)."""
   workdir, log_path = str(tmp_path / "run"), tmp_path / "log"
   with open(log_path, "wb") as log:
     p = drill.start(workdir, STEPS, log)
@@ -149,9 +149,9 @@ def test_sigterm_then_three_kill9_at_random_moments_then_a_bit_exact_finish(tmp_
   assert found.latest == stopped_at and not found.interrupted_save
 
   with open(log_path, "ab") as log:
-    report = drill.run_with_kills(workdir, STEPS, 3, seed=3, log=log, max_delay=1.0)
+    report = drill.run_with_kills(workdir, STEPS, 1, seed=3, log=log, max_delay=1.0)
   text = log_path.read_text()
-  assert report.kills == 3 and report.final_exit_code == 0, text[-3000:]
+  assert report.kills == 1 and report.final_exit_code == 0, text[-3000:]
   assert "Traceback" not in text
   # The first restart resumed at the preempted step.
   assert f"Resumed from {_ckpt_dir(workdir)}/ckpt-{stopped_at} at step {stopped_at}" in text
