@@ -33,7 +33,7 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix safetrain experiments tests benchmarks
 
 test: lint
-	$(PY) -m pytest -m "not slow" --durations=15
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile --durations=15
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_step.py
