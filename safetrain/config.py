@@ -116,7 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
   # ... and, for a positive loss, above spike_first_loss_fraction times the
   # run's first loss: late in training, a batch whose loss is 10x a tiny running
   # mean (an optimizer memorizing its data) is noise, not a divergence, while
-  # a real spike climbs back towards where the run started. 0 disables.
+  # a real spike climbs back towards where the run started. The same floor
+  # applies to "far above its best" (guard.stall_factor: stalled runs, and
+  # states not saved as healthy). 0 disables.
   c.guard.spike_first_loss_fraction = 0.1
   # A finite blow-up: a good step's loss above growth_factor times the best
   # running mean of the loss (and above the first one) is divergence

@@ -127,6 +127,16 @@ class SpikeDetector(tf.Module):
 
   def far_above_best(self, factor: float) -> bool:
     """Host side: the running mean is more than `factor` times its best
-    (positive losses only). Such a state is not saved as healthy."""
-    best = float(self.best.numpy())
-    return int(self.count.numpy()) > 0 and best > 0 and float(self.mean.numpy()) > factor * best
+    (positive losses only), and above `first_loss_fraction` of the first
+    loss. Such a state is not saved as healthy, and one that stays there is
+    a stalled run.
+
+    The second condition keeps a run that is still far below where it started
+    healthy: an MLP memorizing its data moves between running losses of 5e-5
+    and 2e-4 (first loss 0.3), 3x apart, with nothing lost; a dead or blown-up
+    run climbs back to the first loss's level or beyond.
+    """
+    best, mean = float(self.best.numpy()), float(self.mean.numpy())
+    if int(self.count.numpy()) == 0 or best <= 0 or mean <= factor * best:
+      return False
+    return mean > self.first_loss_fraction * float(self.first.numpy())

@@ -277,3 +277,21 @@ def test_a_spike_must_also_climb_back_towards_the_first_loss():
   # A negative first loss (a log-likelihood, say) sets no floor.
   negative = (*stats[:4], tf.constant(-2.0))
   assert bool(default.is_spike(negative, tf.constant(0.011)))
+
+
+def test_far_above_best_needs_the_loss_back_near_where_the_run_started():
+  """A memorizing run moving between running losses of 5.5e-5 and 1.8e-4
+  (3.3x apart) far below its first loss of 0.3 is healthy (saved, never
+  stalled); back at 0.2 it is far above its best; without the floor the
+  ratio alone decides."""
+
+  def watch(mean, fraction=0.1):
+    s = SpikeDetector(first_loss_fraction=fraction)
+    for var, value in zip(s._vars(), (mean, 0.0, 5000, 5.5e-5, 0.3)):
+      var.assign(value)
+    return s.far_above_best(3.0)
+
+  assert not watch(1.8e-4)
+  assert watch(0.2)
+  assert watch(1.8e-4, fraction=0.0)
+  assert not watch(1.5e-4)  # under 3x its best either way
