@@ -269,6 +269,15 @@ def _diagnose(ctx, *, kind: str, batch, step: int) -> str:
       f"{grads}. A bad batch (outliers, wrong labels) or a learning rate on the edge of "
       "stability." + tail
     )
+  if kind == "loss_growth" and ctx.spike.growth_factor > 0:
+    best = float(ctx.spike.best.numpy())
+    ratio = rep.loss / best if best > 0 else float("inf")
+    if ratio > ctx.spike.growth_factor:  # else the replay does not show it: said below
+      return (
+        prefix + f"the loss is {fmt(rep.loss)}, finite but {fmt(ratio)}x the best running "
+        f"mean {fmt(best)}{grads}: the weights are blowing up (a learning rate too high for "
+        "this model and data, or unscaled inputs), caught before anything overflowed." + tail
+      )
   why = (
     "injected by config.drill, or non-deterministic"
     if ctx.drill_active

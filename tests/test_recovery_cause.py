@@ -172,6 +172,10 @@ def test_a_finite_blow_up_is_loss_growth_and_rolls_back_to_the_good_state(tmp_pa
   [rollback] = [i for i in r.incidents if i["action"] == "rollback"]
   assert rollback["kind"] == "loss_growth" and rollback["restored_step"] == 0
   assert rollback["step"] <= 5
+  # The diagnosis says what the replay shows: a finite loss orders of
+  # magnitude above the best, not a fault that "did not reproduce".
+  assert "finite but" in rollback["diagnosis"] and "blowing up" in rollback["diagnosis"]
+  assert "did not reproduce" not in rollback["diagnosis"]
   metrics = safetrain.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   first = metrics[0]["loss"]
   # No blown-up state was ever applied or saved: every loop's loss stays
