@@ -46,6 +46,8 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
+from safetrain import errors
+
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 2, 3, 143
 
 _CONFIG_ARG = re.compile(r"^--?config(?:=(.*))?$")
@@ -99,7 +101,7 @@ def _main(argv: list[str]) -> int:
   try:
     rest = fv(argv)
   except Exception as e:  # noqa: BLE001 - absl and config_flags raise several kinds
-    raise UsageError(_one_line(e)) from None
+    raise UsageError(errors.one_line(e)) from None
   if len(rest) > 1:
     raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
   workdir = workdir_flag.value
@@ -110,7 +112,7 @@ def _main(argv: list[str]) -> int:
   import tensorflow as tf  # noqa: PLC0415 - after the cheap checks above
 
   import safetrain  # noqa: PLC0415
-  from safetrain import errors, experiment, logs  # noqa: PLC0415
+  from safetrain import experiment, logs  # noqa: PLC0415
   from safetrain import workdir as workdir_lib  # noqa: PLC0415
 
   logging.set_verbosity(logging.INFO)
@@ -215,7 +217,7 @@ def _load_experiment(argv: list[str]):
   try:
     module = experiment.load_module(path)
   except Exception as e:  # noqa: BLE001 - anything the user's file raises
-    raise UsageError(f"--config: cannot import {path}: {_one_line(e, typed=True)}") from None
+    raise UsageError(f"--config: cannot import {path}: {errors.one_line(e, typed=True)}") from None
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
     raise UsageError(f"--config: {path} defines no get_config(arg=None) function")
@@ -227,7 +229,9 @@ def _load_experiment(argv: list[str]):
     config = get_config(arg) if arg else get_config()
   except Exception as e:  # noqa: BLE001
     call = f"get_config({arg!r})" if arg else "get_config()"
-    raise UsageError(f"--config: {call} in {path} failed: {_one_line(e, typed=True)}") from None
+    raise UsageError(
+      f"--config: {call} in {path} failed: {errors.one_line(e, typed=True)}"
+    ) from None
   import ml_collections  # noqa: PLC0415
 
   if not isinstance(config, ml_collections.ConfigDict):
@@ -309,15 +313,6 @@ def _last_checkpoint_note(workdir: str) -> str:
     return ""
   path = checkpointing.path_of(os.path.join(workdir, "checkpoints"), latest)
   return f": the last committed checkpoint ({path}) is intact"
-
-
-def _one_line(e: BaseException, typed: bool = False) -> str:
-  text = str(e).strip()
-  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-  if len(lines) > 3:
-    lines = lines[-1:]  # a wrapped traceback: its last line is the error
-  text = " ".join(lines) or type(e).__name__
-  return f"{type(e).__name__}: {text}" if typed else text
 
 
 def _quiet_library_info(record) -> bool:

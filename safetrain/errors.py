@@ -100,3 +100,15 @@ def io_fault(e: BaseException) -> tuple[str, str] | None:
     m = re.search(r"(/[^\s;,']*|[^\s;,']*/[^\s;,']*)$", head)
     return (m.group(1) if m else head or "?"), cause
   return None
+
+
+def one_line(e: BaseException, typed: bool = False) -> str:
+  """An exception as one line for a message (the command's and `safetrain
+  export`'s errors): its text on one line, or the last line of a wrapped
+  traceback; with `typed`, prefixed by the exception's type."""
+  text = str(e).strip()
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  if len(lines) > 3:
+    lines = lines[-1:]  # a wrapped traceback: its last line is the error
+  text = " ".join(lines) or type(e).__name__
+  return f"{type(e).__name__}: {text}" if typed else text

@@ -26,6 +26,7 @@ import sys
 
 import ml_collections
 
+from safetrain import errors
 from safetrain import export as export_lib
 
 
@@ -82,7 +83,7 @@ def _export(trainer, output: str, fmt: str) -> tuple[str, str]:
   ) as e:
     raise ExportError(str(e)) from None
   except (OSError, tf.errors.OpError) as e:
-    why = getattr(e, "strerror", None) or _first_line(e)
+    why = getattr(e, "strerror", None) or errors.one_line(e)
     raise ExportError(f"cannot write {output}: {why}") from None
 
 
@@ -119,7 +120,7 @@ def load_trainer(workdir: str):
   try:
     module = experiment.load_module(file)
   except Exception as e:  # noqa: BLE001 - anything the user's file raises
-    raise ExportError(f"cannot import {file}: {type(e).__name__}: {_first_line(e)}") from None
+    raise ExportError(f"cannot import {file}: {errors.one_line(e, typed=True)}") from None
   config = _rebuild_config(module, origin.get("arg"), recorded.get("config") or {}, path)
   cls = _trainer_class(module, recorded.get("trainer"), config, file)
   # Exporting trains nothing: one device, whatever the run used.
@@ -179,8 +180,3 @@ def _overlay(node: ml_collections.ConfigDict, values: dict) -> None:
       if isinstance(value, dict):
         value = ml_collections.ConfigDict(value)
       node[key] = value
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
