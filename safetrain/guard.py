@@ -89,6 +89,19 @@ def mask_rows(batch, row_ok: tf.Tensor):
   return tf.nest.map_structure(lambda t: tf.boolean_mask(t, row_ok), batch)
 
 
+def finite_rows_only(batch):
+  """The batch without rows holding NaN/Inf (as guard.bad_inputs=drop_rows
+  would train on), or None when no row is left."""
+  if not float_leaves(batch):
+    return batch
+  row_ok, _ = finite_rows(batch)
+  if bool(tf.reduce_all(row_ok)):
+    return batch
+  if not bool(tf.reduce_any(row_ok)):
+    return None
+  return mask_rows(batch, row_ok)
+
+
 def keep_rows(batch, row_ok, any_kept):
   """Drops bad rows; a shard with none left keeps row 0, sanitised, so it can
   still take part in the step's collectives (its loss weight is 0)."""

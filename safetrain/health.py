@@ -117,13 +117,11 @@ class DeadUnitProbe:
 
 
 def _finite_rows(x):
-  """The rows of `x` (a tensor, or a nest of them) whose values are finite."""
+  """The rows of `x` (a tensor, or a nest of them) whose values are finite, or
+  None when `x` is neither or no row is finite."""
   if not isinstance(x, tf.Tensor) and not tf.nest.is_nested(x):
     return None
-  row_ok, _ = guard.finite_rows(x)
-  if not bool(tf.reduce_any(row_ok)):
-    return None
-  return guard.mask_rows(x, row_ok)
+  return guard.finite_rows_only(x)
 
 
 class Health:

@@ -47,7 +47,7 @@ def audit(ctx: forensics.Context, batch, *, bad_inputs: str, fp16_margin: float)
       f"{forensics.fmt(ctx.max_abs_input)} make large activations and gradients; "
       "standardize to mean 0, std 1)"
     )
-  clean = _finite_rows_only(batch)
+  clean = guard.finite_rows_only(batch)
   if clean is None:
     return findings
   # Under mixed_float16, gradients that overflow at the initial loss scale are
@@ -142,19 +142,6 @@ def _fp16_findings(rep: forensics.Replay, margin: float) -> list[str]:
         + forensics._FP16_ADVICE.format(name=r.name)
       )
   return out
-
-
-def _finite_rows_only(batch):
-  """The batch without rows holding NaN/Inf (as guard.bad_inputs=drop_rows
-  would train on), or None when no row is left."""
-  if not guard.float_leaves(batch):
-    return batch
-  row_ok, _ = guard.finite_rows(batch)
-  if bool(tf.reduce_all(row_ok)):
-    return batch
-  if not bool(tf.reduce_any(row_ok)):
-    return None
-  return guard.mask_rows(batch, row_ok)
 
 
 def check(
