@@ -58,6 +58,18 @@ class GradientClip(tf.Module):
     self.warm_sum = tf.Variable(0.0, trainable=False, name="warm_sum")
     self.warm_sq = tf.Variable(0.0, trainable=False, name="warm_sq")
 
+  @classmethod
+  def from_config(cls, config) -> GradientClip:
+    """The clipping `config.clip` asks for."""
+    c = config.clip
+    return cls(
+      mode=c.mode,
+      global_norm=c.global_norm,
+      ema=c.ema,
+      z_threshold=c.z_threshold,
+      warmup_steps=c.warmup_steps,
+    )
+
   @property
   def active(self) -> bool:
     """Whether any step can be clipped."""
