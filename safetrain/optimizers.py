@@ -229,7 +229,7 @@ def from_config(config) -> keras.optimizers.Optimizer:
   )
 
 
-def wrap_from_config(optimizer, config, *, recovery, lr_factor, own: bool) -> None:
+def wrap_from_config(optimizer, config, recovery, lr_factor, *, own: bool) -> None:
   """`wrap_learning_rate` as the run's config asks.
 
   Args:

@@ -228,7 +228,6 @@ class Trainer:
     )
     self._element_spec = self._train_data.element_spec
     self._first_batch = self._train_data.first_batch
-    self._leaf_names = self._train_data.leaf_names
     iterator = self._train_data.iterator()
     # An iterator that cannot be checkpointed (distributed, or a pipeline with
     # state outside the graph) is found again by its data position: resume
@@ -259,13 +258,8 @@ class Trainer:
       sample_loss(self.model, self._first_batch, self._element_spec)  # builds the variables
     self.optimizer = self.build_optimizer()
     self._lr_factor = optimizers_lib.LearningRateFactor()
-    optimizers_lib.wrap_from_config(
-      self.optimizer,
-      c,
-      recovery=self._recovery,
-      lr_factor=self._lr_factor,
-      own=type(self).build_optimizer is Trainer.build_optimizer,
-    )
+    own = type(self).build_optimizer is Trainer.build_optimizer
+    optimizers_lib.wrap_from_config(self.optimizer, c, self._recovery, self._lr_factor, own=own)
     self.optimizer.build(self.model.trainable_variables)
     self._skip_keras_all_reduce = distribute.skip_optimizer_all_reduce(
       self.optimizer, self._strategy
@@ -324,7 +318,7 @@ class Trainer:
       loss_scale=self._loss_scale,
       spike=self._spike,
       drill=self._drill,
-      input_guard=guard.InputGuard.from_config(c, leaf_count=len(self._leaf_names)),
+      input_guard=guard.InputGuard.from_config(c, leaf_count=len(self._train_data.leaf_names)),
       clip=self._clip,
       drop_examples=c.guard.drop_examples,
       max_dropped_examples=c.guard.max_dropped_examples,
@@ -457,20 +451,18 @@ class Trainer:
       no healthy checkpoint.
     """
     self.build()
-    return self._restore_for_inference()
+    path = evaluation.restore_model(
+      self._checkpoints, self.model, healthy=lambda: bool(self._all_finite_fn())
+    )
+    self._state_ready = True
+    return path
 
   def _ready_for_inference(self) -> None:
     """Builds; restores the newest healthy checkpoint unless this process
     trained, resumed or restored already."""
     self.build()
     if not (self._state_ready or self._controller.started):
-      self._restore_for_inference()
-
-  def _restore_for_inference(self) -> str:
-    healthy = lambda: bool(self._all_finite_fn())  # noqa: E731
-    path = evaluation.restore_model(self._checkpoints, self.model, healthy)
-    self._state_ready = True
-    return path
+      self.restore()
 
   def export(self, path: str | None = None, format: str = "keras") -> str:
     """Writes the model for use without the trainer; returns the path.
