@@ -60,15 +60,8 @@ class GradientClip(tf.Module):
 
   @classmethod
   def from_config(cls, config) -> GradientClip:
-    """The clipping `config.clip` asks for."""
-    c = config.clip
-    return cls(
-      mode=c.mode,
-      global_norm=c.global_norm,
-      ema=c.ema,
-      z_threshold=c.z_threshold,
-      warmup_steps=c.warmup_steps,
-    )
+    """The clipping `config.clip` asks for (its keys are the arguments)."""
+    return cls(**config.clip)
 
   @property
   def active(self) -> bool:

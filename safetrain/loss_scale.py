@@ -59,19 +59,9 @@ class DynamicLossScale(tf.Module):
 
   @classmethod
   def from_config(cls, config) -> DynamicLossScale:
-    """The scale `config.loss_scale` asks for; enabled only under
-    `precision.policy=mixed_float16`."""
-    ls = config.loss_scale
-    return cls(
-      initial=ls.initial,
-      growth_interval=ls.growth_interval,
-      growth_factor=ls.growth_factor,
-      backoff_factor=ls.backoff_factor,
-      hysteresis=ls.hysteresis,
-      min_scale=ls.min_scale,
-      max_scale=ls.max_scale,
-      enabled=config.precision.policy == "mixed_float16",
-    )
+    """The scale `config.loss_scale` asks for (its keys are the arguments);
+    enabled only under `precision.policy=mixed_float16`."""
+    return cls(**config.loss_scale, enabled=config.precision.policy == "mixed_float16")
 
   def reset(self) -> None:
     """Back to the initial scale and counters (a resume under a new policy)."""

@@ -9,6 +9,7 @@ example finite is exactly the mean Keras `fit` minimizes (Keras's
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import keras
@@ -113,6 +114,12 @@ def default_loss(loss_fn: Callable, regularization: Callable, model, batch, trai
   pred = float32_predictions(pred)
   per_example = loss_fn(y, pred, sample_weight=sample_weight)
   return per_example + regularization(model), pred
+
+
+def normalised(compute_loss: Callable, default_loss: Callable | None, *, trainer: str):
+  """(`call_per_example`, `call_mean`) for a trainer's compute_loss hook."""
+  hook = dict(compute_loss=compute_loss, default_loss=default_loss, trainer=trainer)
+  return functools.partial(call_per_example, **hook), functools.partial(call_mean, **hook)
 
 
 def call_per_example(

@@ -1,5 +1,5 @@
-"""The Trainer: the hooks a user implements, and the one place that turns the
-config into the parts of a run.
+"""The Trainer: the one place that turns the config into the parts of a run
+(the hooks a user implements, their contracts and defaults: hooks.py).
 
 The split follows Orbit. The compiled inner loop is `step.GuardedLoop`: up to
 `train.steps_per_loop` guarded steps in one `tf.function` call. Between calls,
@@ -10,9 +10,9 @@ checkpoints. `Trainer.build()` makes those parts; `fit()` hands them over.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
 
 import keras
 import ml_collections
@@ -44,19 +44,18 @@ from safetrain import step as step_lib
 from safetrain import workdir as workdir_lib
 from safetrain.actions import LoopRecord
 from safetrain.drill import Drill
+from safetrain.hooks import TrainerHooks
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.results import FitResult, summary_line
 
 __all__ = ["FitResult", "LoopRecord", "Trainer"]
 
 
-class Trainer:
+class Trainer(TrainerHooks):
   """Trains a Keras model with guarded steps and automatic recovery.
 
   Subclass it and implement `build_model` and `build_train_dataset`; override
-  the other hooks when the defaults do not fit. Hooks run once, eagerly, when
-  the trainer is built (under the distribution strategy's scope), except
-  `compute_loss`, which is traced into the compiled step.
+  the other hooks (`safetrain.hooks`: when they run, their defaults) as needed.
 
   Args:
     config: a ConfigDict starting from `safetrain.default_config()`. It is
@@ -76,104 +75,8 @@ class Trainer:
     self._built = False
     # True once evaluate() restored a checkpoint into the model.
     self._state_ready = False
-    # Where this trainer comes from, for `safetrain export` (config.json): the
-    # file of its class's module, and the experiment's :ARG (the command sets
-    # it). Not a script run as __main__: importing it again could train again.
+    # Where this trainer comes from, for `safetrain export` (config.json).
     self._origin = export_lib.origin_of(type(self))
-
-  # ---------------------------------------------------------------- hooks
-
-  def build_model(self) -> keras.Model:
-    """Returns the Keras model. Required. Runs eagerly, once, in scope."""
-    raise NotImplementedError("subclasses of Trainer implement build_model()")
-
-  def build_train_dataset(self) -> tf.data.Dataset:
-    """Returns the training dataset, batched with `config.train.batch_size`.
-
-    Required. Yields `(x, y)`, `(x, y, sample_weight)` or dicts. Runs eagerly,
-    once (again on a resume by data position). It need not repeat: safetrain
-    repeats it (`train.repeat_data`).
-    """
-    raise NotImplementedError("subclasses of Trainer implement build_train_dataset()")
-
-  def build_eval_dataset(self) -> tf.data.Dataset | None:
-    """Returns the evaluation dataset, or None (the default) for no eval.
-    Runs eagerly, once, at the first evaluation."""
-    return None
-
-  def build_optimizer(self) -> keras.optimizers.Optimizer:
-    """Returns the optimizer; by default built from `config.optimizer`.
-
-    Do not set clipnorm/global_clipnorm here: safetrain clips. The learning
-    rate (a float or a schedule) is wrapped so recovery can scale it.
-    Runs eagerly, once, in scope.
-    """
-    return optimizers_lib.from_config(self.config)
-
-  def compute_loss(self, model: keras.Model, batch, training: bool):
-    """Returns the loss, or `(loss, {name: scalar metric})`.
-
-    Traced into the compiled step (inside the graph, in replica context), so
-    it must be graph-safe: no Python side effects, no `.numpy()`. The loss is
-    either the mean over the batch it is given (after bad rows are dropped),
-    or the per-example losses, a tensor of shape [batch] (or [batch, ...],
-    averaged over the other axes): then safetrain takes the mean over the
-    examples whose loss is finite, and drops and counts the others
-    (`guard.drop_examples`). The default applies `config.loss` per example
-    to `model(x)` and `y` and adds the model's regularization losses (to each
-    example, so to the mean), as Keras `fit` does. An override that wants them
-    adds `self.regularization_loss(model)` after calling the model.
-    """
-    return losses.default_loss(self._loss_fn, self.regularization_loss, model, batch, training)[0]
-
-  def regularization_loss(self, model: keras.Model) -> tf.Tensor:
-    """The sum of `model.losses`, in float32: kernel, bias and activity
-    regularizers and `add_loss` terms, as Keras `fit` adds them to the loss.
-
-    Call it in `compute_loss` after the model's forward pass (activity
-    regularizers and `add_loss` terms come from that call). It is part of the
-    loss the guard checks: a non-finite term makes a non-finite loss.
-    """
-    return losses.regularization_loss(model)
-
-  def build_metrics(self) -> dict[str, keras.metrics.Metric]:
-    """Returns stateful Keras metrics, `{name: keras.metrics.Metric}`
-    (default: none), for example `{"auc": keras.metrics.AUC()}`.
-
-    Called twice when the trainer is built, in the strategy's scope: once
-    for training and once for evaluation, so it must return new objects on
-    each call. Each metric gets `update_state(y, y_pred, sample_weight)` on
-    every good training step (a skipped step changes no metric state) and
-    on every eval batch: `y` and `sample_weight` come from the batch as the
-    default compute_loss reads it, `y_pred` from compute_loss (the default
-    has it; an override returns `(loss, metrics, y_pred)`). Training metrics
-    are reset at the start of each inner loop and reported in its record
-    (metrics.jsonl, TensorBoard, the progress line, actions); evaluation
-    metrics are reset at the start of each evaluation and reported with its
-    results. Each result must be a scalar.
-    """
-    return {}
-
-  def actions(self) -> list[Callable[[LoopRecord], None]]:
-    """Returns callables run after every inner loop (default: none).
-
-    Each gets the loop's `safetrain.LoopRecord` (step, loss, metrics,
-    incidents, eval metrics when an evaluation ran) and may end the run with
-    `record.stop(reason)`: it then ends as a finished run does (checkpoint,
-    final evaluation, export, exit 0), with `FitResult.stopped == "action"`.
-    Their return value is ignored. Called once, when the trainer is built;
-    the callables run eagerly, in order, before the Keras callbacks.
-    """
-    return []
-
-  def callbacks(self) -> list[keras.callbacks.Callback]:
-    """Returns Keras callbacks to run between inner loops (default: none).
-
-    See README ("Actions and Keras callbacks") for the mapping of Keras's
-    hooks onto inner loops and evaluations, and which callbacks are refused.
-    Called once, when the trainer is built.
-    """
-    return []
 
   # ------------------------------------------------------------- building
 
@@ -244,9 +147,9 @@ class Trainer:
     default = None
     if type(self).compute_loss is Trainer.compute_loss:
       default = functools.partial(losses.default_loss, self._loss_fn, self.regularization_loss)
-    hook = dict(compute_loss=self.compute_loss, default_loss=default, trainer=name)
-    self._call_compute_loss_per_example = functools.partial(losses.call_per_example, **hook)
-    self._call_compute_loss = functools.partial(losses.call_mean, **hook)
+    self._call_compute_loss_per_example, self._call_compute_loss = losses.normalised(
+      self.compute_loss, default, trainer=name
+    )
     sample_loss = functools.partial(
       losses.sample_loss, self._call_compute_loss, trainer=type(self).__name__
     )
@@ -414,8 +317,7 @@ class Trainer:
 
   @property
   def _iterator(self):
-    """The live training data iterator (the controller re-creates it on a
-    resume or replay by position)."""
+    """The live training iterator (the controller re-creates it by position)."""
     return self._controller.iterator
 
   # ----------------------------------------------------------- evaluation
@@ -458,8 +360,7 @@ class Trainer:
     return path
 
   def _ready_for_inference(self) -> None:
-    """Builds; restores the newest healthy checkpoint unless this process
-    trained, resumed or restored already."""
+    """Builds, and restores unless this process trained, resumed or restored."""
     self.build()
     if not (self._state_ready or self._controller.started):
       self.restore()
@@ -507,18 +408,12 @@ class Trainer:
       if self._built
       else workdir_lib.is_chief_process(self.config.distribute.strategy)
     )
-    lock = workdir_lib.WorkdirLock(self.workdir) if chief else None
-    if lock is not None:
-      lock.acquire()
-    try:
+    with workdir_lib.WorkdirLock(self.workdir) if chief else contextlib.nullcontext():
       self.build()
       result = self._controller.fit()
       if result.stopped != "preempted" and self._is_chief:
         result.exported = export_lib.export_on_finish(self.export, self.workdir)
       return result
-    finally:
-      if lock is not None:
-        lock.release()
 
   def summary_line(self, result: FitResult) -> str:
     """One line about a finished fit(): incidents, recovery, the last eval."""
