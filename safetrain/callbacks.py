@@ -33,7 +33,7 @@ import keras
 from absl import logging
 
 from safetrain import compat
-from safetrain.actions import LoopRecord
+from safetrain.actions import Actions, LoopRecord
 from safetrain.config import ConfigError
 from safetrain.optimizers import ScaledSchedule
 
@@ -212,3 +212,31 @@ def _numbers(record: dict) -> dict:
     for k, v in record.items()
     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"
   }
+
+
+def make_actions(actions, callbacks, *, trainer: str, model, optimizer, config) -> Actions:
+  """The user's actions and Keras callbacks, checked, for the controller.
+
+  Args:
+    actions, callbacks: the trainer's `actions` and `callbacks` hooks, called
+      here in that order.
+    trainer: the Trainer class's name, for the error messages.
+    model, optimizer: the live ones.
+    config: the run's config (eval.every_steps, train.steps).
+  """
+  user_actions = actions()
+  if not isinstance(user_actions, (list, tuple)) or not all(map(callable, user_actions)):
+    raise ConfigError(
+      "trainer", trainer, "actions() must return a list of callables taking a LoopRecord"
+    )
+  checked = check(callbacks(), trainer)
+  keras_callbacks = None
+  if checked:
+    keras_callbacks = KerasCallbacks(
+      checked,
+      model=model,
+      optimizer=optimizer,
+      eval_every=config.eval.every_steps,
+      train_steps=config.train.steps,
+    )
+  return Actions(list(user_actions), keras_callbacks, model=model)

@@ -397,3 +397,21 @@ class CheckpointStore:
     """
     del data_state
     return int(tf.train.load_variable(path, _POSITION_KEY))
+
+
+def build(config, workdir: str, *, rollback: dict, carried: dict, write: bool, owner: str):
+  """The run's CheckpointStore, WORKDIR/checkpoints (`checkpoint.max_to_keep`).
+
+  `rollback` is what a rollback restores; `carried` what it keeps (not
+  restored), persisted by the rollback itself with no model save (see
+  `CheckpointStore.record_rollback`). Its "recovery" counts the rollbacks.
+  """
+  return CheckpointStore(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=config.checkpoint.max_to_keep,
+    objects={**rollback, **carried},
+    write=write,
+    owner=owner,
+    carry=tuple(carried),
+    generation_key="recovery/rollbacks_total/.ATTRIBUTES/VARIABLE_VALUE",
+  )

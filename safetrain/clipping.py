@@ -58,6 +58,11 @@ class GradientClip(tf.Module):
     self.warm_sum = tf.Variable(0.0, trainable=False, name="warm_sum")
     self.warm_sq = tf.Variable(0.0, trainable=False, name="warm_sq")
 
+  @classmethod
+  def from_config(cls, config) -> GradientClip:
+    """The clipping `config.clip` asks for (its keys are the arguments)."""
+    return cls(**config.clip)
+
   @property
   def active(self) -> bool:
     """Whether any step can be clipped."""

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import tensorflow as tf
 from absl import logging
 
+from safetrain.errors import WorkdirError
+
 EXAMPLES = "examples"
 
 
@@ -99,3 +101,20 @@ class Evaluator:
     sums, rows = self._strategy.run(replica, args=(batch,))
     reduce = lambda v: self._strategy.reduce("sum", v, axis=None)  # noqa: E731
     return {k: reduce(v) for k, v in sums.items()}, reduce(rows)
+
+
+def restore_model(checkpoints, model, healthy: Callable[[], bool]) -> str:
+  """Loads the newest committed checkpoint of `checkpoints` (a
+  CheckpointStore) that reads back finite (`healthy`) into `model`, without
+  repairing or moving anything (a run may be writing); returns its path.
+  WorkdirError when there is none."""
+  path = checkpoints.restore_model_readonly(
+    dict(model=model, model_variables=list(model.variables)), healthy=healthy
+  )
+  if path is None:
+    raise WorkdirError(
+      f"no healthy checkpoint in {checkpoints.directory}: train first "
+      "(fit()), or point the trainer at the workdir of a trained run"
+    )
+  logging.info("Restored the model of %s (read-only)", path)
+  return path

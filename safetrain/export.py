@@ -23,9 +23,12 @@ import errno
 import os
 import re
 import shutil
+import sys
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 EXPORT_DIR = "export"
 FORMATS = ("keras", "saved_model")
@@ -197,3 +200,29 @@ def input_spec(element_spec, unpack) -> object | None:
   except (ValueError, TypeError, KeyError, IndexError):
     return None
   return tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), x)
+
+
+def export_on_finish(export: Callable[[], str], workdir: str) -> str | None:
+  """`export()` (WORKDIR/export/model.keras) at the end of a run; a failure
+  is a warning, not a failed run: the final checkpoint holds the model, and
+  `safetrain export WORKDIR` writes it once the cause is fixed."""
+  try:
+    return export()
+  except Exception as e:  # noqa: BLE001 - the run itself succeeded
+    logging.warning(
+      "The model was not exported (%s: %s); the final checkpoint is intact, and "
+      "`safetrain export %s` writes WORKDIR/export/model.keras from it.",
+      type(e).__name__,
+      str(e).strip().splitlines()[0] if str(e).strip() else "",
+      workdir,
+    )
+    return None
+
+
+def origin_of(cls: type) -> dict:
+  """Where a Trainer class comes from, for `safetrain export` (config.json):
+  the file of its module, and the experiment's :ARG (None: the command sets
+  it). Not a script run as __main__: importing it again could train again."""
+  module = sys.modules.get(cls.__module__)
+  file = getattr(module, "__file__", None) if cls.__module__ != "__main__" else None
+  return {"file": os.path.abspath(file) if file else None, "arg": None}

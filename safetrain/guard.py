@@ -145,6 +145,12 @@ class InputGuard:
     self.drop = policy == "drop_rows"
     self.leaf_count = leaf_count
 
+  @classmethod
+  def from_config(cls, config, leaf_count: int) -> InputGuard:
+    """The guard `config.guard.check_inputs` and `guard.bad_inputs` ask for."""
+    g = config.guard
+    return cls(enabled=g.check_inputs, policy=g.bad_inputs, leaf_count=leaf_count)
+
   def __call__(self, batch, ctx: tf.distribute.ReplicaContext) -> InputCheck:
     n_rep = ctx.num_replicas_in_sync
     no_bad = tf.zeros([self.leaf_count], tf.int32)

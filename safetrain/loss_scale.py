@@ -57,6 +57,12 @@ class DynamicLossScale(tf.Module):
       hysteresis, dtype=tf.int64, trainable=False, name="hysteresis_left"
     )
 
+  @classmethod
+  def from_config(cls, config) -> DynamicLossScale:
+    """The scale `config.loss_scale` asks for (its keys are the arguments);
+    enabled only under `precision.policy=mixed_float16`."""
+    return cls(**config.loss_scale, enabled=config.precision.policy == "mixed_float16")
+
   def reset(self) -> None:
     """Back to the initial scale and counters (a resume under a new policy)."""
     self.scale.assign(self.initial)

@@ -9,13 +9,16 @@ example finite is exactly the mean Keras `fit` minimizes (Keras's
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
-from safetrain import compat
+from safetrain import compat, examples
+from safetrain import data as data_lib
 from safetrain.config import ConfigError
+from safetrain.errors import BadInputError
 
 
 class _PerExample(keras.losses.Loss):
@@ -100,3 +103,80 @@ def float32_predictions(pred):
     return keras.activations.sigmoid(logits)
 
   return tf.nest.map_structure(one, pred)
+
+
+def default_loss(loss_fn: Callable, regularization: Callable, model, batch, training: bool):
+  """The default `Trainer.compute_loss`, and the predictions it made (for the
+  stateful metrics): `loss_fn` (`make_loss`) per example, plus
+  `regularization(model)` (`Trainer.regularization_loss`)."""
+  x, y, sample_weight = data_lib.unpack_batch(batch)
+  pred = model(x, training=training)
+  pred = float32_predictions(pred)
+  per_example = loss_fn(y, pred, sample_weight=sample_weight)
+  return per_example + regularization(model), pred
+
+
+def normalised(compute_loss: Callable, default_loss: Callable | None, *, trainer: str):
+  """(`call_per_example`, `call_mean`) for a trainer's compute_loss hook."""
+  hook = dict(compute_loss=compute_loss, default_loss=default_loss, trainer=trainer)
+  return functools.partial(call_per_example, **hook), functools.partial(call_mean, **hook)
+
+
+def call_per_example(
+  model, batch, training, with_pred: bool = False, *, compute_loss, default_loss, trainer: str
+):
+  """A trainer's compute_loss, normalised to (float32 loss or per-example
+  losses, {name: float32 metric}), and y_pred as a third element `with_pred`
+  (for the stateful metrics): what the compiled step takes.
+
+  Args:
+    model, batch, training: compute_loss's arguments.
+    with_pred: also return y_pred (ConfigError when compute_loss has none).
+    compute_loss: the trainer's hook.
+    default_loss: for a trainer that keeps the default compute_loss, the
+      `(loss, y_pred)` it is made of, else None.
+    trainer: the Trainer class's name, for the error message.
+  """
+  if with_pred and default_loss is not None:
+    (loss, pred), metrics_ = default_loss(model, batch, training), {}
+  else:
+    out = compute_loss(model, batch, training)
+    if not isinstance(out, (tuple, list)):
+      out = (out, {})
+    loss, metrics_, pred = (*out, None) if len(out) == 2 else out
+  result = tf.cast(loss, tf.float32), {k: tf.cast(v, tf.float32) for k, v in metrics_.items()}
+  if not with_pred:
+    return result
+  if pred is None:
+    raise ConfigError(
+      "trainer",
+      trainer,
+      "build_metrics() needs y_pred: compute_loss must return (loss, metrics, y_pred)",
+    )
+  return (*result, pred)
+
+
+def call_mean(model, batch, training, with_pred: bool = False, **hook):
+  """`call_per_example` (same `hook` arguments), with per-example losses
+  averaged plainly (a NaN stays NaN): (float32 mean loss, metrics[, y_pred])."""
+  loss, *rest = call_per_example(model, batch, training, with_pred, **hook)
+  return (examples.plain_mean(loss), *rest)
+
+
+def sample_loss(mean_loss: Callable, model, batch, element_spec, *, trainer: str):
+  """`mean_loss(model, batch, False)` on the first batch, eagerly. A batch
+  that does not fit the model or the loss fails here, as a BadInputError
+  naming what the dataset yields (`element_spec`), not later inside the
+  compiled step."""
+  try:
+    return mean_loss(model, batch, False)
+  except (ValueError, TypeError, KeyError, IndexError, tf.errors.OpError) as e:
+    if isinstance(e, BadInputError):
+      raise
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise BadInputError(
+      f"the first training batch does not fit {trainer}'s model and "
+      f"compute_loss ({type(e).__name__}: {first}). The dataset yields "
+      f"{data_lib.describe_spec(element_spec)}; the default compute_loss expects "
+      "(x, y), (x, y, sample_weight) or dicts with 'x' and 'y', with x as the model's input."
+    ) from e

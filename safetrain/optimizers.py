@@ -212,3 +212,51 @@ def wrap_learning_rate(
   )
   if rate_variable is not None:
     compat.leave_out_of_keras_saves(optimizer, rate_variable)
+
+
+def from_config(config) -> keras.optimizers.Optimizer:
+  """The optimizer `config.optimizer` names (`Trainer.build_optimizer`'s default)."""
+  o = config.optimizer
+  return build_optimizer(
+    name=o.name,
+    learning_rate=o.learning_rate,
+    beta_1=o.beta_1,
+    beta_2=o.beta_2,
+    epsilon=o.epsilon,
+    momentum=o.momentum,
+    nesterov=o.nesterov,
+    weight_decay=o.weight_decay,
+  )
+
+
+def wrap_from_config(optimizer, config, recovery, lr_factor, *, own: bool) -> None:
+  """`wrap_learning_rate` as the run's config asks.
+
+  Args:
+    optimizer: the trainer's optimizer.
+    config: the run's config (optimizer.schedule and its settings,
+      train.steps, recovery.rewarm_steps).
+    recovery: recovery's state (its `lr_scale` and `rewarm_start`).
+    lr_factor: the run's LearningRateFactor.
+    own: whether safetrain built the optimizer from config (the default
+      `build_optimizer`): then `optimizer.schedule` makes the base.
+  """
+  o = config.optimizer
+  wrap_learning_rate(
+    optimizer,
+    default_schedule=(
+      lambda: build_schedule(
+        name=o.schedule,
+        learning_rate=o.learning_rate,
+        total_steps=config.train.steps,
+        warmup_steps=o.warmup_steps,
+        end_lr_factor=o.end_lr_factor,
+      )
+    )
+    if own
+    else None,
+    lr_scale=recovery.lr_scale,
+    rewarm_start=recovery.rewarm_start,
+    rewarm_steps=config.recovery.rewarm_steps,
+    base_factor=lr_factor.factor,
+  )

@@ -63,6 +63,20 @@ class SpikeDetector(tf.Module):
     self.best = tf.Variable(0.0, trainable=False, name="best")
     self.first = tf.Variable(0.0, trainable=False, name="first")
 
+  @classmethod
+  def from_config(cls, config) -> SpikeDetector:
+    """The detector `config.guard.spike_*` and `guard.growth_factor` ask for."""
+    g = config.guard
+    return cls(
+      enabled=g.spike_detection,
+      warmup_steps=g.spike_warmup_steps,
+      threshold=g.spike_threshold,
+      rel_floor=g.spike_rel_floor,
+      decay=g.spike_decay,
+      first_loss_fraction=g.spike_first_loss_fraction,
+      growth_factor=g.growth_factor,
+    )
+
   # The compiled loop carries the statistics as tensors and writes them back
   # once per loop: variable reads and writes inside the step would chain every
   # step's ops behind them. With nothing to watch, they are () throughout.

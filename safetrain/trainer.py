@@ -1,5 +1,5 @@
-"""The Trainer: the hooks a user implements, and the one place that turns the
-config into the parts of a run.
+"""The Trainer: the one place that turns the config into the parts of a run
+(the hooks a user implements, their contracts and defaults: hooks.py).
 
 The split follows Orbit. The compiled inner loop is `step.GuardedLoop`: up to
 `train.steps_per_loop` guarded steps in one `tf.function` call. Between calls,
@@ -10,24 +10,21 @@ checkpoints. `Trainer.build()` makes those parts; `fit()` hands them over.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import sys
-from collections.abc import Callable
 
 import keras
 import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from safetrain import actions as actions_lib
 from safetrain import callbacks as callbacks_lib
 from safetrain import (
   checkpointing,
   clipping,
   distribute,
   evaluation,
-  examples,
   forensics,
   guard,
   health,
@@ -47,20 +44,18 @@ from safetrain import step as step_lib
 from safetrain import workdir as workdir_lib
 from safetrain.actions import LoopRecord
 from safetrain.drill import Drill
-from safetrain.errors import BadInputError, WorkdirError
+from safetrain.hooks import TrainerHooks
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.results import FitResult, summary_line
 
 __all__ = ["FitResult", "LoopRecord", "Trainer"]
 
 
-class Trainer:
+class Trainer(TrainerHooks):
   """Trains a Keras model with guarded steps and automatic recovery.
 
   Subclass it and implement `build_model` and `build_train_dataset`; override
-  the other hooks when the defaults do not fit. Hooks run once, eagerly, when
-  the trainer is built (under the distribution strategy's scope), except
-  `compute_loss`, which is traced into the compiled step.
+  the other hooks (`safetrain.hooks`: when they run, their defaults) as needed.
 
   Args:
     config: a ConfigDict starting from `safetrain.default_config()`. It is
@@ -80,125 +75,8 @@ class Trainer:
     self._built = False
     # True once evaluate() restored a checkpoint into the model.
     self._state_ready = False
-    # Where this trainer comes from, for `safetrain export` (config.json): the
-    # file of its class's module, and the experiment's :ARG (the command sets
-    # it). Not a script run as __main__: importing it again could train again.
-    module = sys.modules.get(type(self).__module__)
-    file = getattr(module, "__file__", None) if type(self).__module__ != "__main__" else None
-    self._origin = {"file": os.path.abspath(file) if file else None, "arg": None}
-
-  # ---------------------------------------------------------------- hooks
-
-  def build_model(self) -> keras.Model:
-    """Returns the Keras model. Required. Runs eagerly, once, in scope."""
-    raise NotImplementedError("subclasses of Trainer implement build_model()")
-
-  def build_train_dataset(self) -> tf.data.Dataset:
-    """Returns the training dataset, batched with `config.train.batch_size`.
-
-    Required. Yields `(x, y)`, `(x, y, sample_weight)` or dicts. Runs eagerly,
-    once (again on a resume by data position). It need not repeat: safetrain
-    repeats it (`train.repeat_data`).
-    """
-    raise NotImplementedError("subclasses of Trainer implement build_train_dataset()")
-
-  def build_eval_dataset(self) -> tf.data.Dataset | None:
-    """Returns the evaluation dataset, or None (the default) for no eval.
-    Runs eagerly, once, at the first evaluation."""
-    return None
-
-  def build_optimizer(self) -> keras.optimizers.Optimizer:
-    """Returns the optimizer; by default built from `config.optimizer`.
-
-    Do not set clipnorm/global_clipnorm here: safetrain clips. The learning
-    rate (a float or a schedule) is wrapped so recovery can scale it.
-    Runs eagerly, once, in scope.
-    """
-    o = self.config.optimizer
-    return optimizers_lib.build_optimizer(
-      name=o.name,
-      learning_rate=o.learning_rate,
-      beta_1=o.beta_1,
-      beta_2=o.beta_2,
-      epsilon=o.epsilon,
-      momentum=o.momentum,
-      nesterov=o.nesterov,
-      weight_decay=o.weight_decay,
-    )
-
-  def compute_loss(self, model: keras.Model, batch, training: bool):
-    """Returns the loss, or `(loss, {name: scalar metric})`.
-
-    Traced into the compiled step (inside the graph, in replica context), so
-    it must be graph-safe: no Python side effects, no `.numpy()`. The loss is
-    either the mean over the batch it is given (after bad rows are dropped),
-    or the per-example losses, a tensor of shape [batch] (or [batch, ...],
-    averaged over the other axes): then safetrain takes the mean over the
-    examples whose loss is finite, and drops and counts the others
-    (`guard.drop_examples`). The default applies `config.loss` per example
-    to `model(x)` and `y` and adds the model's regularization losses (to each
-    example, so to the mean), as Keras `fit` does. An override that wants them
-    adds `self.regularization_loss(model)` after calling the model.
-    """
-    return self._default_loss(model, batch, training)[0]
-
-  def _default_loss(self, model: keras.Model, batch, training: bool):
-    """The default compute_loss, and the predictions it made (for the
-    stateful metrics)."""
-    x, y, sample_weight = data_lib.unpack_batch(batch)
-    pred = model(x, training=training)
-    pred = losses.float32_predictions(pred)
-    per_example = self._loss_fn(y, pred, sample_weight=sample_weight)
-    return per_example + self.regularization_loss(model), pred
-
-  def regularization_loss(self, model: keras.Model) -> tf.Tensor:
-    """The sum of `model.losses`, in float32: kernel, bias and activity
-    regularizers and `add_loss` terms, as Keras `fit` adds them to the loss.
-
-    Call it in `compute_loss` after the model's forward pass (activity
-    regularizers and `add_loss` terms come from that call). It is part of the
-    loss the guard checks: a non-finite term makes a non-finite loss.
-    """
-    return losses.regularization_loss(model)
-
-  def build_metrics(self) -> dict[str, keras.metrics.Metric]:
-    """Returns stateful Keras metrics, `{name: keras.metrics.Metric}`
-    (default: none), for example `{"auc": keras.metrics.AUC()}`.
-
-    Called twice when the trainer is built, in the strategy's scope: once
-    for training and once for evaluation, so it must return new objects on
-    each call. Each metric gets `update_state(y, y_pred, sample_weight)` on
-    every good training step (a skipped step changes no metric state) and
-    on every eval batch: `y` and `sample_weight` come from the batch as the
-    default compute_loss reads it, `y_pred` from compute_loss (the default
-    has it; an override returns `(loss, metrics, y_pred)`). Training metrics
-    are reset at the start of each inner loop and reported in its record
-    (metrics.jsonl, TensorBoard, the progress line, actions); evaluation
-    metrics are reset at the start of each evaluation and reported with its
-    results. Each result must be a scalar.
-    """
-    return {}
-
-  def actions(self) -> list[Callable[[LoopRecord], None]]:
-    """Returns callables run after every inner loop (default: none).
-
-    Each gets the loop's `safetrain.LoopRecord` (step, loss, metrics,
-    incidents, eval metrics when an evaluation ran) and may end the run with
-    `record.stop(reason)`: it then ends as a finished run does (checkpoint,
-    final evaluation, export, exit 0), with `FitResult.stopped == "action"`.
-    Their return value is ignored. Called once, when the trainer is built;
-    the callables run eagerly, in order, before the Keras callbacks.
-    """
-    return []
-
-  def callbacks(self) -> list[keras.callbacks.Callback]:
-    """Returns Keras callbacks to run between inner loops (default: none).
-
-    See README ("Actions and Keras callbacks") for the mapping of Keras's
-    hooks onto inner loops and evaluations, and which callbacks are refused.
-    Called once, when the trainer is built.
-    """
-    return []
+    # Where this trainer comes from, for `safetrain export` (config.json).
+    self._origin = export_lib.origin_of(type(self))
 
   # ------------------------------------------------------------- building
 
@@ -240,36 +118,12 @@ class Trainer:
 
   def _build_in_scope(self) -> None:
     c = self.config
+    name = type(self).__qualname__
     self._run = state.RunState(c.precision.policy)
     self._recovery = recovery.RecoveryState()
-    ls = c.loss_scale
-    self._loss_scale = DynamicLossScale(
-      initial=ls.initial,
-      growth_interval=ls.growth_interval,
-      growth_factor=ls.growth_factor,
-      backoff_factor=ls.backoff_factor,
-      hysteresis=ls.hysteresis,
-      min_scale=ls.min_scale,
-      max_scale=ls.max_scale,
-      enabled=c.precision.policy == "mixed_float16",
-    )
-    g = c.guard
-    self._spike = spike_lib.SpikeDetector(
-      enabled=g.spike_detection,
-      warmup_steps=g.spike_warmup_steps,
-      threshold=g.spike_threshold,
-      rel_floor=g.spike_rel_floor,
-      decay=g.spike_decay,
-      first_loss_fraction=g.spike_first_loss_fraction,
-      growth_factor=g.growth_factor,
-    )
-    self._clip = clipping.GradientClip(
-      mode=c.clip.mode,
-      global_norm=c.clip.global_norm,
-      ema=c.clip.ema,
-      z_threshold=c.clip.z_threshold,
-      warmup_steps=c.clip.warmup_steps,
-    )
+    self._loss_scale = DynamicLossScale.from_config(c)
+    self._spike = spike_lib.SpikeDetector.from_config(c)
+    self._clip = clipping.GradientClip.from_config(c)
     self._health_state = health.HealthState()
 
     self._train_data = data_lib.TrainData(
@@ -277,7 +131,6 @@ class Trainer:
     )
     self._element_spec = self._train_data.element_spec
     self._first_batch = self._train_data.first_batch
-    self._leaf_names = self._train_data.leaf_names
     iterator = self._train_data.iterator()
     # An iterator that cannot be checkpointed (distributed, or a pipeline with
     # state outside the graph) is found again by its data position: resume
@@ -289,32 +142,27 @@ class Trainer:
     # A drill that cannot fire on this data is a config error, not a no-op.
     self._drill.check(self._element_spec, self._strategy.num_replicas_in_sync)
 
+    # compute_loss normalised (see losses.call_per_example), for the
+    # compiled step, evaluation and forensics.
+    default = None
+    if type(self).compute_loss is Trainer.compute_loss:
+      default = functools.partial(losses.default_loss, self._loss_fn, self.regularization_loss)
+    self._call_compute_loss_per_example, self._call_compute_loss = losses.normalised(
+      self.compute_loss, default, trainer=name
+    )
+    sample_loss = functools.partial(
+      losses.sample_loss, self._call_compute_loss, trainer=type(self).__name__
+    )
+
     self.model = self.build_model()
     if not isinstance(self.model, keras.Model):
       raise TypeError(f"build_model() returned {type(self.model).__name__}, not a keras.Model")
     if not self.model.built:
-      # Build variables outside the compiled step, on a sample batch.
-      self._sample_loss()
+      sample_loss(self.model, self._first_batch, self._element_spec)  # builds the variables
     self.optimizer = self.build_optimizer()
     self._lr_factor = optimizers_lib.LearningRateFactor()
-    default_schedule = None
-    if type(self).build_optimizer is Trainer.build_optimizer:
-      o = c.optimizer
-      default_schedule = lambda: optimizers_lib.build_schedule(  # noqa: E731
-        name=o.schedule,
-        learning_rate=o.learning_rate,
-        total_steps=c.train.steps,
-        warmup_steps=o.warmup_steps,
-        end_lr_factor=o.end_lr_factor,
-      )
-    optimizers_lib.wrap_learning_rate(
-      self.optimizer,
-      default_schedule=default_schedule,
-      lr_scale=self._recovery.lr_scale,
-      rewarm_start=self._recovery.rewarm_start,
-      rewarm_steps=c.recovery.rewarm_steps,
-      base_factor=self._lr_factor.factor,
-    )
+    own = type(self).build_optimizer is Trainer.build_optimizer
+    optimizers_lib.wrap_from_config(self.optimizer, c, self._recovery, self._lr_factor, own=own)
     self.optimizer.build(self.model.trainable_variables)
     self._skip_keras_all_reduce = distribute.skip_optimizer_all_reduce(
       self.optimizer, self._strategy
@@ -327,10 +175,10 @@ class Trainer:
       self.model,
       lambda: self._call_compute_loss(self.model, self._first_batch, True),
     )
-    _, sample_metrics = self._sample_loss()
+    _, sample_metrics = sample_loss(self.model, self._first_batch, self._element_spec)
     self._train_metrics, self._eval_metrics = stateful_metrics.build_sets(
       self.build_metrics,
-      type(self).__qualname__,
+      name,
       taken=set(sample_metrics),
       first_batch=self._first_batch,
       # Fails now, eagerly, if an override does not return y_pred.
@@ -338,12 +186,7 @@ class Trainer:
         self.model, self._first_batch, False, with_pred=True
       ),
     )
-    loss_for_metrics = functools.partial(
-      self._call_compute_loss_per_example, with_pred=bool(self._train_metrics)
-    )
-    mean_for_metrics = functools.partial(
-      self._call_compute_loss, with_pred=bool(self._train_metrics)
-    )
+    with_pred = bool(self._train_metrics)
 
     self._rollback_objects = dict(
       model=self.model,
@@ -356,11 +199,11 @@ class Trainer:
       spike=self._spike,
       health=self._health_state,
     )
-    self._checkpoints = checkpointing.CheckpointStore(
-      os.path.join(self.workdir, "checkpoints"),
-      max_to_keep=c.checkpoint.max_to_keep,
-      objects=dict(
-        self._rollback_objects,
+    self._checkpoints = checkpointing.build(
+      c,
+      self.workdir,
+      rollback=self._rollback_objects,
+      carried=dict(
         data=self._data,
         recovery=self._recovery,
         lr_factor=self._lr_factor,
@@ -368,28 +211,22 @@ class Trainer:
         **({"iterator": iterator} if iterator_in_checkpoint else {}),
       ),
       write=self._is_chief,
-      owner=type(self).__qualname__,
-      # What a rollback keeps (not restored): persisted by the rollback
-      # itself, with no model save (see checkpointing.record_rollback).
-      carry=("data", "recovery", "lr_factor", "iterator", "clip"),
-      generation_key="recovery/rollbacks_total/.ATTRIBUTES/VARIABLE_VALUE",
+      owner=name,
     )
     self._loop = step_lib.GuardedLoop(
       strategy=self._strategy,
       model=self.model,
       optimizer=self.optimizer,
-      compute_loss=loss_for_metrics,
+      compute_loss=functools.partial(self._call_compute_loss_per_example, with_pred=with_pred),
       loss_scale=self._loss_scale,
       spike=self._spike,
       drill=self._drill,
-      input_guard=guard.InputGuard(
-        enabled=g.check_inputs, policy=g.bad_inputs, leaf_count=len(self._leaf_names)
-      ),
+      input_guard=guard.InputGuard.from_config(c, leaf_count=len(self._train_data.leaf_names)),
       clip=self._clip,
-      drop_examples=g.drop_examples,
-      max_dropped_examples=g.max_dropped_examples,
-      rollback_after=g.rollback_after,
-      raise_on_bad_inputs=g.bad_inputs == "raise",
+      drop_examples=c.guard.drop_examples,
+      max_dropped_examples=c.guard.max_dropped_examples,
+      rollback_after=c.guard.rollback_after,
+      raise_on_bad_inputs=c.guard.bad_inputs == "raise",
       repeat_data=c.train.repeat_data,
       variables=step_lib.LoopVariables(
         step=self._run.step,
@@ -410,7 +247,7 @@ class Trainer:
     self._evaluator = evaluation.Evaluator(
       strategy=self._strategy,
       build_dataset=self.build_eval_dataset,
-      compute_loss=lambda batch: mean_for_metrics(self.model, batch, False),
+      compute_loss=lambda batch: self._call_compute_loss(self.model, batch, False, with_pred),
       steps=c.eval.steps,
       metrics=self._eval_metrics or None,
     )
@@ -422,13 +259,13 @@ class Trainer:
       loss_scale=self._loss_scale,
       spike=self._spike,
       drill_active=self._drill.active,
-      max_abs_input=g.preflight_max_abs_input,
+      max_abs_input=c.guard.preflight_max_abs_input,
     )
     self._controller = controller_lib.Controller(
       controller_lib.Parts(
         config=c,
         workdir=self.workdir,
-        trainer_name=type(self).__qualname__,
+        trainer_name=name,
         strategy=self._strategy,
         is_chief=self._is_chief,
         num_workers=self._num_workers,
@@ -447,7 +284,7 @@ class Trainer:
         forensics=self._forensics,
         stash=self._stash,
         health=health.build(
-          self.config,
+          c,
           model=self.model,
           optimizer=self.optimizer,
           first_batch=self._first_batch,
@@ -456,39 +293,23 @@ class Trainer:
           lr_scale=self._recovery.lr_scale,
         ),
         snapshots=snapshots.build(
-          self.config.recovery,
+          c.recovery,
           num_workers=self._num_workers,
           modules=[list(self.model.variables), list(self.optimizer.variables)]
           + [self._run, self._loss_scale, self._spike, self._health_state],
           scope=self._strategy.scope(),
         ),
-        actions=self._make_actions(),
+        actions=callbacks_lib.make_actions(
+          self.actions,
+          self.callbacks,
+          trainer=name,
+          model=self.model,
+          optimizer=self.optimizer,
+          config=c,
+        ),
         origin=self._origin,
         train_metrics=self._train_metrics,
       )
-    )
-
-  def _make_actions(self) -> actions_lib.Actions:
-    """The user's actions and Keras callbacks, checked."""
-    name = type(self).__qualname__
-    user_actions = self.actions()
-    if not isinstance(user_actions, (list, tuple)) or not all(map(callable, user_actions)):
-      raise config_lib.ConfigError(
-        "trainer", name, "actions() must return a list of callables taking a LoopRecord"
-      )
-    callbacks = callbacks_lib.check(self.callbacks(), name)
-    return actions_lib.Actions(
-      list(user_actions),
-      callbacks_lib.KerasCallbacks(
-        callbacks,
-        model=self.model,
-        optimizer=self.optimizer,
-        eval_every=self.config.eval.every_steps,
-        train_steps=self.config.train.steps,
-      )
-      if callbacks
-      else None,
-      model=self.model,
     )
 
   def _step(self) -> int:
@@ -496,54 +317,8 @@ class Trainer:
 
   @property
   def _iterator(self):
-    """The live training data iterator (the controller re-creates it on a
-    resume or replay by position)."""
+    """The live training iterator (the controller re-creates it by position)."""
     return self._controller.iterator
-
-  def _call_compute_loss_per_example(self, model, batch, training, with_pred: bool = False):
-    """compute_loss, normalised to (float32 loss or per-example losses,
-    {name: float32 metric}), and y_pred as a third element `with_pred` (for
-    the stateful metrics): what the compiled step takes."""
-    if with_pred and type(self).compute_loss is Trainer.compute_loss:
-      (loss, pred), metrics_ = self._default_loss(model, batch, training), {}
-    else:
-      out = self.compute_loss(model, batch, training)
-      if not isinstance(out, (tuple, list)):
-        out = (out, {})
-      loss, metrics_, pred = (*out, None) if len(out) == 2 else out
-    result = tf.cast(loss, tf.float32), {k: tf.cast(v, tf.float32) for k, v in metrics_.items()}
-    if not with_pred:
-      return result
-    if pred is None:
-      raise config_lib.ConfigError(
-        "trainer",
-        type(self).__qualname__,
-        "build_metrics() needs y_pred: compute_loss must return (loss, metrics, y_pred)",
-      )
-    return (*result, pred)
-
-  def _call_compute_loss(self, model, batch, training, with_pred: bool = False):
-    """compute_loss, normalised to (float32 mean loss, {name: float32 metric}
-    [, y_pred]): per-example losses are averaged plainly (a NaN stays NaN)."""
-    loss, *rest = self._call_compute_loss_per_example(model, batch, training, with_pred)
-    return (examples.plain_mean(loss), *rest)
-
-  def _sample_loss(self):
-    """compute_loss on the first batch, eagerly. A batch that does not fit the
-    model or the loss fails here, as a BadInputError naming what the dataset
-    yields, not later inside the compiled step."""
-    try:
-      return self._call_compute_loss(self.model, self._first_batch, False)
-    except (ValueError, TypeError, KeyError, IndexError, tf.errors.OpError) as e:
-      if isinstance(e, BadInputError):
-        raise
-      first = (str(e).strip().splitlines() or [""])[0][:300]
-      raise BadInputError(
-        f"the first training batch does not fit {type(self).__name__}'s model and "
-        f"compute_loss ({type(e).__name__}: {first}). The dataset yields "
-        f"{data_lib.describe_spec(self._element_spec)}; the default compute_loss expects "
-        "(x, y), (x, y, sample_weight) or dicts with 'x' and 'y', with x as the model's input."
-      ) from e
 
   # ----------------------------------------------------------- evaluation
 
@@ -561,9 +336,7 @@ class Trainer:
       {name: mean} for the loss and compute_loss's metrics, plus `examples`
       (how many were evaluated); {} when there is no eval dataset.
     """
-    self.build()
-    if not (self._state_ready or self._controller.started):
-      self._restore_for_inference()
+    self._ready_for_inference()
     return self._evaluator()
 
   def restore(self) -> str:
@@ -580,23 +353,17 @@ class Trainer:
       no healthy checkpoint.
     """
     self.build()
-    return self._restore_for_inference()
-
-  def _restore_for_inference(self) -> str:
-    """Loads the newest committed checkpoint that reads back finite into the
-    model, without repairing or moving anything (a run may be writing)."""
-    path = self._checkpoints.restore_model_readonly(
-      dict(model=self.model, model_variables=list(self.model.variables)),
-      healthy=lambda: bool(self._all_finite_fn()),
+    path = evaluation.restore_model(
+      self._checkpoints, self.model, healthy=lambda: bool(self._all_finite_fn())
     )
-    if path is None:
-      raise WorkdirError(
-        f"no healthy checkpoint in {self._checkpoints.directory}: train first "
-        "(fit()), or point the trainer at the workdir of a trained run"
-      )
-    logging.info("Restored the model of %s (read-only)", path)
     self._state_ready = True
     return path
+
+  def _ready_for_inference(self) -> None:
+    """Builds, and restores unless this process trained, resumed or restored."""
+    self.build()
+    if not (self._state_ready or self._controller.started):
+      self.restore()
 
   def export(self, path: str | None = None, format: str = "keras") -> str:
     """Writes the model for use without the trainer; returns the path.
@@ -615,9 +382,7 @@ class Trainer:
     """
     path = path or export_lib.default_path(self.workdir, format)
     export_lib.check_target(path, format)
-    self.build()
-    if not (self._state_ready or self._controller.started):
-      self._restore_for_inference()
+    self._ready_for_inference()
     spec = export_lib.input_spec(self._element_spec, data_lib.unpack_batch)
     path = export_lib.export_model(self.model, path, format, input_signature=spec)
     logging.info("Exported the model to %s", path)
@@ -643,34 +408,12 @@ class Trainer:
       if self._built
       else workdir_lib.is_chief_process(self.config.distribute.strategy)
     )
-    lock = workdir_lib.WorkdirLock(self.workdir) if chief else None
-    if lock is not None:
-      lock.acquire()
-    try:
+    with workdir_lib.WorkdirLock(self.workdir) if chief else contextlib.nullcontext():
       self.build()
       result = self._controller.fit()
       if result.stopped != "preempted" and self._is_chief:
-        result.exported = self._export_on_finish()
+        result.exported = export_lib.export_on_finish(self.export, self.workdir)
       return result
-    finally:
-      if lock is not None:
-        lock.release()
-
-  def _export_on_finish(self) -> str | None:
-    """WORKDIR/export/model.keras at the end of a run; a failure is a warning,
-    not a failed run: the final checkpoint holds the model, and
-    `safetrain export WORKDIR` writes it once the cause is fixed."""
-    try:
-      return self.export()
-    except Exception as e:  # noqa: BLE001 - the run itself succeeded
-      logging.warning(
-        "The model was not exported (%s: %s); the final checkpoint is intact, and "
-        "`safetrain export %s` writes WORKDIR/export/model.keras from it.",
-        type(e).__name__,
-        str(e).strip().splitlines()[0] if str(e).strip() else "",
-        self.workdir,
-      )
-      return None
 
   def summary_line(self, result: FitResult) -> str:
     """One line about a finished fit(): incidents, recovery, the last eval."""

@@ -26,6 +26,11 @@ def tiny_config(**overrides):
   return c
 
 
+# The run the checkpoint-damage tests start from (conftest.py's `trained`):
+# 25 steps, a checkpoint every 5, three kept.
+BASE = {"train.steps": 25, "checkpoint.every_steps": 5, "checkpoint.max_to_keep": 3}
+
+
 def regression_data(n=256, features=4, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, features)).astype(np.float32)

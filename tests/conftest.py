@@ -7,6 +7,7 @@ use the default strategy on the first one and are unaffected.
 
 import gc
 import os
+import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,10 +25,29 @@ tf.config.set_logical_device_configuration(
 )
 tf.config.experimental.enable_op_determinism()
 
+from common import BASE, TinyTrainer, tiny_config  # noqa: E402
+
 
 @pytest.fixture
 def workdir(tmp_path):
   return str(tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A TinyTrainer workdir at step 25 with ckpt-15, ckpt-20 and ckpt-25
+  (common.BASE), trained once per test module that uses it."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  TinyTrainer(tiny_config(**BASE), str(workdir)).fit()
+  return workdir
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+  """A copy of `trained` for one test to damage."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  return workdir
 
 
 @pytest.fixture(autouse=True)

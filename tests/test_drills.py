@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from common import TinyTrainer, tiny_config, weights
+from common import BASE, TinyTrainer, tiny_config, weights
 
 import safetrain
 from safetrain import checkpointing, cli, compat, experiment
@@ -179,23 +179,8 @@ def test_twenty_kill9_at_random_moments_then_a_bit_exact_finish(tmp_path):
 
 # --------------------------------------------------- interrupted saves, damage
 
-BASE = {"train.steps": 25, "checkpoint.every_steps": 5, "checkpoint.max_to_keep": 3}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A TinyTrainer workdir at step 25 with ckpt-15, ckpt-20 and ckpt-25."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  _fit(workdir, **BASE)
-  return workdir
-
-
-@pytest.fixture
-def run(trained, tmp_path):
-  """A copy of `trained` for one test to damage."""
-  workdir = tmp_path / "run"
-  shutil.copytree(trained, workdir)
-  return workdir
+# `run` (conftest.py): a copy, for one test to damage, of a workdir trained
+# with common.BASE (step 25, ckpt-15, ckpt-20 and ckpt-25).
 
 
 def _resumed_from(workdir):

@@ -24,8 +24,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from common import TinyTrainer, all_finite, tiny_config
-from test_drills import BASE, DAMAGE, _ckpt_dir, _fit, _flip_bytes, drill
+from common import BASE, TinyTrainer, all_finite, tiny_config
+from test_drills import DAMAGE, _ckpt_dir, _fit, _flip_bytes, drill
 
 import safetrain
 from safetrain import checkpointing, cli, recovery, rollback_state, workdir
@@ -59,21 +59,6 @@ def _cli(argv, capsys):
   code = cli.main_with_exit_code(["safetrain", *argv])
   out, err = capsys.readouterr()
   return code, out, err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A TinyTrainer workdir at step 25 with ckpt-15, ckpt-20 and ckpt-25."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  _fit(workdir, **BASE)
-  return workdir
-
-
-@pytest.fixture
-def run(trained, tmp_path):
-  workdir = tmp_path / "run"
-  shutil.copytree(trained, workdir)
-  return workdir
 
 
 # ------------------------------------------------------- 1: one run per workdir
