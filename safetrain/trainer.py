@@ -460,7 +460,6 @@ class Trainer:
           num_workers=self._num_workers,
           modules=[list(self.model.variables), list(self.optimizer.variables)]
           + [self._run, self._loss_scale, self._spike, self._health_state],
-          scope=self._strategy.scope(),
         ),
         actions=self._make_actions(),
         origin=self._origin,
