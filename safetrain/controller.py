@@ -26,16 +26,17 @@ from safetrain import (
   forensics,
   health,
   incidents,
-  kinds,
+  loop_state,
   metrics,
   preemption,
   preflight,
   quarantine,
   recovery,
+  response,
+  results,
+  resume,
   state,
-  triage,
 )
-from safetrain import config as config_lib
 from safetrain import data as data_lib
 from safetrain import step as step_lib
 from safetrain.errors import BadInputError, DivergenceError
@@ -105,11 +106,6 @@ class Controller:
     self._stash = parts.stash
     self._health = parts.health
     self._snapshots = parts.snapshots
-    self._quarantine: quarantine.QuarantineLog | None = None
-    # The replay of the first quarantined batch of this process, reused after.
-    self._bad_batch_diagnosis = ""
-    # Loops in a row that stopped on bad batches without training a step.
-    self._stuck_loops = 0
     self._actions = parts.actions or actions.Actions([])
     self._origin = parts.origin
     self._train_metrics = parts.train_metrics or None
@@ -117,7 +113,10 @@ class Controller:
     self.started = False
     self._log: metrics.RunLog | None = None
     self._incidents: incidents.IncidentLog | None = None
-    self._recovery_actions: recovery.Recovery | None = None
+    self._response: response.Response | None = None
+    # Whether every variable is finite, while known: the loop reports it, and
+    # whatever changes variables outside the loop forgets it.
+    self._finite: bool | None = None
 
   def fit(self) -> FitResult:
     """Trains to train.steps updates (see Trainer.fit)."""
@@ -138,19 +137,13 @@ class Controller:
         if self._train_metrics is not None:
           self._train_metrics.reset()
         out, seconds = self._run_inner_loop()
-        record = metrics.loop_record(
-          out,
-          step=self._step(),
-          attempts=int(self._recovery.attempts.numpy()),
-          lr_scale=float(self._recovery.lr_scale.numpy()),
-          loss_scale=float(self._loss_scale.scale.numpy()),
-          seconds=seconds,
-        )
+        self._finite = bool(out.params_finite)
+        record = metrics.loop_record(out, seconds=seconds, **self._state_fields())
         if self._train_metrics is not None:
           shown = self._train_metrics.results() if int(out.applied) else {}
           record.update({k: shown.get(k) for k in self._train_metrics.names})
         try:
-          rolled_back, quarantined = self._handle_incidents(out, before)
+          rolled_back, quarantined = self._response.handle(out, before)
         except DivergenceError:
           # The abort's incident (with its diagnosis) is in TensorBoard too.
           attempts = int(self._recovery.attempts.numpy())
@@ -159,23 +152,20 @@ class Controller:
           raise
         record["quarantined"] = quarantined
         if rolled_back:
+          self._finite = None
           # The state fields of a rollback's record are those the run goes on
           # from (the restored step, the lowered learning-rate scale); its
           # measurements (loss, grad_norm, lr, counts) are the undone loop's.
-          record.update(
-            rollback=True,
-            step=self._step(),
-            lr_scale=float(self._recovery.lr_scale.numpy()),
-            loss_scale=float(self._loss_scale.scale.numpy()),
-          )
+          record.update(rollback=True, **self._state_fields())
         else:
           self._take_snapshot()
         # The loss of the state that was kept: an undone loop's is not, and a
         # rollback takes the run back to the state some earlier loop ended at.
-        kept_loss = {k: v for k, v in kept_loss.items() if k <= self._step()}
+        step = self._step()
+        kept_loss = {k: v for k, v in kept_loss.items() if k <= step}
         if not rolled_back and out.applied:
-          kept_loss[self._step()] = record["loss"]
-        last_loss = kept_loss.get(self._step(), float("nan"))
+          kept_loss[step] = record["loss"]
+        last_loss = kept_loss.get(step, float("nan"))
         evaluated = None
         if self._eval_due() and not rolled_back:
           eval_metrics = evaluated = self._evaluate()
@@ -197,11 +187,13 @@ class Controller:
           eval_metrics=evaluated,
           rolled_back=rolled_back,
         )
+        if self._actions.active:
+          self._finite = None  # an action or callback may have set weights
         if self._num_workers > 1 and self._actions.active:
           stop_request = self._agreed_stop(stop_request)
         if self._step() % c.checkpoint.every_steps == 0 or signals.received:
           self._save_checkpoint()
-        stopped = self._stop_reason(out, signals)
+        stopped = self._response.stop_reason(out, signaled=bool(signals.received))
         if stopped == "completed" and stop_request and self._step() < c.train.steps:
           stopped, stop_reason = "action", stop_request
         if stopped != "completed":
@@ -215,8 +207,16 @@ class Controller:
         self._log.write_final_eval(self._step(), eval_metrics, int(self._recovery.attempts.numpy()))
       self._actions.final(self._step(), final_eval)
     self._log.flush()
-    result = self._result(last_loss, eval_metrics, stopped)
-    result.stop_reason = stop_reason
+    result = results.from_state(
+      self._recovery,
+      step=self._step(),
+      loss=last_loss,
+      incidents=self._incidents.all(),
+      loss_scale=float(self._loss_scale.scale.numpy()),
+      eval_metrics=eval_metrics,
+      stopped=stopped,
+      stop_reason=stop_reason,
+    )
     self._actions.end()
     logging.info("%s", summary_line(result))
     return result
@@ -229,10 +229,7 @@ class Controller:
       enabled=self._is_chief,
       counter=self._recovery.incidents_total,
     )
-    self._quarantine = quarantine.QuarantineLog(
-      os.path.join(self.workdir, "quarantine.jsonl"), enabled=self._is_chief
-    )
-    self._recovery_actions = recovery.Recovery(
+    recovery_actions = recovery.Recovery(
       policy=recovery.Policy.from_config(self.config.recovery),
       state=self._recovery,
       run=self._run,
@@ -247,8 +244,27 @@ class Controller:
       agree=self._agreed_checkpoint,
       is_chief=self._is_chief,
       incidents=self._incidents,
-      diagnose=self._diagnose,
+      diagnose=lambda kind: response.diagnose(
+        self._forensics, self._stash, kind=kind, step=self._step() + 1
+      ),
       snapshots=self._snapshots,
+    )
+    self._response = response.Response(
+      bad_inputs=self.config.guard.bad_inputs,
+      run=self._run,
+      recovery_state=self._recovery,
+      incidents=self._incidents,
+      quarantine_log=quarantine.QuarantineLog(
+        os.path.join(self.workdir, "quarantine.jsonl"), enabled=self._is_chief
+      ),
+      actions=recovery_actions,
+      forensics_ctx=self._forensics,
+      stash=self._stash,
+      health=self._health,
+      leaf_names=self._train_data.leaf_names,
+      train_steps=self.config.train.steps,
+      step=self._step,
+      save=self._save_checkpoint,
     )
     resumed = self._restore_latest()
     self.started = True
@@ -263,7 +279,7 @@ class Controller:
         self._checkpoints.replace_objects(iterator=iterator)
       elif not self._iterator_in_checkpoint:
         self._seek_data()
-      self._resume_precision()
+      resume.match_precision(self._run, self._loss_scale, self.config.precision.policy)
     if self._is_chief:
       metrics.write_config(
         self.workdir, self.config, self._trainer_name, resumed, experiment=self._origin
@@ -288,7 +304,7 @@ class Controller:
       )
     self._take_snapshot()
 
-  def _run_inner_loop(self) -> tuple[step_lib.LoopOutput, float]:
+  def _run_inner_loop(self) -> tuple[loop_state.LoopOutput, float]:
     """One call of the compiled loop; returns its output and its seconds."""
     step0 = self._step()
     n = self._next_loop_length(step0)
@@ -308,111 +324,6 @@ class Controller:
       ) from None
     return out, time.perf_counter() - t0
 
-  def _handle_incidents(self, out: step_lib.LoopOutput, before: tuple[int, int]):
-    """Records the loop's incidents and runs recovery.
-
-    Returns (whether it rolled back, the batches it quarantined). The action
-    follows the cause: a bad batch is quarantined; a diverging state (the
-    guard's open run of failures, judged by `triage`; non-finite variables;
-    frequent bad batches; a stall or dead units) is rolled back.
-    """
-    params_ok = bool(self._all_finite())
-    stopped = int(out.stop) == step_lib.STOP_ROLLBACK
-    kind = incidents.last_divergence(out)
-    verdict = None
-    if int(out.applied):
-      self._stuck_loops = 0
-    if stopped and params_ok:
-      verdict = triage.open_run(
-        self._forensics,
-        kind=kind,
-        batch=self._stash.batch() if self._stash is not None else None,
-        step=self._step() + 1,
-        count=int(self._run.consecutive_bad.numpy()),
-      )
-      # Bad data is bad batches among good ones: when a loop trained on
-      # nothing, after another such, no batch from this state trains at all.
-      self._stuck_loops += int(verdict.bad_batch and not int(out.applied))
-      if verdict.bad_batch and self._stuck_loops >= 2:
-        self._stuck_loops = 0
-        verdict = triage.diverging(
-          f"{2 * int(self._run.consecutive_bad.numpy())} batches in a row failed, each with "
-          "some rows non-finite, and no batch trained: the state, not the data, is suspect",
-          verdict.diagnosis,
-        )
-      if verdict.bad_batch:
-        self._run.consecutive_bad.assign(0)
-        self._bad_batch_diagnosis = self._bad_batch_diagnosis or verdict.diagnosis
-    open_bad = verdict is not None and verdict.bad_batch
-    lr_scale = float(self._recovery.lr_scale.numpy())
-    quarantined = self._incidents.add_loop(
-      out,
-      leaf_names=self._train_data.leaf_names,
-      bad_inputs=self.config.guard.bad_inputs,
-      lr_scale=lr_scale,
-      open_bad_batch=open_bad,
-      bad_batch_diagnosis=self._describe_bad_batches(out),
-    )
-    self._quarantine.write_loop(
-      out,
-      before,
-      stopped=stopped,
-      open_bad=open_bad,
-      rows=verdict.rows if open_bad else None,
-      diagnosis=self._bad_batch_diagnosis,
-    )
-    r = self._recovery
-    r.skipped_total.assign_add(int(out.attempts) - int(out.applied))
-    r.examples_dropped_total.assign_add(int(out.dropped_examples))
-    frequent = self._recovery_actions.note_bad_batches(quarantined, int(out.attempts))
-    if int(out.stop) == step_lib.STOP_RAISE:
-      self._save_checkpoint()
-      raise BadInputError(
-        f"non-finite input at step {self._step() + 1}: "
-        f"{incidents.bad_leaves(out, self._train_data.leaf_names)} (guard.bad_inputs=raise). "
-        "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
-        "skip_batch to train past it."
-      )
-    roll_back = self._recovery_actions.roll_back
-    if not params_ok:
-      roll_back("nonfinite_params", why="a variable is non-finite after an update")
-    elif stopped and not open_bad:
-      roll_back(kind, why=verdict.why if verdict else "", diagnosis=verdict.diagnosis or None)
-    elif frequent:
-      why = self._recovery_actions.frequent_bad_batches_text()
-      r.bad_batch_rate.assign(0.0)
-      roll_back(kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
-    else:
-      finding = self._health.check(int(out.applied), float(out.norm_sum))
-      if finding is None:
-        self._recovery_actions.refill_budget()
-        return False, quarantined
-      roll_back(
-        finding.kind,
-        why="the run stopped learning without a non-finite value",
-        diagnosis=finding.diagnosis,
-      )
-    self._recovery_actions.refill_budget()
-    return True, quarantined
-
-  def _describe_bad_batches(self, out: step_lib.LoopOutput) -> str:
-    """What the replay of a quarantined batch found: once per process, on the
-    first loop with one (the batch is stashed with one replica only)."""
-    if self._bad_batch_diagnosis or self._stash is None:
-      return self._bad_batch_diagnosis
-    kind = incidents.last_divergence(out)
-    if kinds.KINDS.index(kind) not in kinds.BATCH_BOUND or not any(
-      int(out.kind_counts[k]) for k in kinds.BATCH_BOUND
-    ):
-      return ""
-    batch = self._stash.batch()
-    if batch is None:
-      return ""
-    self._bad_batch_diagnosis = forensics.diagnose(
-      self._forensics, kind=kind, batch=batch, step=self._step() + 1
-    )
-    return self._bad_batch_diagnosis
-
   def _take_snapshot(self) -> None:
     """Snapshots the state in memory when it is healthy."""
     if self._snapshots is None or not self._snapshots.enabled or not self._healthy():
@@ -426,7 +337,9 @@ class Controller:
       return False
     if self._health.far_above_best():
       return False
-    return bool(self._all_finite())
+    if self._finite is None:
+      self._finite = bool(self._all_finite())
+    return self._finite
 
   def _maybe_histograms(self, step_before: int, attempts: int) -> None:
     """Weight histograms and layer gradient norms when the loop crossed a
@@ -447,29 +360,17 @@ class Controller:
     every, step = self.config.eval.every_steps, self._step()
     return bool(every) and step % every == 0 and step < self.config.train.steps
 
-  def _stop_reason(self, out: step_lib.LoopOutput, signals: preemption.SignalCatcher) -> str:
-    """Why fit() stops after this loop: "completed" (not yet) unless the data
-    ended, a signal came, or no batch was usable (BadInputError)."""
-    if int(out.stop) == step_lib.STOP_DATA_END:
-      logging.warning(
-        "The training data ended at step %d before train.steps=%d; "
-        "stopping cleanly (train.repeat_data is False).",
-        self._step(),
-        self.config.train.steps,
-      )
-      return "data_exhausted"
-    if not int(out.applied) and int(out.counts[kinds.SKIPPED_BATCH]) == int(out.attempts):
-      self._save_checkpoint()
-      raise BadInputError(
-        f"no usable batch in {int(out.attempts)} consecutive batches after step "
-        f"{self._step()}: every one had non-finite inputs "
-        f"({incidents.bad_leaves(out, self._train_data.leaf_names)}); clean the data or check the "
-        "input pipeline"
-      )
-    return "preempted" if signals.received else "completed"
-
   def _step(self) -> int:
     return int(self._run.step.numpy())
+
+  def _state_fields(self) -> dict:
+    """The run's state as a loop record states it."""
+    return dict(
+      step=self._step(),
+      attempts=int(self._recovery.attempts.numpy()),
+      lr_scale=float(self._recovery.lr_scale.numpy()),
+      loss_scale=float(self._loss_scale.scale.numpy()),
+    )
 
   def _next_loop_length(self, step: int) -> int:
     """Up to train.steps_per_loop, ending at the next checkpoint or eval."""
@@ -479,71 +380,29 @@ class Controller:
       bounds.append(_next_multiple(step, c.eval.every_steps))
     return max(1, min(min(bounds) - step, c.train.steps_per_loop))
 
-  def _result(self, last_loss: float, eval_metrics: dict, stopped: str) -> FitResult:
-    r = self._recovery
-    return FitResult(
-      step=self._step(),
-      loss=last_loss,
-      incidents=self._incidents.all(),
-      rollbacks=int(r.rollbacks_total.numpy()),
-      lr_scale=float(r.lr_scale.numpy()),
-      attempts=int(r.attempts.numpy()),
-      skipped_steps=int(r.skipped_total.numpy()),
-      batches_skipped=int(r.batches_skipped.numpy()),
-      quarantined=int(r.quarantined_total.numpy()),
-      examples_dropped=int(r.examples_dropped_total.numpy()),
-      loss_scale=float(self._loss_scale.scale.numpy()),
-      eval_metrics=eval_metrics,
-      stopped=stopped,
-    )
-
   # ------------------------------------------------- resume and checkpoints
 
   def _restore_latest(self) -> str | None:
-    """Restores the newest healthy checkpoint; returns its path or None.
-
-    With several workers the chief picks it (repairing the directory if need
-    be) and the others restore the same one from the chief's directory.
-    """
-    healthy = lambda: bool(self._all_finite())  # noqa: E731
-    if self._num_workers == 1:
-      path = self._checkpoints.restore_latest(healthy=healthy)
-    else:
-      path = self._checkpoints.restore_latest(healthy=healthy) if self._is_chief else None
-      path = self._agreed_checkpoint(path)
-      if path is not None and not self._is_chief:
-        self._checkpoints.restore_path(path)
-    if path is not None and self._step() > self.config.train.steps:
-      logging.warning(
-        "The workdir is at step %d, past train.steps=%d: nothing to train (a lower "
-        "train.steps never undoes steps).",
-        self._step(),
-        self.config.train.steps,
-      )
+    """Restores the newest healthy checkpoint; returns its path or None."""
+    path = resume.restore_latest(
+      self._checkpoints,
+      healthy=lambda: bool(self._all_finite()),
+      agree=self._agreed_checkpoint,
+      num_workers=self._num_workers,
+      is_chief=self._is_chief,
+    )
+    if path is not None:
+      resume.warn_if_past_the_end(self._step(), self.config.train.steps)
     return path
 
   def _agreed_checkpoint(self, path: str | None) -> str | None:
-    """The chief's choice of checkpoint, on every worker (a collective)."""
-    if self._num_workers == 1:
-      return path
-    step = -1 if path is None else checkpointing.step_of(path)
-    step = distribute.broadcast_from_chief(self._strategy, step, self._is_chief)
-    if self._is_chief:
-      return path
-    return None if step < 0 else checkpointing.path_of(self._checkpoints.directory, step)
-
-  def _resume_precision(self) -> None:
-    saved = config_lib.POLICIES[int(self._run.precision.numpy())]
-    policy = self.config.precision.policy
-    if saved != policy:
-      self._loss_scale.reset()
-      logging.warning(
-        "Resuming a %s checkpoint under precision.policy=%s: the loss scale starts afresh at %g.",
-        saved,
-        policy,
-        float(self._loss_scale.scale.numpy()),
-      )
-      self._run.precision.assign(config_lib.POLICIES.index(policy))
+    return resume.agreed_checkpoint(
+      self._strategy,
+      self._checkpoints.directory,
+      path,
+      num_workers=self._num_workers,
+      is_chief=self._is_chief,
+    )
 
   def _seek_data(self) -> None:
     """Re-creates an iterator that is not checkpointed at `data.position`."""
@@ -562,11 +421,6 @@ class Controller:
     if self._checkpoints.current_step() == step:
       return
     self._checkpoints.save(step)
-
-  def _diagnose(self, kind: str) -> str:
-    """Forensics on the offending batch (never raises)."""
-    batch = self._stash.batch() if self._stash is not None and kind != "nonfinite_params" else None
-    return forensics.diagnose(self._forensics, kind=kind, batch=batch, step=self._step() + 1)
 
   def _run_preflight(self) -> None:
     g = self.config.guard

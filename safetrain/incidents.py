@@ -16,8 +16,8 @@ import tensorflow as tf
 from absl import logging
 
 from safetrain import kinds, quarantine
+from safetrain.loop_state import STOP_ROLLBACK, LoopOutput
 from safetrain.records import JsonlWriter, read_jsonl
-from safetrain.step import STOP_ROLLBACK, LoopOutput
 
 
 class IncidentLog:

@@ -13,8 +13,8 @@ import numpy as np
 from absl import logging
 
 from safetrain import kinds
+from safetrain.loop_state import LoopOutput
 from safetrain.records import JsonlWriter
-from safetrain.step import LoopOutput
 from safetrain.summaries import Summaries
 
 

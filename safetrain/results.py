@@ -52,6 +52,24 @@ class FitResult:
   exported: str | None = None
 
 
+def from_state(recovery_state, *, step: int, loss: float, **fields) -> FitResult:
+  """The result of a run whose recovery counters are `recovery_state` (a
+  `recovery.RecoveryState`); `fields` are FitResult's other fields."""
+  r = recovery_state
+  return FitResult(
+    step=step,
+    loss=loss,
+    rollbacks=int(r.rollbacks_total.numpy()),
+    lr_scale=float(r.lr_scale.numpy()),
+    attempts=int(r.attempts.numpy()),
+    skipped_steps=int(r.skipped_total.numpy()),
+    batches_skipped=int(r.batches_skipped.numpy()),
+    quarantined=int(r.quarantined_total.numpy()),
+    examples_dropped=int(r.examples_dropped_total.numpy()),
+    **fields,
+  )
+
+
 def summary_line(result: FitResult) -> str:
   """One line about a finished fit(): incidents, recovery, the last eval."""
   text = (

@@ -2,10 +2,14 @@
 
 A disk checkpoint every `checkpoint.every_steps` (500 by default) makes a
 rollback redo up to a whole interval. After every healthy inner loop the
-controller copies the state a rollback restores (model and optimizer
-variables, step counters, loss scale, spike and stall statistics) into a ring
-of `recovery.snapshots` slots of device variables, in one compiled call; a
-rollback restores the newest snapshot that fits (see `recovery`), in another.
+controller keeps the values of the state a rollback restores (model and
+optimizer variables, step counters, loss scale, spike and stall statistics)
+in a ring of `recovery.snapshots` slots; a rollback assigns the newest
+snapshot that fits back (see `recovery`). A slot holds the tensors read from
+the variables: a read is immutable (TensorFlow copies a variable's buffer
+before an update writes to it while a read still holds it), so taking a
+snapshot costs one read per variable, no copy, no traced function and no
+variables of its own; the copy happens at the next update, on the device.
 The memory cost is `slots x` the size of those variables; it is logged at
 the start, and over `recovery.snapshots_max_mb` snapshots are off (the disk
 checkpoints remain the only targets).
@@ -53,24 +57,22 @@ def state_variables(modules: list) -> list:
 
 
 class SnapshotRing:
-  """A ring of in-memory copies of `variables`.
+  """A ring of in-memory snapshots of `variables`.
 
   Args:
     variables: what a snapshot holds (see `state_variables`).
     slots: ring size (0: off).
     max_mb: the memory cap; over it the ring is off.
-    scope: the strategy scope the copies are created in (mirrored like the
-      originals).
   """
 
-  def __init__(self, variables: list, *, slots: int, max_mb: float, scope):
+  def __init__(self, variables: list, *, slots: int, max_mb: float):
     self.variables = list(variables)
     self.bytes_per_slot = sum(
       int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in self.variables
     )
     self.enabled = slots > 0 and self.bytes_per_slot * slots <= max_mb * 2**20
     self.slots: list[Slot | None] = []
-    self._copies: list[list[tf.Variable]] = []
+    self._values: list[list[tf.Tensor] | None] = []
     self._taken = 0
     if slots > 0 and not self.enabled:
       logging.info(
@@ -82,34 +84,13 @@ class SnapshotRing:
       )
     if not self.enabled:
       return
-    with scope:
-      for k in range(slots):
-        self._copies.append(
-          [
-            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=f"snapshot{k}_{i}")
-            for i, v in enumerate(self.variables)
-          ]
-        )
+    self._values = [None] * slots
     self.slots = [None] * slots
-    self._save = [tf.function(self._copier(k, save=True)) for k in range(slots)]
-    self._restore = [tf.function(self._copier(k, save=False)) for k in range(slots)]
 
   @property
   def memory_mb(self) -> float:
-    """The memory the ring holds (0 when off)."""
-    return self.bytes_per_slot * len(self._copies) / 2**20
-
-  def _copier(self, k: int, *, save: bool):
-    copies = self._copies[k]
-
-    def copy():
-      for original, copy_ in zip(self.variables, copies):
-        if save:
-          copy_.assign(_read(original))
-        else:
-          original.assign(copy_)
-
-    return copy
+    """The memory the ring can hold (0 when off)."""
+    return self.bytes_per_slot * len(self.slots) / 2**20
 
   def take(self, step: int, position: int) -> None:
     """Snapshots the current state (replacing the oldest slot, or one of the
@@ -124,7 +105,7 @@ class SnapshotRing:
       k = free[0]
     else:
       k = min(range(len(self.slots)), key=lambda i: self.slots[i].taken)
-    self._save[k]()
+    self._values[k] = [_read(v) for v in self.variables]
     self._taken += 1
     self.slots[k] = Slot(step=step, position=position, taken=self._taken)
 
@@ -135,23 +116,29 @@ class SnapshotRing:
   def restore(self, k: int) -> Slot:
     """Restores slot `k` into the live variables; drops newer snapshots."""
     slot = self.slots[k]
-    self._restore[k]()
+    for variable, value in zip(self.variables, self._values[k]):
+      variable.assign(value)
     self.drop_after(slot.step)
     return slot
 
   def drop_after(self, step: int) -> None:
     """Forgets snapshots of states after `step` (a timeline rolled back from)."""
     self.slots = [s if s is not None and s.step <= step else None for s in self.slots]
+    self._values = [v if s is not None else None for v, s in zip(self._values, self.slots)]
 
   def clear(self) -> None:
     self.slots = [None] * len(self.slots)
+    self._values = [None] * len(self.slots)
 
 
-def _read(v):
-  return v.value if isinstance(v, keras.Variable) else v.read_value()
+def _read(v) -> tf.Tensor:
+  """The variable's current value, as a tensor no later update changes."""
+  if isinstance(v, keras.Variable):
+    v = v.value
+  return v.read_value() if isinstance(v, tf.Variable) else tf.identity(v)
 
 
-def build(recovery_config, *, num_workers: int, modules: list, scope) -> SnapshotRing | None:
+def build(recovery_config, *, num_workers: int, modules: list) -> SnapshotRing | None:
   """The ring `recovery.snapshots` asks for; None with several workers (the
   chief picks every rollback target) or recovery.data=replay (a checkpointed
   iterator cannot be snapshotted).
@@ -160,11 +147,8 @@ def build(recovery_config, *, num_workers: int, modules: list, scope) -> Snapsho
     recovery_config: config.recovery.
     num_workers: the workers of the run.
     modules: what a rollback restores (see `state_variables`).
-    scope: the strategy scope.
   """
   r = recovery_config
   if num_workers > 1 or r.data == "replay" or not r.snapshots:
     return None
-  return SnapshotRing(
-    state_variables(modules), slots=r.snapshots, max_mb=r.snapshots_max_mb, scope=scope
-  )
+  return SnapshotRing(state_variables(modules), slots=r.snapshots, max_mb=r.snapshots_max_mb)

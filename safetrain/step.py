@@ -15,108 +15,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
 
-from safetrain import compat, examples, guard, kinds, quarantine
+from safetrain import compat, examples, guard, kinds, loop_state, quarantine
 from safetrain.clipping import GradientClip
 from safetrain.drill import Drill
 from safetrain.loss_scale import DynamicLossScale
 from safetrain.spike import SpikeDetector
 
-# Why a loop ended before its `n` updates.
-STOP_NONE, STOP_ROLLBACK, STOP_DATA_END, STOP_RAISE = range(4)
-NUM_KINDS = kinds.IN_GRAPH
-# _State.sums: dropped input rows, loss and pre-clip norm of good steps,
-# dropped examples, attempts that dropped examples.
-NUM_SUMS = 5
-
-
-class LoopOutput(NamedTuple):
-  """What one call of the compiled loop reports (tensors; `.numpy()` once).
-
-  Attributes:
-    applied: good steps, i.e. updates applied.
-    attempts: steps attempted, skipped ones included.
-    counts: int64[4], attempts per step class (`kinds.CLASSES`).
-    kind_counts: int64[K], attempts per incident kind (`kinds.KINDS`).
-    kind_first, kind_last: int64[K], the step number (applied + 1 at the
-      time) of each kind's first and last occurrence, or -1.
-    loss_sum, norm_sum: sums over good steps of the loss and pre-clip norm.
-    norm_max: the largest pre-clip norm of a good step.
-    last_loss: the loss of the last attempt (NaN if it was not finite).
-    dropped: input rows dropped by the input guard.
-    dropped_examples: examples dropped from per-example losses, and
-      dropped_example_steps: the attempts that dropped some.
-    last_good: the run's attempt number of the loop's last good step, or -1.
-    open_kinds: int64[K], per kind, the divergent attempts since the last
-      good one (the open run that may end the loop for recovery).
-    quarantine: the last bad-batch and dropped-example attempts
-      (`quarantine.Buffer` as numpy).
-    stop: STOP_NONE, or why the loop ended early.
-    lr: the learning rate of the last update.
-    leaf_bad, cols: int32[L], bad rows and first bad column per float leaf.
-    metric_sums: {name: sum over good steps} of compute_loss's metrics.
-  """
-
-  applied: Any
-  attempts: Any
-  counts: Any
-  kind_counts: Any
-  kind_first: Any
-  kind_last: Any
-  loss_sum: Any
-  norm_sum: Any
-  norm_max: Any
-  last_loss: Any
-  dropped: Any
-  stop: Any
-  lr: Any
-  leaf_bad: Any
-  cols: Any
-  metric_sums: Any
-  dropped_examples: Any = 0
-  dropped_example_steps: Any = 0
-  last_good: Any = -1
-  open_kinds: Any = None
-  quarantine: Any = None
-
-
-class _State(NamedTuple):
-  """The loop-carried state of one call."""
-
-  run_step: tf.Tensor  # the run's applied steps (absolute)
-  run_attempt: tf.Tensor  # the run's attempts (absolute)
-  applied: tf.Tensor
-  attempts: tf.Tensor
-  bad_run: tf.Tensor  # consecutive divergent attempts
-  counts: tf.Tensor
-  kind_counts: tf.Tensor
-  kind_first: tf.Tensor
-  kind_last: tf.Tensor
-  sums: tf.Tensor  # float32[NUM_SUMS]
-  norm_max: tf.Tensor
-  last_loss: tf.Tensor
-  stop: tf.Tensor
-  leaf_bad: tf.Tensor
-  cols: tf.Tensor
-  metrics: dict
-  spike: tuple
-  clip: tuple
-  last_good: tf.Tensor
-  open_kinds: tf.Tensor
-  quarantine: quarantine.Buffer
-
-
-class LoopVariables(NamedTuple):
-  """The variables the loop reads at its start and writes at its end."""
-
-  step: tf.Variable  # applied updates of the run
-  consecutive_bad: tf.Variable  # divergent attempts in a row, across loops
-  attempts: tf.Variable  # attempts of the run (never rolled back)
-  position: tf.Variable  # batches consumed
+# The loop's report and variables, as the trainer and controller name them.
+LoopOutput = loop_state.LoopOutput
+LoopVariables = loop_state.LoopVariables
 
 
 class GuardedLoop:
@@ -209,33 +120,15 @@ class GuardedLoop:
   # ------------------------------------------------------------ the loop
 
   def _loop(self, iterator, n) -> LoopOutput:
-    v = self.variables
-    n_leaves = self.input_guard.leaf_count
     max_attempts = 2 * n + self.rollback_after
-    s = _State(
-      run_step=v.step.read_value(),
-      run_attempt=v.attempts.read_value(),
-      applied=tf.constant(0, tf.int64),
-      attempts=tf.constant(0, tf.int64),
-      bad_run=v.consecutive_bad.read_value(),
-      counts=tf.zeros([len(kinds.CLASSES)]),
-      kind_counts=tf.zeros([NUM_KINDS]),
-      kind_first=tf.fill([NUM_KINDS], tf.constant(-1, tf.int64)),
-      kind_last=tf.fill([NUM_KINDS], tf.constant(-1, tf.int64)),
-      sums=tf.zeros([NUM_SUMS]),
-      norm_max=tf.constant(0.0),
-      last_loss=tf.constant(float("nan")),
-      stop=tf.constant(STOP_NONE),
-      leaf_bad=tf.zeros([n_leaves], tf.int32),
-      cols=tf.fill([n_leaves], -1),
-      metrics={k: tf.constant(0.0) for k in self.metric_names},
+    s = loop_state.initial(
+      self.variables,
+      leaves=self.input_guard.leaf_count,
+      metric_names=self.metric_names,
       spike=self.spike.read(),
       clip=self.clip.read(),
-      last_good=tf.constant(-1, tf.int64),
-      open_kinds=tf.zeros([NUM_KINDS]),
-      quarantine=quarantine.empty(),
     )
-    while s.applied < n and s.attempts < max_attempts and s.stop == STOP_NONE:
+    while loop_state.running(s, n, max_attempts):
       if self.repeat_data:
         s = self._attempt(s, next(iterator))
       else:
@@ -243,92 +136,36 @@ class GuardedLoop:
         if optional.has_value():
           s = self._attempt(s, optional.get_value())
         else:
-          s = s._replace(stop=tf.constant(STOP_DATA_END))
-    v.step.assign(s.run_step)
-    v.consecutive_bad.assign(s.bad_run)
-    v.attempts.assign(s.run_attempt)
-    v.position.assign_add(s.attempts)
+          s = loop_state.with_stop(s, loop_state.STOP_DATA_END)
+    v, c = self.variables, tf.unstack(s.counters)
+    v.step.assign(c[loop_state.RUN_STEP])
+    v.consecutive_bad.assign(c[loop_state.BAD_RUN])
+    v.attempts.assign(c[loop_state.RUN_ATTEMPT])
+    v.position.assign_add(c[loop_state.ATTEMPTS])
     self.spike.write(s.spike)
     self.clip.write(s.clip)
     # The rate the last update used (the schedule follows optimizer.iterations).
     schedule = compat.learning_rate_schedule(self.optimizer)
     lr = tf.cast(schedule(self.optimizer.iterations - 1), tf.float32)
-    return LoopOutput(
-      applied=s.applied,
-      attempts=s.attempts,
-      counts=tf.cast(s.counts, tf.int64),
-      kind_counts=tf.cast(s.kind_counts, tf.int64),
-      kind_first=s.kind_first,
-      kind_last=s.kind_last,
-      loss_sum=s.sums[1],
-      norm_sum=s.sums[2],
-      norm_max=s.norm_max,
-      last_loss=s.last_loss,
-      dropped=tf.cast(s.sums[0], tf.int64),
-      stop=s.stop,
-      lr=lr,
-      leaf_bad=s.leaf_bad,
-      cols=s.cols,
-      metric_sums=s.metrics,
-      dropped_examples=tf.cast(s.sums[3], tf.int64),
-      dropped_example_steps=tf.cast(s.sums[4], tf.int64),
-      last_good=s.last_good,
-      open_kinds=tf.cast(s.open_kinds, tf.int64),
-      quarantine=s.quarantine,
-    )
+    # The host's health check, here: one reduction per variable, once a loop.
+    finite = guard.all_finite(self.model.variables + self.optimizer.variables)
+    return loop_state.output(s, lr=lr, params_finite=finite)
 
-  def _attempt(self, s: _State, batch) -> _State:
-    """One attempt: the guarded step on every replica, folded into `s`.
-
-    The run's counters are carried absolute and moved by one add each: sums
-    like base + count + 1 become an AddN that Grappler's memory optimizer
-    turns into a TemporaryVariable, which leaks across while-loop iterations
-    on large models (AlreadyExistsError on the next call).
-    """
+  def _attempt(self, s: loop_state.LoopState, batch) -> loop_state.LoopState:
+    """One attempt: the guarded step on every replica, folded into `s`."""
     strategy = self.strategy
     first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
-    step_now = s.run_step + 1
-    attempt_now = s.run_attempt + 1
+    attempt_now = s.counters[loop_state.RUN_ATTEMPT] + 1
     out = strategy.run(self._replica_step, args=(batch, attempt_now, s.spike, s.clip))
-    out = tf.nest.map_structure(first, out)
-    step_class = out["step_class"]
-    good = step_class == kinds.GOOD
-    hit = out["kind_hot"] > 0
-    bad_run = tf.where(good, tf.constant(0, tf.int64), s.bad_run)
-    bad_run += tf.cast(step_class == kinds.DIVERGENCE, tf.int64)
-    stop = tf.where(bad_run >= self.rollback_after, STOP_ROLLBACK, s.stop)
-    if self.raise_on_bad_inputs:
-      stop = tf.where(step_class == kinds.SKIPPED_BATCH, STOP_RAISE, stop)
-    new = _State(
-      run_step=s.run_step + tf.cast(good, tf.int64),
-      run_attempt=attempt_now,
-      applied=s.applied + tf.cast(good, tf.int64),
-      attempts=s.attempts + 1,
-      bad_run=bad_run,
-      counts=s.counts + out["class_hot"],
-      kind_counts=s.kind_counts + out["kind_hot"],
-      kind_first=tf.where(hit & (s.kind_first < 0), step_now, s.kind_first),
-      kind_last=tf.where(hit, step_now, s.kind_last),
-      sums=s.sums + out["sums"],
-      norm_max=tf.maximum(s.norm_max, out["norm_good"]),
-      last_loss=out["loss"],
-      stop=stop,
-      leaf_bad=s.leaf_bad,
-      cols=s.cols,
-      metrics={k: v + out["metrics"][k] for k, v in s.metrics.items()},
-      spike=self.spike.observe(s.spike, out["loss"], good),
-      clip=self.clip.observe(s.clip, out["norm_good"], out["limit"], good),
-      last_good=tf.where(good, attempt_now, s.last_good),
-      open_kinds=tf.where(good, tf.zeros_like(s.open_kinds), s.open_kinds + out["kind_hot"]),
-      quarantine=quarantine.record(
-        s.quarantine, out["q_hit"], attempt_now, step_now, out["q_info"]
-      ),
+    return loop_state.fold(
+      s,
+      tf.nest.map_structure(first, out),
+      rollback_after=self.rollback_after,
+      raise_on_bad_inputs=self.raise_on_bad_inputs,
+      spike=self.spike,
+      clip=self.clip,
+      track_inputs=self.input_guard.enabled,
     )
-    if self.input_guard.enabled:
-      new = new._replace(
-        leaf_bad=s.leaf_bad + out["leaf_bad"], cols=tf.where(s.cols < 0, out["cols"], s.cols)
-      )
-    return new
 
   # ------------------------------------------------------- one replica
 
@@ -430,10 +267,6 @@ class GuardedLoop:
     )
     good = step_class == kinds.GOOD
     norm_good = tf.where(good, norm, 0.0)
-    # Rows dropped are a nonfinite_inputs occurrence whatever the step became.
-    dropped_hit = tf.one_hot(kinds.NONFINITE_INPUTS, NUM_KINDS) * tf.cast(
-      (checked.dropped > 0) & (kind != kinds.NONFINITE_INPUTS), tf.float32
-    )
     # Examples count as dropped when the rest of their batch trained.
     dropped_ex = tf.where(good, masked.dropped, 0.0) if masked is not None else tf.constant(0.0)
     # A bad batch, or examples dropped: a quarantine entry.
@@ -446,23 +279,21 @@ class GuardedLoop:
       if masked is not None
       else tf.constant(-1.0)
     )
-    return dict(
+    sums = tf.stack(
+      [
+        tf.cast(checked.dropped, tf.float32),
+        tf.where(good, loss, 0.0),
+        norm_good,
+        dropped_ex,
+        tf.cast(dropped_ex > 0, tf.float32),
+      ]
+    )
+    return loop_state.Outcome(
       step_class=step_class,
-      class_hot=tf.one_hot(step_class, len(kinds.CLASSES)),
-      # one_hot of NO_KIND (-1) is all zeros.
-      kind_hot=tf.one_hot(kind, NUM_KINDS) + dropped_hit,
-      sums=tf.stack(
-        [
-          tf.cast(checked.dropped, tf.float32),
-          tf.where(good, loss, 0.0),
-          norm_good,
-          dropped_ex,
-          tf.cast(dropped_ex > 0, tf.float32),
-        ]
-      ),
+      tally=loop_state.tally(step_class, kind, checked.dropped, sums),
+      loss=loss,
       norm_good=norm_good,
       limit=limit,
-      loss=loss,
       leaf_bad=checked.leaf_bad,
       cols=checked.cols,
       metrics={k: tf.where(good, m, 0.0) for k, m in metrics.items()},

@@ -297,7 +297,6 @@ class Trainer(TrainerHooks):
           num_workers=self._num_workers,
           modules=[list(self.model.variables), list(self.optimizer.variables)]
           + [self._run, self._loss_scale, self._spike, self._health_state],
-          scope=self._strategy.scope(),
         ),
         actions=callbacks_lib.make_actions(
           self.actions,
