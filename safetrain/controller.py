@@ -269,27 +269,20 @@ class Controller:
     resumed = self._restore_latest()
     self.started = True
     if resumed is not None:
-      iterator = self._data.resume(
+      self.iterator = resume.reposition(
+        self._data,
         self._train_data,
+        self._checkpoints,
         checkpointed=self._iterator_in_checkpoint,
-        iterator_restored=self._checkpoints.iterator_restored,
+        current=self.iterator,
       )
-      if iterator is not None:
-        self.iterator = iterator
-        self._checkpoints.replace_objects(iterator=iterator)
-      elif not self._iterator_in_checkpoint:
-        self._seek_data()
       resume.match_precision(self._run, self._loss_scale, self.config.precision.policy)
     if self._is_chief:
       metrics.write_config(
         self.workdir, self.config, self._trainer_name, resumed, experiment=self._origin
       )
-    if self._snapshots is not None and self._snapshots.enabled:
-      logging.info(
-        "In-memory snapshots: %d x %.2f MB (recovery.snapshots, recovery.snapshots_max_mb).",
-        len(self._snapshots.slots),
-        self._snapshots.bytes_per_slot / 2**20,
-      )
+    if self._snapshots is not None:
+      self._snapshots.log_cost()
     if resumed is None:
       self._run_preflight()
       self._save_checkpoint()  # the initial state is always a target
@@ -307,7 +300,13 @@ class Controller:
   def _run_inner_loop(self) -> tuple[loop_state.LoopOutput, float]:
     """One call of the compiled loop; returns its output and its seconds."""
     step0 = self._step()
-    n = self._next_loop_length(step0)
+    c = self.config
+    n = loop_state.loop_length(
+      step0,
+      train_steps=c.train.steps,
+      steps_per_loop=c.train.steps_per_loop,
+      every=(c.checkpoint.every_steps, c.eval.every_steps),
+    )
     t0 = time.perf_counter()
     try:
       out = self._loop(self.iterator, n)
@@ -372,14 +371,6 @@ class Controller:
       loss_scale=float(self._loss_scale.scale.numpy()),
     )
 
-  def _next_loop_length(self, step: int) -> int:
-    """Up to train.steps_per_loop, ending at the next checkpoint or eval."""
-    c = self.config
-    bounds = [c.train.steps, _next_multiple(step, c.checkpoint.every_steps)]
-    if c.eval.every_steps:
-      bounds.append(_next_multiple(step, c.eval.every_steps))
-    return max(1, min(min(bounds) - step, c.train.steps_per_loop))
-
   # ------------------------------------------------- resume and checkpoints
 
   def _restore_latest(self) -> str | None:
@@ -431,7 +422,3 @@ class Controller:
       bad_inputs=g.bad_inputs,
       fp16_margin=g.preflight_fp16_margin,
     )
-
-
-def _next_multiple(step: int, every: int) -> int:
-  return (step // every + 1) * every

@@ -235,6 +235,14 @@ def fold(
   )
 
 
+def loop_length(step: int, *, train_steps: int, steps_per_loop: int, every: tuple) -> int:
+  """The updates of the next loop: up to `steps_per_loop`, ending at
+  `train_steps` or at the next multiple of each of `every` (checkpoints,
+  evaluations; 0 is none)."""
+  bounds = [train_steps] + [(step // e + 1) * e for e in every if e]
+  return max(1, min(min(bounds) - step, steps_per_loop))
+
+
 def running(s: LoopState, n: tf.Tensor, max_attempts: tf.Tensor) -> tf.Tensor:
   """Whether the loop goes on: fewer than `n` applied, attempts left, no stop."""
   c = s.counters

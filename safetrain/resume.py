@@ -57,6 +57,27 @@ def agreed_checkpoint(
   return None if step < 0 else checkpointing.path_of(directory, step)
 
 
+def reposition(
+  data: state.DataState,
+  train_data,
+  checkpoints: checkpointing.CheckpointStore,
+  *,
+  checkpointed: bool,
+  current,
+):
+  """The training iterator after a restore: the checkpointed one, or one
+  re-created at the restored data position (`data.resume` says which)."""
+  iterator = data.resume(
+    train_data, checkpointed=checkpointed, iterator_restored=checkpoints.iterator_restored
+  )
+  if iterator is not None:
+    checkpoints.replace_objects(iterator=iterator)
+    return iterator
+  if not checkpointed:
+    return train_data.iterator(int(data.position.numpy()))
+  return current
+
+
 def warn_if_past_the_end(step: int, train_steps: int) -> None:
   if step > train_steps:
     logging.warning(

@@ -92,6 +92,14 @@ class SnapshotRing:
     """The memory the ring can hold (0 when off)."""
     return self.bytes_per_slot * len(self.slots) / 2**20
 
+  def log_cost(self) -> None:
+    if self.enabled:
+      logging.info(
+        "In-memory snapshots: %d x %.2f MB (recovery.snapshots, recovery.snapshots_max_mb).",
+        len(self.slots),
+        self.bytes_per_slot / 2**20,
+      )
+
   def take(self, step: int, position: int) -> None:
     """Snapshots the current state (replacing the oldest slot, or one of the
     same step)."""

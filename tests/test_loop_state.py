@@ -110,3 +110,12 @@ def test_the_loop_goes_on_until_n_applied_attempts_run_out_or_a_stop():
   stopped = loop_state.with_stop(s, loop_state.STOP_DATA_END)
   assert not bool(loop_state.running(stopped, tf.constant(9, tf.int64), tf.constant(9, tf.int64)))
   assert stopped.counters.numpy()[loop_state.STOP] == loop_state.STOP_DATA_END
+
+
+def test_a_loop_ends_at_the_next_checkpoint_or_evaluation_and_at_train_steps():
+  length = loop_state.loop_length
+  assert length(0, train_steps=1000, steps_per_loop=100, every=(500, 0)) == 100
+  assert length(450, train_steps=1000, steps_per_loop=100, every=(500, 0)) == 50
+  assert length(450, train_steps=1000, steps_per_loop=100, every=(500, 30)) == 30
+  assert length(990, train_steps=1000, steps_per_loop=100, every=(500, 0)) == 10
+  assert length(1000, train_steps=1000, steps_per_loop=100, every=(500, 0)) == 1
