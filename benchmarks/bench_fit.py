@@ -29,7 +29,7 @@ per-step op budget the guard adds.
 
 --breakdown adds safetrain runs with one checkpoint only (at the end), then
 also spike detection off, then also the input check off: the end-to-end cost
-of each piece.
+of each piece; and one with train.jit_compile (XLA) at defaults otherwise.
 """
 
 import argparse
@@ -178,6 +178,8 @@ def main():
     runs["-ckpt-spike-input"] = functools.partial(
       safe_fit, **one_save, **{"guard.spike_detection": False, "guard.check_inputs": False}
     )
+    # XLA for compute_loss and its gradient (a GPU option; measured, not a default).
+    runs["+xla"] = functools.partial(safe_fit, **{"train.jit_compile": True})
   names = list(runs)
   per_step = {k: [] for k in names}
   startup = {k: [] for k in names}

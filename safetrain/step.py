@@ -60,6 +60,8 @@ class GuardedLoop:
     stash: variables that keep the last divergent batch for forensics, or None.
     skip_keras_all_reduce: the optimizer was told not to all-reduce again.
     metric_names: the names of compute_loss's metrics.
+    jit_compile: `train.jit_compile`: compute_loss (forward, and through the
+      tape its backward pass) runs as one XLA-compiled function.
     train_metrics: the stateful Keras metrics (`stateful_metrics.MetricSet`),
       updated on good steps only, or None; compute_loss then returns y_pred
       as a third element.
@@ -88,11 +90,13 @@ class GuardedLoop:
     skip_keras_all_reduce: bool,
     metric_names: list[str],
     train_metrics=None,
+    jit_compile: bool = False,
   ):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
-    self.compute_loss = compute_loss
+    # The gradient of an XLA-compiled function is compiled with it.
+    self.compute_loss = tf.function(compute_loss, jit_compile=True) if jit_compile else compute_loss
     self.loss_scale = loss_scale
     self.fp16 = loss_scale.enabled
     self.spike = spike

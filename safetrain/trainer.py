@@ -238,6 +238,7 @@ class Trainer(TrainerHooks):
       stash=self._stash.variables if self._stash is not None else None,
       skip_keras_all_reduce=self._skip_keras_all_reduce,
       metric_names=sorted(sample_metrics),
+      jit_compile=c.train.jit_compile,
       train_metrics=self._train_metrics or None,
     )
     self._train_loop_fn = self._loop.function
