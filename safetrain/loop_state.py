@@ -131,7 +131,7 @@ class LoopState(NamedTuple):
   extremes: tf.Tensor  # float32[2]: largest good norm, last loss
   inputs: tf.Tensor  # int32[2, L]: bad rows and first bad column per float leaf
   metrics: dict
-  spike: tuple
+  spike: tf.Tensor  # float32[5], SpikeDetector.read()
   clip: tuple
   quarantine: quarantine.Buffer
 

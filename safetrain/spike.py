@@ -81,18 +81,21 @@ class SpikeDetector(tf.Module):
   # once per loop: variable reads and writes inside the step would chain every
   # step's ops behind them. With nothing to watch, they are () throughout.
 
-  def read(self) -> tuple:
-    """The statistics as tensors, to carry through the compiled loop."""
+  def read(self) -> tf.Tensor:
+    """The statistics as one float32[5] vector (mean, dev, count, best,
+    first), to carry through the compiled loop: one loop variable instead of
+    five. The count is only compared with `warmup_steps` and 0, so its
+    float32 saturation at 2**24 good steps changes nothing."""
     if not self.keeps_stats:
-      return ()
-    return tuple(v.read_value() for v in self._vars())
+      return tf.zeros([0])
+    return tf.stack([tf.cast(v.read_value(), tf.float32) for v in self._vars()])
 
-  def write(self, stats) -> None:
+  def write(self, stats: tf.Tensor) -> None:
     """Stores statistics carried through the loop."""
     if not self.keeps_stats:
       return
-    for var, value in zip(self._vars(), stats):
-      var.assign(value)
+    for var, value in zip(self._vars(), tf.unstack(stats)):
+      var.assign(tf.cast(value, var.dtype))
 
   def _vars(self) -> tuple:
     return (self.mean, self.dev, self.count, self.best, self.first)
@@ -104,7 +107,7 @@ class SpikeDetector(tf.Module):
     """Whether `loss` is a spike against the carried statistics."""
     if not self.enabled:
       return tf.constant(False)
-    mean, dev, count, _, first = stats
+    mean, dev, count, _, first = _fields(stats)
     limit = self._limit(mean, dev)
     if self.first_loss_fraction > 0:
       limit = tf.maximum(limit, self.first_loss_fraction * first)  # first <= 0: no floor
@@ -115,29 +118,29 @@ class SpikeDetector(tf.Module):
     (and above the first loss), from the first step on."""
     if self.growth_factor <= 0:
       return tf.constant(False)
-    _, _, count, best, first = stats
+    _, _, count, best, first = _fields(stats)
     bound = tf.maximum(self.growth_factor * best, first)
     return (count > 0) & (best > 0) & (loss > bound)
 
-  def observe(self, stats, loss: tf.Tensor, good: tf.Tensor):
+  def observe(self, stats: tf.Tensor, loss: tf.Tensor, good: tf.Tensor) -> tf.Tensor:
     """The statistics after a step: fed by `loss` if the step was good."""
     if not self.keeps_stats:
-      return ()
-    mean, dev, count, best, first = stats
+      return stats
+    mean, dev, count, best, first = _fields(stats)
     x = tf.minimum(loss, self._limit(mean, dev))
     d = self.decay
     start = count == 0
-    new_dev = tf.where(start, 0.0, d * dev + (1 - d) * tf.abs(x - mean))
     new_mean = tf.where(start, loss, d * mean + (1 - d) * x)
-    new_best = tf.where(start, loss, tf.minimum(best, new_mean))
-    new_first = tf.where(start, loss, first)
-    return (
-      tf.where(good, new_mean, mean),
-      tf.where(good, new_dev, dev),
-      count + tf.cast(good, count.dtype),
-      tf.where(good, new_best, best),
-      tf.where(good, new_first, first),
+    fed = tf.stack(
+      [
+        new_mean,
+        tf.where(start, 0.0, d * dev + (1 - d) * tf.abs(x - mean)),
+        count + 1.0,
+        tf.where(start, loss, tf.minimum(best, new_mean)),
+        tf.where(start, loss, first),
+      ]
     )
+    return tf.where(good, fed, stats)
 
   def far_above_best(self, factor: float) -> bool:
     """Host side: the running mean is more than `factor` times its best
@@ -154,3 +157,17 @@ class SpikeDetector(tf.Module):
     if int(self.count.numpy()) == 0 or best <= 0 or mean <= factor * best:
       return False
     return mean > self.first_loss_fraction * float(self.first.numpy())
+
+
+def _fields(stats) -> list:
+  """(mean, dev, count, best, first) of a carried vector (or a tuple).
+
+  Slices, not `tf.unstack`: TensorFlow 2.21's Grappler remapper rewrites
+  `tf.maximum(c * a, b)` into LeakyRelu(a) when `a` and `b` are two outputs of
+  one op (it compares the nodes, not their outputs), so `is_growth`'s bound
+  max(growth_factor * best, first) came out as `best` and every step above
+  the first loss was a blow-up (tests/test_guard.py attacks it in a graph).
+  """
+  if isinstance(stats, (tuple, list)):
+    return list(stats)
+  return [stats[i] for i in range(5)]

@@ -295,3 +295,23 @@ def test_far_above_best_needs_the_loss_back_near_where_the_run_started():
   assert watch(0.2)
   assert watch(1.8e-4, fraction=0.0)
   assert not watch(1.5e-4)  # under 3x its best either way
+
+
+def test_the_loss_watch_decides_the_same_in_a_graph_as_eagerly():
+  """The statistics travel the compiled loop as one vector; Grappler's
+  remapper once turned max(growth_factor * best, first) over an unstacked
+  vector into LeakyRelu(best), so every loss above the first was a blow-up."""
+  detector = SpikeDetector(warmup_steps=2, growth_factor=1000.0, first_loss_fraction=0.1)
+  stats = tf.constant([1.5, 0.01, 5.0, 1.5, 1.6])  # mean, dev, count, best, first
+
+  @tf.function
+  def verdicts(stats, loss):
+    return detector.is_growth(stats, loss), detector.is_spike(stats, loss)
+
+  for loss, growth, spike in ((2.0, False, False), (10.0, False, True), (2000.0, True, True)):
+    eager = (
+      detector.is_growth(stats, tf.constant(loss)),
+      detector.is_spike(stats, tf.constant(loss)),
+    )
+    graph = verdicts(stats, tf.constant(loss))
+    assert [bool(v) for v in eager] == [bool(v) for v in graph] == [growth, spike], loss
