@@ -58,11 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.repeat_data = True
   # tf.config.experimental.enable_op_determinism(): bit-exact CPU reruns.
   c.train.deterministic = False
-  # Compile the forward and backward pass of compute_loss with XLA
-  # (tf.function(jit_compile=True)); the guard, the update and the loop stay
-  # in TensorFlow's graph. Faster on GPUs; on this project's 2-core CPU the
-  # MLP benchmark ran slower with XLA. A compute_loss XLA cannot compile
-  # (tf.py_function, some string ops) fails at the first step.
+  # XLA for compute_loss and its gradient (the guard, update and loop stay
+  # TensorFlow's): for GPUs; slower on a 2-core CPU. README "Speed".
   c.train.jit_compile = False
 
   c.eval = ml_collections.ConfigDict()
