@@ -26,6 +26,7 @@ It also prints the number of graph nodes in each compiled loop's body, the
 per-step op budget the guard adds.
 
   .venv/bin/python benchmarks/bench_fit.py [--rounds 3] [--short 200] [--long 8200] [--breakdown]
+      [--clock cpu --threads 1]
 
 --breakdown adds safetrain runs with one checkpoint only (at the end), then
 also spike detection off, then also the input check off: the end-to-end cost
@@ -53,6 +54,9 @@ from bench_step import BenchTrainer, make_dataset, make_model  # noqa: E402
 import safetrain  # noqa: E402
 
 STEPS_PER_LOOP = 100
+# Wall time, or with --clock=cpu this process's CPU time (every thread:
+# tf.data's included), which other processes on a shared machine disturb less.
+clock = time.perf_counter
 
 
 def spread(values, scale: float = 1.0, fmt: str = ".3f") -> str:
@@ -82,7 +86,7 @@ def body_nodes(graph: tf.Graph) -> int:
 
 
 def hand_fit(steps: int) -> tuple[float, int]:
-  t = time.perf_counter()
+  t = clock()
   model = make_model()
   opt = keras.optimizers.Adam(1e-3)
   opt.build(model.trainable_variables)
@@ -104,12 +108,12 @@ def hand_fit(steps: int) -> tuple[float, int]:
   for _ in range(steps // STEPS_PER_LOOP):
     loss = float(loop(n).numpy())
   assert math.isfinite(loss)
-  dt = time.perf_counter() - t
+  dt = clock() - t
   return dt, body_nodes(loop.get_concrete_function(n).graph)
 
 
 def keras_fit(steps: int) -> tuple[float, int]:
-  t = time.perf_counter()
+  t = clock()
   model = make_model()
   model.compile(
     optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0),
@@ -123,7 +127,7 @@ def keras_fit(steps: int) -> tuple[float, int]:
     verbose=0,
     callbacks=[keras.callbacks.TerminateOnNaN()],
   )
-  dt = time.perf_counter() - t
+  dt = clock() - t
   # Keras wraps its compiled multi-step function in a plain Python closure.
   graph = None
   for cell in model.train_function.__closure__ or ():
@@ -144,10 +148,10 @@ def safe_fit(steps: int, **overrides) -> tuple[float, int]:
     group, name = key.split(".")
     setattr(config[group], name, value(steps) if callable(value) else value)
   with tempfile.TemporaryDirectory() as workdir:
-    t = time.perf_counter()
+    t = clock()
     trainer = BenchTrainer(config, workdir)
     result = trainer.fit()
-    dt = time.perf_counter() - t
+    dt = clock() - t
   assert result.step == steps and not result.incidents, result
   fn = trainer._train_loop_fn
   graph = fn._list_all_concrete_functions()[0].graph
@@ -165,7 +169,14 @@ def main():
     help="also safetrain with one checkpoint (at the end), then spike detection, then the "
     "input check off: what each costs",
   )
+  p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+  p.add_argument("--threads", type=int, default=0, help="TF intra- and inter-op threads (0: TF's)")
   args = p.parse_args()
+  global clock
+  clock = time.process_time if args.clock == "cpu" else time.perf_counter
+  if args.threads:
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
   logging.set_verbosity(logging.WARNING)
   runs = {"hand": hand_fit, "safe": safe_fit, "keras": keras_fit}
   if args.breakdown:
@@ -199,7 +210,8 @@ def main():
   med = {k: statistics.median(v) for k, v in per_step.items()}
   print(
     f"MLP 64-256-256-1, batch 256, Adam, fp32, {STEPS_PER_LOOP} steps per loop; fit() of "
-    f"{args.long} minus fit() of {args.short} steps, {args.rounds} interleaved rounds"
+    f"{args.long} minus fit() of {args.short} steps, {args.rounds} interleaved rounds, "
+    f"{args.clock} time" + (f", {args.threads} TF thread(s)" if args.threads else "")
   )
   print(f"  {'contender':18s}  ms/step [min..max]      start-up s ({args.short} steps)  body nodes")
   for k in names:
