@@ -132,7 +132,7 @@ class QuarantineLog:
     loop, with its data position.
 
     Args:
-      out: the loop's `step.LoopOutput`.
+      out: the loop's `loop_state.LoopOutput`.
       before: (data position, attempts) before the loop.
       stopped: the loop ended on `guard.rollback_after` failures in a row.
       open_bad: the open run of failures that ended the loop was judged bad
