@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
-from bench_step import BenchTrainer, make_dataset, make_model  # noqa: E402
+from bench_step import BenchTrainer, body_nodes, keras_graph, make_dataset, make_model  # noqa: E402
 
 import safetrain  # noqa: E402
 
@@ -61,28 +61,6 @@ clock = time.perf_counter
 
 def spread(values, scale: float = 1.0, fmt: str = ".3f") -> str:
   return f"[{min(values) * scale:{fmt}}..{max(values) * scale:{fmt}}]"
-
-
-def body_nodes(graph: tf.Graph) -> int:
-  """Nodes in the largest `while` body of a traced loop, nested branches
-  included: what one step executes at most."""
-  library = {f.signature.name: f for f in graph.as_graph_def().library.function}
-
-  def nodes(name, seen):
-    if name in seen or name not in library:
-      return 0
-    seen.add(name)
-    total = len(library[name].node_def)
-    for node in library[name].node_def:
-      for value in node.attr.values():
-        if value.HasField("func"):
-          total += nodes(value.func.name, seen)
-        for f in value.list.func:
-          total += nodes(f.name, seen)
-    return total
-
-  bodies = [n for n in library if "while_body" in n]
-  return max((nodes(b, set()) for b in bodies), default=0)
 
 
 def hand_fit(steps: int) -> tuple[float, int]:
@@ -128,11 +106,7 @@ def keras_fit(steps: int) -> tuple[float, int]:
     callbacks=[keras.callbacks.TerminateOnNaN()],
   )
   dt = clock() - t
-  # Keras wraps its compiled multi-step function in a plain Python closure.
-  graph = None
-  for cell in model.train_function.__closure__ or ():
-    if hasattr(cell.cell_contents, "_list_all_concrete_functions"):
-      graph = cell.cell_contents._list_all_concrete_functions()[0].graph
+  graph = keras_graph(model)
   return dt, body_nodes(graph) if graph is not None else 0
 
 

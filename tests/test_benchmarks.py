@@ -15,8 +15,10 @@ import bench_step  # noqa: E402
 
 def test_bench_step_contenders_run(tmp_path):
   safe, _ = bench_step.safe_loop(2, str(tmp_path / "safe"))
-  for run in (bench_step.hand_loop(2), safe, bench_step.keras_fit(2)):
-    assert run() > 0
+  hand = bench_step.hand_loop(2)
+  for run in (hand, safe, bench_step.keras_fit(2)):
+    assert run() > 0 and bench_step.body_nodes(run.graph) > 0
+  assert bench_step.body_nodes(hand.graph) < bench_step.body_nodes(safe.graph)
 
 
 def test_bench_fit_contenders_run_and_count_loop_nodes():
