@@ -38,6 +38,7 @@ class Slot:
   step: int  # the applied steps of the snapshotted state
   position: int  # the data position when it was taken
   taken: int  # a sequence number (newest is largest)
+  values: list = dataclasses.field(default_factory=list, repr=False)  # one read per variable
 
 
 def state_variables(modules: list) -> list:
@@ -72,7 +73,6 @@ class SnapshotRing:
     )
     self.enabled = slots > 0 and self.bytes_per_slot * slots <= max_mb * 2**20
     self.slots: list[Slot | None] = []
-    self._values: list[list[tf.Tensor] | None] = []
     self._taken = 0
     if slots > 0 and not self.enabled:
       logging.info(
@@ -84,7 +84,6 @@ class SnapshotRing:
       )
     if not self.enabled:
       return
-    self._values = [None] * slots
     self.slots = [None] * slots
 
   @property
@@ -113,9 +112,10 @@ class SnapshotRing:
       k = free[0]
     else:
       k = min(range(len(self.slots)), key=lambda i: self.slots[i].taken)
-    self._values[k] = [_read(v) for v in self.variables]
     self._taken += 1
-    self.slots[k] = Slot(step=step, position=position, taken=self._taken)
+    self.slots[k] = Slot(
+      step=step, position=position, taken=self._taken, values=[_read(v) for v in self.variables]
+    )
 
   def targets(self) -> list[tuple[int, int]]:
     """(step, slot index) of the snapshots held, oldest step first."""
@@ -124,7 +124,7 @@ class SnapshotRing:
   def restore(self, k: int) -> Slot:
     """Restores slot `k` into the live variables; drops newer snapshots."""
     slot = self.slots[k]
-    for variable, value in zip(self.variables, self._values[k]):
+    for variable, value in zip(self.variables, slot.values):
       variable.assign(value)
     self.drop_after(slot.step)
     return slot
@@ -132,11 +132,9 @@ class SnapshotRing:
   def drop_after(self, step: int) -> None:
     """Forgets snapshots of states after `step` (a timeline rolled back from)."""
     self.slots = [s if s is not None and s.step <= step else None for s in self.slots]
-    self._values = [v if s is not None else None for v, s in zip(self._values, self.slots)]
 
   def clear(self) -> None:
     self.slots = [None] * len(self.slots)
-    self._values = [None] * len(self.slots)
 
 
 def _read(v) -> tf.Tensor:

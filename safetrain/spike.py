@@ -103,7 +103,7 @@ class SpikeDetector(tf.Module):
   def _limit(self, mean: tf.Tensor, dev: tf.Tensor) -> tf.Tensor:
     return mean + self.threshold * tf.maximum(dev, self.rel_floor * tf.abs(mean))
 
-  def is_spike(self, stats, loss: tf.Tensor) -> tf.Tensor:
+  def is_spike(self, stats: tf.Tensor, loss: tf.Tensor) -> tf.Tensor:
     """Whether `loss` is a spike against the carried statistics."""
     if not self.enabled:
       return tf.constant(False)
@@ -113,7 +113,7 @@ class SpikeDetector(tf.Module):
       limit = tf.maximum(limit, self.first_loss_fraction * first)  # first <= 0: no floor
     return tf.logical_and(count >= self.warmup_steps, loss > limit)
 
-  def is_growth(self, stats, loss: tf.Tensor) -> tf.Tensor:
+  def is_growth(self, stats: tf.Tensor, loss: tf.Tensor) -> tf.Tensor:
     """Whether `loss` is orders of magnitude above the best running mean
     (and above the first loss), from the first step on."""
     if self.growth_factor <= 0:
@@ -159,8 +159,8 @@ class SpikeDetector(tf.Module):
     return mean > self.first_loss_fraction * float(self.first.numpy())
 
 
-def _fields(stats) -> list:
-  """(mean, dev, count, best, first) of a carried vector (or a tuple).
+def _fields(stats: tf.Tensor) -> list:
+  """(mean, dev, count, best, first) of the carried vector.
 
   Slices, not `tf.unstack`: TensorFlow 2.21's Grappler remapper rewrites
   `tf.maximum(c * a, b)` into LeakyRelu(a) when `a` and `b` are two outputs of
@@ -168,6 +168,4 @@ def _fields(stats) -> list:
   max(growth_factor * best, first) came out as `best` and every step above
   the first loss was a blow-up (tests/test_guard.py attacks it in a graph).
   """
-  if isinstance(stats, (tuple, list)):
-    return list(stats)
   return [stats[i] for i in range(5)]

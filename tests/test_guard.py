@@ -251,13 +251,9 @@ def test_a_spike_must_also_climb_back_towards_the_first_loss():
   the default floor (a tenth of the first loss), a spike without it. A loss
   back near where the run started is a spike either way."""
   c = safetrain.default_config().guard
-  stats = (
-    tf.constant(0.001),  # running mean
-    tf.constant(0.0001),  # mean absolute deviation
-    tf.constant(5000, tf.int64),  # good steps seen
-    tf.constant(0.001),  # best running mean
-    tf.constant(0.3),  # first loss
-  )
+  # As the loop carries them (SpikeDetector.read): running mean, mean
+  # absolute deviation, good steps seen, best running mean, first loss.
+  stats = tf.constant([0.001, 0.0001, 5000.0, 0.001, 0.3])
 
   def detector(fraction):
     return SpikeDetector(
@@ -275,7 +271,7 @@ def test_a_spike_must_also_climb_back_towards_the_first_loss():
   for spiking in (default, off):
     assert bool(spiking.is_spike(stats, tf.constant(0.05)))
   # A negative first loss (a log-likelihood, say) sets no floor.
-  negative = (*stats[:4], tf.constant(-2.0))
+  negative = tf.concat([stats[:4], [-2.0]], 0)
   assert bool(default.is_spike(negative, tf.constant(0.011)))
 
 

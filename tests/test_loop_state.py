@@ -42,7 +42,9 @@ def _outcome(step_class, kind, *, loss=1.0, norm=2.0, dropped_rows=0, leaf_bad=(
 def _run(outcomes, *, rollback_after=3, raise_on_bad_inputs=False, bad=0):
   spike = SpikeDetector(enabled=False, growth_factor=0.0)
   clip = clipping.GradientClip(mode="fixed", global_norm=1.0)
-  s = loop_state.initial(_variables(bad=bad), leaves=1, metric_names=[], spike=(), clip=())
+  s = loop_state.initial(
+    _variables(bad=bad), leaves=1, metric_names=[], spike=tf.zeros([0]), clip=()
+  )
   for o in outcomes:
     s = loop_state.fold(
       s,
@@ -104,7 +106,7 @@ def test_dropped_rows_are_an_inputs_occurrence_and_a_skipped_batch_can_raise():
 
 
 def test_the_loop_goes_on_until_n_applied_attempts_run_out_or_a_stop():
-  s = loop_state.initial(_variables(), leaves=0, metric_names=[], spike=(), clip=())
+  s = loop_state.initial(_variables(), leaves=0, metric_names=[], spike=tf.zeros([0]), clip=())
   assert bool(loop_state.running(s, tf.constant(1, tf.int64), tf.constant(5, tf.int64)))
   assert not bool(loop_state.running(s, tf.constant(0, tf.int64), tf.constant(5, tf.int64)))
   stopped = loop_state.with_stop(s, loop_state.STOP_DATA_END)
