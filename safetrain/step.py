@@ -152,8 +152,12 @@ class GuardedLoop:
     schedule = compat.learning_rate_schedule(self.optimizer)
     lr = tf.cast(schedule(self.optimizer.iterations - 1), tf.float32)
     # The host's health check, here: one reduction per variable, once a loop.
-    finite = guard.all_finite(self.model.variables + self.optimizer.variables)
-    return loop_state.output(s, lr=lr, params_finite=finite)
+    return loop_state.output(s, lr=lr, params_finite=self.params_finite())
+
+  def params_finite(self) -> tf.Tensor:
+    """Whether every model and optimizer variable is finite: what the loop
+    reports once a loop, and what the trainer checks after a restore."""
+    return guard.all_finite(self.model.variables + self.optimizer.variables)
 
   def _attempt(self, s: loop_state.LoopState, batch) -> loop_state.LoopState:
     """One attempt: the guarded step on every replica, folded into `s`."""

@@ -242,9 +242,7 @@ class Trainer(TrainerHooks):
       train_metrics=self._train_metrics or None,
     )
     self._train_loop_fn = self._loop.function
-    self._all_finite_fn = tf.function(
-      lambda: guard.all_finite(self.model.variables + self.optimizer.variables)
-    )
+    self._all_finite_fn = tf.function(self._loop.params_finite)
     self._evaluator = evaluation.Evaluator(
       strategy=self._strategy,
       build_dataset=self.build_eval_dataset,
