@@ -121,3 +121,42 @@ def test_a_loop_ends_at_the_next_checkpoint_or_evaluation_and_at_train_steps():
   assert length(450, train_steps=1000, steps_per_loop=100, every=(500, 30)) == 30
   assert length(990, train_steps=1000, steps_per_loop=100, every=(500, 0)) == 10
   assert length(1000, train_steps=1000, steps_per_loop=100, every=(500, 0)) == 1
+
+
+def test_weights_an_action_makes_non_finite_are_never_saved_and_are_rolled_back(tmp_path):
+  """The loop reports whether the variables are finite and the controller
+  keeps that answer, until something outside the loop may change them: an
+  action that writes NaN into a weight right before a checkpoint is due."""
+  import os
+
+  from common import TinyTrainer, tiny_config
+
+  class Poisoner(TinyTrainer):
+    poisoned = False
+
+    def actions(self):
+      def poison(record):
+        if record.step == 10 and not self.poisoned:
+          self.poisoned = True
+          kernel = self.model.trainable_variables[0]
+          kernel.assign(kernel * float("nan"))
+
+      return [poison]
+
+  c = tiny_config(**{"train.steps": 20, "train.steps_per_loop": 5, "checkpoint.every_steps": 10})
+  t = Poisoner(c, str(tmp_path))
+  r = t.fit()
+  assert t.poisoned and r.step == 20
+  assert [(i["kind"], i["action"]) for i in r.incidents if i["action"] == "rollback"] == [
+    ("nonfinite_params", "rollback")
+  ]
+  assert all(np.isfinite(w).all() for w in t.model.get_weights())
+  # Every checkpoint on disk holds finite values only.
+  directory = os.path.join(str(tmp_path), "checkpoints")
+  saved = [s for s, _ in t._checkpoints.checkpoints()]
+  assert saved and 20 in saved
+  for step in saved:
+    reader = tf.train.load_checkpoint(os.path.join(directory, f"ckpt-{step}"))
+    for name, dtype in reader.get_variable_to_dtype_map().items():
+      if dtype.is_floating:
+        assert np.isfinite(reader.get_tensor(name)).all(), (step, name)
