@@ -34,6 +34,7 @@ of each piece; and one with train.jit_compile (XLA) at defaults otherwise.
 """
 
 import argparse
+import contextlib
 import functools
 import gc
 import math
@@ -52,6 +53,8 @@ from absl import logging  # noqa: E402
 from bench_step import BenchTrainer, body_nodes, keras_graph, make_dataset, make_model  # noqa: E402
 
 import safetrain  # noqa: E402
+from safetrain import checkpointing  # noqa: E402
+from safetrain import step as step_lib  # noqa: E402
 
 STEPS_PER_LOOP = 100
 # Wall time, or with --clock=cpu this process's CPU time (every thread:
@@ -110,6 +113,46 @@ def keras_fit(steps: int) -> tuple[float, int]:
   return dt, body_nodes(graph) if graph is not None else 0
 
 
+class Split:
+  """Where a safetrain fit() spends its time: inside the calls of the
+  compiled loop (its `.numpy()` of the report included), in checkpoint saves,
+  and everything else (start-up, and the host's work between loops)."""
+
+  def __init__(self):
+    self.loop = self.save = 0.0
+    self.loops = self.saves = 0
+
+  @classmethod
+  @contextlib.contextmanager
+  def watching(cls):
+    split = cls()
+    call, save = step_lib.GuardedLoop.__call__, checkpointing.CheckpointStore.save
+
+    def timed_call(loop, *args):
+      t = clock()
+      try:
+        return call(loop, *args)
+      finally:
+        split.loop += clock() - t
+        split.loops += 1
+
+    def timed_save(store, *args):
+      t = clock()
+      try:
+        return save(store, *args)
+      finally:
+        split.save += clock() - t
+        split.saves += 1
+
+    step_lib.GuardedLoop.__call__ = timed_call
+    checkpointing.CheckpointStore.save = timed_save
+    try:
+      yield split
+    finally:
+      step_lib.GuardedLoop.__call__ = call
+      checkpointing.CheckpointStore.save = save
+
+
 def safe_fit(steps: int, **overrides) -> tuple[float, int]:
   config = safetrain.default_config()
   config.trainer = "BenchTrainer"
@@ -121,18 +164,19 @@ def safe_fit(steps: int, **overrides) -> tuple[float, int]:
   for key, value in overrides.items():
     group, name = key.split(".")
     setattr(config[group], name, value(steps) if callable(value) else value)
-  with tempfile.TemporaryDirectory() as workdir:
+  with tempfile.TemporaryDirectory() as workdir, Split.watching() as split:
     t = clock()
     trainer = BenchTrainer(config, workdir)
     result = trainer.fit()
     dt = clock() - t
+  safe_fit.last_split = split
   assert result.step == steps and not result.incidents, result
   fn = trainer._train_loop_fn
   graph = fn._list_all_concrete_functions()[0].graph
   return dt, body_nodes(graph)
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--short", type=int, default=200)
@@ -145,12 +189,21 @@ def main():
   )
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
   p.add_argument("--threads", type=int, default=0, help="TF intra- and inter-op threads (0: TF's)")
-  args = p.parse_args()
-  global clock
-  clock = time.process_time if args.clock == "cpu" else time.perf_counter
+  return p
+
+
+def main():
+  args = parser().parse_args()
   if args.threads:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+  measure(args)
+
+
+def measure(args) -> None:
+  """fit() end to end, as `args` (see `parser`) ask; prints the table."""
+  global clock
+  clock = time.process_time if args.clock == "cpu" else time.perf_counter
   logging.set_verbosity(logging.WARNING)
   runs = {"hand": hand_fit, "safe": safe_fit, "keras": keras_fit}
   if args.breakdown:
@@ -169,17 +222,21 @@ def main():
   per_step = {k: [] for k in names}
   startup = {k: [] for k in names}
   ops = {}
+  splits = []  # safetrain's (long - short seconds, long Split, short Split) per round
   for name in names:  # warm the process (imports, first traces), untimed
     runs[name](STEPS_PER_LOOP)
   for r in range(args.rounds):
     order = names[r % len(names) :] + names[: r % len(names)]
     for name in order:
       lengths = (args.short, args.long) if r % 2 == 0 else (args.long, args.short)
-      t = {}
+      t, split = {}, {}
       for n in lengths:
         gc.collect()
         t[n], ops[name] = runs[name](n)
+        split[n] = getattr(safe_fit, "last_split", None)
       per_step[name].append((t[args.long] - t[args.short]) / (args.long - args.short))
+      if name == "safe":
+        splits.append((t[args.long] - t[args.short], split[args.long], split[args.short]))
       startup[name].append(t[args.short])
   med = {k: statistics.median(v) for k, v in per_step.items()}
   print(
@@ -199,10 +256,32 @@ def main():
       f"  safe fit / {other:5s} = {med[other] / med['safe']:.3f} (medians), {paired:.3f} "
       f"(median of per-round ratios)   target >= {target}"
     )
+  print_split(splits, args.long - args.short)
   print(
     f"  start-up safe / keras = "
     f"{statistics.median(startup['safe']) / statistics.median(startup['keras']):.2f}   "
     "target <= 1.2"
+  )
+
+
+def print_split(splits: list, steps: int) -> None:
+  """Where safetrain's per-step time goes, long run minus short run, so
+  start-up cancels: inside the compiled loop, in checkpoint saves, and on
+  the host between loops (medians over rounds)."""
+  loop, save, host, per_save, per_loop = [], [], [], [], []
+  for total, long, short in splits:
+    loops, saves = long.loops - short.loops, long.saves - short.saves
+    in_loop, in_save = long.loop - short.loop, long.save - short.save
+    loop.append(in_loop / steps)
+    save.append(in_save / steps)
+    host.append((total - in_loop - in_save) / steps)
+    per_save.append(in_save / max(saves, 1))
+    per_loop.append((total - in_loop - in_save) / max(loops, 1))
+  med = statistics.median
+  print(
+    f"  safe's ms/step: compiled loop {med(loop) * 1e3:.3f}, checkpoint saves "
+    f"{med(save) * 1e3:.3f} ({med(per_save) * 1e3:.0f} ms a save), host between loops "
+    f"{med(host) * 1e3:.3f} ({med(per_loop) * 1e3:.1f} ms a loop)"
   )
 
 

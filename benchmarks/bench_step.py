@@ -1,19 +1,24 @@
 """Speed of the guarded step against the loops users would otherwise run.
 
-Three loops on the same model, the same data, the same initial weights and the
+Loops on the same model, the same data, the same initial weights and the
 same number of steps per host sync (steps_per_loop), run interleaved for many
 rounds on this machine; medians, spread, ratios and the graph nodes in
 each loop's body (nested branches included) are printed:
 
   hand    the loop a careful user writes: steps_per_loop steps in one
           tf.function, tf.clip_by_global_norm, apply_gradients, nothing else;
+  floor   (MLP) the hand loop with the least any guard does: the update
+          skipped when an input, the loss or the gradient norm is not finite,
+          the skips counted; the floor under a guard's cost;
   safe    safetrain's compiled inner loop with every guard on (input check,
           finiteness classification, NaN-safe clipping, spike detection);
   keras   model.fit with steps_per_execution=steps_per_loop,
           global_clipnorm=1.0 and TerminateOnNaN.
 
 Two models: an MLP (64-256-256-1, batch 256), where a step costs about a
-millisecond and the guard's fixed cost shows, and a real convolutional model,
+millisecond and the guard's fixed cost shows (with --only fit, or by default,
+also `Trainer(config, workdir).fit()` end to end against the hand loop and
+Keras fit: benchmarks/bench_fit.py), and a real convolutional model,
 keras.applications.MobileNetV2 at 32x32 with 10 classes (batch 64, softmax
 cross-entropy), where a step costs ~100 ms. For the MLP it also prints achieved
 FLOP/s against a measured large-matmul peak, and the cost of recovery: fit()
@@ -24,6 +29,7 @@ the difference in steps, so start-up (build, tracing, checkpoints) cancels;
 Keras fit() likewise, on one compiled model.
 
   .venv/bin/python benchmarks/bench_step.py [--rounds 15] [--steps_per_loop 100]
+  .venv/bin/python benchmarks/bench_step.py --only fit [--fit_rounds 3] [--fit_steps 200,8200]
   .venv/bin/python benchmarks/bench_step.py --only conv [--conv_rounds 7] [--conv_fit_rounds 3]
 
 On a machine other processes load, wall times swing by 2x from round to round;
@@ -161,6 +167,58 @@ def hand_loop(steps_per_loop, model_fn=make_model, dataset_fn=make_dataset, loss
   def run():
     t = clock()
     loop(n).numpy()
+    return clock() - t
+
+  run.graph = loop.get_concrete_function(n).graph
+  return run
+
+
+def floor_loop(steps_per_loop, model_fn=make_model, dataset_fn=make_dataset, loss="mse"):
+  """The hand loop with the least any per-step guard does: the update is
+  skipped when an input, the loss or the gradient norm is not finite, and
+  the skips are counted. No spike watch, no incident kinds, no per-example
+  drops, no quarantine: what a guard costs at the very least in TensorFlow's
+  executor, the floor under safetrain's cost."""
+  model = model_fn()
+  opt = keras.optimizers.Adam(1e-3)
+  opt.build(model.trainable_variables)
+  loss_fn = keras.losses.get(loss)
+  it = iter(dataset_fn())
+
+  def step(x, y):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
+    grads = tape.gradient(loss, model.trainable_variables)
+    norm = tf.linalg.global_norm(grads)
+    ok = tf.math.is_finite(loss) & tf.math.is_finite(norm)
+    for t in (x, y):
+      if t.dtype.is_floating:
+        ok = ok & tf.reduce_all(tf.math.is_finite(t))
+    factor = tf.minimum(1.0, 1.0 / tf.maximum(norm, 1e-30))
+
+    def apply():
+      opt.apply_gradients(zip([g * factor for g in grads], model.trainable_variables))
+      return tf.constant(0)
+
+    tf.cond(ok, apply, lambda: tf.constant(0))
+    return loss, ok
+
+  @tf.function
+  def loop(n):
+    loss, skipped = tf.constant(0.0), tf.constant(0)
+    for _ in tf.range(n):
+      x, y = next(it)
+      loss, ok = step(x, y)
+      skipped += 1 - tf.cast(ok, tf.int32)
+    return loss, skipped
+
+  n = tf.constant(steps_per_loop)
+  loop(n)[0].numpy()  # trace and warm up
+
+  def run():
+    t = clock()
+    _, skipped = loop(n)
+    assert int(skipped.numpy()) == 0
     return clock() - t
 
   run.graph = loop.get_concrete_function(n).graph
@@ -417,13 +475,13 @@ def mlp_bench(args) -> None:
   tf.get_logger().setLevel("ERROR")
   spl = args.steps_per_loop
   with tempfile.TemporaryDirectory() as wd:
-    runs = {"hand": hand_loop(spl), "safe": None, "keras": keras_fit(spl)}
+    runs = {"hand": hand_loop(spl), "floor": floor_loop(spl), "safe": None, "keras": keras_fit(spl)}
     runs["safe"], _ = safe_loop(spl, wd)
     for run in runs.values():  # untimed: building each one cleared the kernel cache
       run()
     times = {k: [] for k in runs}
     for _ in range(args.rounds):
-      for name, run in runs.items():  # interleaved: noise hits all three alike
+      for name, run in runs.items():  # interleaved: noise hits all alike
         times[name].append(run())
   med = {k: statistics.median(v) for k, v in times.items()}
   rate = {k: spl / v for k, v in med.items()}
@@ -440,9 +498,36 @@ def mlp_bench(args) -> None:
       f"({100 * flops / peak:4.1f}% of matmul peak)   {nodes:5d} nodes in the loop body"
     )
   print(f"  matmul peak (2048^2 float32): {peak / 1e9:.1f} GFLOP/s")
-  print(f"  safe / hand  = {rate['safe'] / rate['hand']:.3f}   (target >= 0.97)")
-  print(f"  safe / keras = {rate['safe'] / rate['keras']:.3f}   (target >= 1.05)")
+  for name, other, target in (
+    ("safe", "hand", " (target >= 0.97)"),
+    ("safe", "keras", " (target >= 1.05)"),
+    ("floor", "hand", ": the least a guard costs"),
+    ("safe", "floor", ": what safetrain's guards cost beyond it"),
+  ):
+    paired = statistics.median(o / s for o, s in zip(times[other], times[name]))
+    print(
+      f"  {name} / {other:5s} = {rate[name] / rate[other]:.3f} (medians), {paired:.3f} "
+      f"(median of per-round ratios){target}"
+    )
   recovery_bench(args)
+
+
+def fit_bench(args) -> None:
+  """The MLP through the public API: `Trainer(config, workdir).fit()` against
+  the hand loop and Keras `fit`, start-up cancelled (benchmarks/bench_fit.py)."""
+  import bench_fit  # it imports this module: imported when used
+
+  short, long = (int(v) for v in args.fit_steps.split(","))
+  bench_fit.measure(
+    argparse.Namespace(
+      rounds=args.fit_rounds,
+      short=short,
+      long=long,
+      breakdown=False,
+      clock=args.clock,
+      threads=args.threads,
+    )
+  )
 
 
 def recovery_bench(args) -> None:
@@ -469,7 +554,7 @@ def recovery_bench(args) -> None:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--only", choices=("all", "mlp", "conv", "recovery"), default="all")
+  p.add_argument("--only", choices=("all", "mlp", "fit", "conv", "recovery"), default="all")
   p.add_argument("--rounds", type=int, default=15)
   p.add_argument("--steps_per_loop", type=int, default=100)
   p.add_argument("--recovery_rounds", type=int, default=3)
@@ -478,6 +563,8 @@ def main():
   p.add_argument("--conv_rounds", type=int, default=7)
   p.add_argument("--conv_fit_rounds", type=int, default=3)
   p.add_argument("--conv_fit_steps", default="20,160", help="the two run lengths, short,long")
+  p.add_argument("--fit_rounds", type=int, default=3)
+  p.add_argument("--fit_steps", default="200,8200", help="the MLP fit() lengths, short,long")
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
   p.add_argument("--threads", type=int, default=0, help="TF intra- and inter-op threads (0: TF's)")
   args = p.parse_args()
@@ -490,6 +577,8 @@ def main():
   print(f"timed by {args.clock} clock, TF threads {args.threads or 'default'}")
   if args.only in ("all", "mlp"):
     mlp_bench(args)
+  if args.only in ("all", "fit"):
+    fit_bench(args)
   if args.only == "recovery":
     recovery_bench(args)
   if args.only in ("all", "conv"):

@@ -16,9 +16,11 @@ import bench_step  # noqa: E402
 def test_bench_step_contenders_run(tmp_path):
   safe, _ = bench_step.safe_loop(2, str(tmp_path / "safe"))
   hand = bench_step.hand_loop(2)
-  for run in (hand, safe, bench_step.keras_fit(2)):
+  floor = bench_step.floor_loop(2)
+  for run in (hand, floor, safe, bench_step.keras_fit(2)):
     assert run() > 0 and bench_step.body_nodes(run.graph) > 0
-  assert bench_step.body_nodes(hand.graph) < bench_step.body_nodes(safe.graph)
+  nodes = [bench_step.body_nodes(run.graph) for run in (hand, floor, safe)]
+  assert nodes == sorted(nodes), nodes  # the floor guards more than hand, less than safe
 
 
 def test_bench_fit_contenders_run_and_count_loop_nodes():
@@ -33,6 +35,23 @@ def test_bench_fit_contenders_run_and_count_loop_nodes():
   # Each loop body has the model's forward and backward pass at least; the
   # guarded one has more than the hand loop.
   assert 0 < nodes["hand"] < nodes["safe"] and nodes["keras"] > 0
+
+
+def test_bench_fit_splits_safetrains_time_between_loop_saves_and_host(capsys):
+  """The split counts every loop call and save of a fit(), and prints them."""
+  steps = 3 * bench_fit.STEPS_PER_LOOP
+  splits = []
+  for n in (bench_fit.STEPS_PER_LOOP, steps):
+    total, _ = bench_fit.safe_fit(n, **{"checkpoint.every_steps": bench_fit.STEPS_PER_LOOP})
+    splits.append((total, bench_fit.safe_fit.last_split))
+  (short_t, short), (long_t, long) = splits
+  assert (short.loops, long.loops) == (1, 3)
+  # The step-0 checkpoint, then one at every loop's end (the final save is
+  # the same step: not written again).
+  assert (short.saves, long.saves) == (2, 4)
+  assert 0 < long.loop < long_t and 0 < long.save < long_t
+  bench_fit.print_split([(long_t - short_t, long, short)], steps - bench_fit.STEPS_PER_LOOP)
+  assert "compiled loop" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("strategy", ["mirrored"])
