@@ -23,12 +23,15 @@ keras.applications.MobileNetV2 at 32x32 with 10 classes (batch 64, softmax
 cross-entropy), where a step costs ~100 ms. For the MLP it also prints achieved
 FLOP/s against a measured large-matmul peak, and the cost of recovery: fit()
 with 3 injected divergences (3 rollbacks) against a clean fit() of the same
-steps. For MobileNetV2 it also measures end to end through the public API:
-`Trainer(config, workdir).fit()` of two run lengths, the difference divided by
-the difference in steps, so start-up (build, tracing, checkpoints) cancels;
-Keras fit() likewise, on one compiled model.
+steps. --pieces adds safetrain's loop with one guard piece off at a time (the
+spike and growth watch, the input check, per-example drops), then all three,
+and prints what each saves a step. For MobileNetV2 it also measures end to
+end through the public API: `Trainer(config, workdir).fit()` of two run
+lengths, the difference divided by the difference in steps, so start-up
+(build, tracing, checkpoints) cancels; Keras fit() likewise, on one compiled
+model.
 
-  .venv/bin/python benchmarks/bench_step.py [--rounds 15] [--steps_per_loop 100]
+  .venv/bin/python benchmarks/bench_step.py [--rounds 15] [--steps_per_loop 100] [--pieces]
   .venv/bin/python benchmarks/bench_step.py --only fit [--fit_rounds 3] [--fit_steps 200,8200]
   .venv/bin/python benchmarks/bench_step.py --only conv [--conv_rounds 7] [--conv_fit_rounds 3]
 
@@ -471,12 +474,35 @@ def conv_bench(args) -> None:
   print(f"  safe fit / keras fit = {med_e2e['keras'] / med_e2e['safe']:.3f}   (target >= 1.0)")
 
 
+# Guard pieces that config turns off, priced by --pieces.
+PIECES = {
+  "-spike and growth watch": {"guard.spike_detection": False, "guard.growth_factor": 0.0},
+  "-input check": {"guard.check_inputs": False},
+  "-per-example drops": {"guard.drop_examples": False},
+  "-all three": {
+    "guard.spike_detection": False,
+    "guard.growth_factor": 0.0,
+    "guard.check_inputs": False,
+    "guard.drop_examples": False,
+  },
+}
+
+
 def mlp_bench(args) -> None:
   tf.get_logger().setLevel("ERROR")
   spl = args.steps_per_loop
   with tempfile.TemporaryDirectory() as wd:
     runs = {"hand": hand_loop(spl), "floor": floor_loop(spl), "safe": None, "keras": keras_fit(spl)}
     runs["safe"], _ = safe_loop(spl, wd)
+    if args.pieces:
+      # safetrain with one guard piece off at a time, then all of them: what
+      # each costs in the compiled loop, side by side with the full guard.
+      for name, off in PIECES.items():
+        config = bench_config(10**6, spl)
+        for key, value in off.items():
+          group, field = key.split(".")
+          config[group][field] = value
+        runs[name], _ = safe_loop(spl, os.path.join(wd, name), config=config)
     for run in runs.values():  # untimed: building each one cleared the kernel cache
       run()
     times = {k: [] for k in runs}
@@ -509,6 +535,9 @@ def mlp_bench(args) -> None:
       f"  {name} / {other:5s} = {rate[name] / rate[other]:.3f} (medians), {paired:.3f} "
       f"(median of per-round ratios){target}"
     )
+  for name in PIECES if args.pieces else ():
+    saved = statistics.median(s - p for s, p in zip(times["safe"], times[name])) / spl
+    print(f"  {name:28s} saves {saved * 1e6:6.1f} us a step (median of per-round differences)")
   recovery_bench(args)
 
 
@@ -563,6 +592,9 @@ def main():
   p.add_argument("--conv_rounds", type=int, default=7)
   p.add_argument("--conv_fit_rounds", type=int, default=3)
   p.add_argument("--conv_fit_steps", default="20,160", help="the two run lengths, short,long")
+  p.add_argument(
+    "--pieces", action="store_true", help="MLP: also safetrain with guard pieces off, priced"
+  )
   p.add_argument("--fit_rounds", type=int, default=3)
   p.add_argument("--fit_steps", default="200,8200", help="the MLP fit() lengths, short,long")
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")

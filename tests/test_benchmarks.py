@@ -23,6 +23,21 @@ def test_bench_step_contenders_run(tmp_path):
   assert nodes == sorted(nodes), nodes  # the floor guards more than hand, less than safe
 
 
+def test_bench_step_prices_guard_pieces_with_valid_configs(tmp_path):
+  """Each --pieces variant is a valid config whose loop runs, and turning all
+  three pieces off leaves fewer nodes than the full guard."""
+  nodes = {}
+  for name, off in [("full", {})] + list(bench_step.PIECES.items()):
+    config = bench_step.bench_config(10**6, 2)
+    for key, value in off.items():
+      group, field = key.split(".")
+      config[group][field] = value
+    run, _ = bench_step.safe_loop(2, str(tmp_path / str(len(nodes))), config=config)
+    assert run() > 0
+    nodes[name] = bench_step.body_nodes(run.graph)
+  assert nodes["-all three"] < min(v for k, v in nodes.items() if k != "-all three")
+
+
 def test_bench_fit_contenders_run_and_count_loop_nodes():
   nodes = {}
   for name, fit in (
