@@ -36,6 +36,7 @@ from safetrain import (
   results,
   resume,
   state,
+  variables,
 )
 from safetrain import data as data_lib
 from safetrain import step as step_lib
@@ -130,7 +131,10 @@ class Controller:
     self._actions.begin(self._step())
     with preemption.SignalCatcher() as signals:
       while self._step() < c.train.steps:
-        before = (int(self._data.position.numpy()), int(self._recovery.attempts.numpy()))
+        before = (
+          int(variables.number(self._data.position)),
+          int(variables.number(self._recovery.attempts)),
+        )
         incidents_before = len(self._incidents.records)
         step_before = self._step()
         self._actions.before_loop(self._step())
@@ -327,12 +331,12 @@ class Controller:
     """Snapshots the state in memory when it is healthy."""
     if self._snapshots is None or not self._snapshots.enabled or not self._healthy():
       return
-    self._snapshots.take(self._step(), int(self._data.position.numpy()))
+    self._snapshots.take(self._step(), int(variables.number(self._data.position)))
 
   def _healthy(self) -> bool:
     """Only these states are saved, snapshotted, rolled back to: no open
     divergence, every variable finite, a loss not far above its best."""
-    if int(self._run.consecutive_bad.numpy()) != 0:
+    if int(variables.number(self._run.consecutive_bad)) != 0:
       return False
     if self._health.far_above_best():
       return False
@@ -360,15 +364,15 @@ class Controller:
     return bool(every) and step % every == 0 and step < self.config.train.steps
 
   def _step(self) -> int:
-    return int(self._run.step.numpy())
+    return int(variables.number(self._run.step))
 
   def _state_fields(self) -> dict:
     """The run's state as a loop record states it."""
     return dict(
       step=self._step(),
-      attempts=int(self._recovery.attempts.numpy()),
-      lr_scale=float(self._recovery.lr_scale.numpy()),
-      loss_scale=float(self._loss_scale.scale.numpy()),
+      attempts=int(variables.number(self._recovery.attempts)),
+      lr_scale=float(variables.number(self._recovery.lr_scale)),
+      loss_scale=float(variables.number(self._loss_scale.scale)),
     )
 
   # ------------------------------------------------- resume and checkpoints

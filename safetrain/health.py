@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from safetrain import compat, guard
+from safetrain import compat, guard, variables
 from safetrain import data as data_lib
 from safetrain.replay import fmt
 from safetrain.spike import SpikeDetector
@@ -170,9 +170,9 @@ class Health:
   def _stalled(self, applied: int, norm: float) -> Finding | None:
     s = self.state
     far = self.far_above_best()
-    above = int(s.above_steps.numpy()) + applied if far else 0
-    level = float(s.norm_level.numpy())
-    loops = int(s.loops.numpy())
+    above = int(variables.number(s.above_steps)) + applied if far else 0
+    level = float(variables.number(s.norm_level))
+    loops = int(variables.number(s.loops))
     collapsed = loops >= 2 and level > 0 and norm < self.stall_norm_drop * level
     s.above_steps.assign(above)
     if self.stall_steps and far and (above >= self.stall_steps or collapsed):

@@ -12,7 +12,17 @@ from collections.abc import Callable
 
 from absl import logging
 
-from safetrain import forensics, health, incidents, kinds, quarantine, recovery, state, triage
+from safetrain import (
+  forensics,
+  health,
+  incidents,
+  kinds,
+  quarantine,
+  recovery,
+  state,
+  triage,
+  variables,
+)
 from safetrain.errors import BadInputError
 from safetrain.loop_state import STOP_DATA_END, STOP_RAISE, STOP_ROLLBACK, LoopOutput
 
@@ -95,7 +105,7 @@ class Response:
         kind=kind,
         batch=self._stash.batch() if self._stash is not None else None,
         step=self._step() + 1,
-        count=int(self._run.consecutive_bad.numpy()),
+        count=int(variables.number(self._run.consecutive_bad)),
       )
       # Bad data is bad batches among good ones: when a loop trained on
       # nothing, after another such, no batch from this state trains at all.
@@ -111,7 +121,7 @@ class Response:
         self._run.consecutive_bad.assign(0)
         self._bad_batch_diagnosis = self._bad_batch_diagnosis or verdict.diagnosis
     open_bad = verdict is not None and verdict.bad_batch
-    lr_scale = float(self._recovery.lr_scale.numpy())
+    lr_scale = float(variables.number(self._recovery.lr_scale))
     quarantined = self._incidents.add_loop(
       out,
       leaf_names=self._leaf_names,

@@ -30,6 +30,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from safetrain import variables as variables_lib
+
 
 @dataclasses.dataclass
 class Slot:
@@ -139,9 +141,9 @@ class SnapshotRing:
 
 def _read(v) -> tf.Tensor:
   """The variable's current value, as a tensor no later update changes."""
-  if isinstance(v, keras.Variable):
-    v = v.value
-  return v.read_value() if isinstance(v, tf.Variable) else tf.identity(v)
+  if isinstance(v, (keras.Variable, tf.Variable)):
+    return variables_lib.read(v)
+  return tf.identity(v)
 
 
 def build(recovery_config, *, num_workers: int, modules: list) -> SnapshotRing | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from safetrain import variables
+
 
 class SpikeDetector(tf.Module):
   """Robust running loss statistics that a NaN can never poison.
@@ -153,10 +155,10 @@ class SpikeDetector(tf.Module):
     and 2e-4 (first loss 0.3), 3x apart, with nothing lost; a dead or blown-up
     run climbs back to the first loss's level or beyond.
     """
-    best, mean = float(self.best.numpy()), float(self.mean.numpy())
-    if int(self.count.numpy()) == 0 or best <= 0 or mean <= factor * best:
+    best, mean = float(variables.number(self.best)), float(variables.number(self.mean))
+    if int(variables.number(self.count)) == 0 or best <= 0 or mean <= factor * best:
       return False
-    return mean > self.first_loss_fraction * float(self.first.numpy())
+    return mean > self.first_loss_fraction * float(variables.number(self.first))
 
 
 def _fields(stats: tf.Tensor) -> list:

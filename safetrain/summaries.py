@@ -42,6 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorflow.core.framework import types_pb2
 
 # What tf.summary.scalar attaches to every value (display name and
 # description unset), in TensorFlow's own proto class.
@@ -51,12 +52,19 @@ _SCALAR_METADATA = tf.compat.v1.SummaryMetadata.FromString(
 
 
 def scalars_event(values: dict[str, float]) -> bytes:
-  """The serialized `Summary` holding each `tag: value` as a float32 scalar."""
+  """The serialized `Summary` holding each `tag: value` as a float32 scalar.
+
+  Each value is the proto `tf.make_tensor_proto(np.float32(value))` makes,
+  filled in directly: make_tensor_proto costs ~30 us a value, a third of the
+  host's TensorBoard time per loop.
+  """
   summary = tf.compat.v1.Summary()
   for tag, value in values.items():
     entry = summary.value.add(tag=tag)
     entry.metadata.CopyFrom(_SCALAR_METADATA)
-    entry.tensor.CopyFrom(tf.make_tensor_proto(np.float32(value)))
+    entry.tensor.dtype = types_pb2.DT_FLOAT
+    entry.tensor.tensor_shape.SetInParent()
+    entry.tensor.float_val.append(float(np.float32(value)))
   return summary.SerializeToString()
 
 

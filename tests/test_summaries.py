@@ -46,3 +46,13 @@ def test_every_loop_of_a_run_writes_its_loss_at_its_step(workdir):
   scalars = read_scalars(os.path.join(workdir, "events"))
   assert sorted(step for step, tag in scalars if tag == "loss") == [5, 10, 15, 20]
   assert all(np.isfinite(v) for (step, tag), (v, _, _) in scalars.items() if tag == "loss")
+
+
+def test_scalars_event_is_the_proto_make_tensor_proto_makes_byte_for_byte():
+  values = {"a": 0.1, "b": float("nan"), "c": float("inf"), "d": -3e38, "e": 7, "f": 1e-45}
+  want = tf.compat.v1.Summary()
+  for tag, value in values.items():
+    entry = want.value.add(tag=tag)
+    entry.metadata.CopyFrom(summaries._SCALAR_METADATA)
+    entry.tensor.CopyFrom(tf.make_tensor_proto(np.float32(value)))
+  assert summaries.scalars_event(values) == want.SerializeToString()
