@@ -25,7 +25,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from safetrain import kinds
+from safetrain import kinds, variables
 from safetrain.checkpointing import CORRUPT_DIR, CheckpointStore, step_of
 from safetrain.errors import DivergenceError
 from safetrain.incidents import IncidentLog
@@ -247,9 +247,12 @@ class Recovery:
     p, s = self.policy, self.state
     if attempts <= 0:
       return False
+    before = float(variables.number(s.bad_batch_rate))
+    if not quarantined and not before:
+      return False  # nothing to count and a rate of 0 stays 0: no eager ops
     s.quarantined_total.assign_add(quarantined)
     decay = (1.0 - 1.0 / p.bad_batch_window) ** attempts
-    rate = float(s.bad_batch_rate.numpy()) * decay + quarantined / attempts * (1.0 - decay)
+    rate = before * decay + quarantined / attempts * (1.0 - decay)
     s.bad_batch_rate.assign(rate)
     return quarantined > 0 and rate > p.bad_batch_rate
 
@@ -331,8 +334,12 @@ class Recovery:
   def refill_budget(self) -> None:
     """Refills the rollback budget after `budget_reset_steps` healthy steps."""
     s = self.state
-    healthy_steps = int(self.run.step.numpy()) - int(s.budget_anchor_step.numpy())
-    if int(s.rollbacks_used.numpy()) > 0 and healthy_steps >= self.policy.budget_reset_steps:
+    if int(variables.number(s.rollbacks_used)) == 0:
+      return
+    healthy_steps = int(variables.number(self.run.step)) - int(
+      variables.number(s.budget_anchor_step)
+    )
+    if healthy_steps >= self.policy.budget_reset_steps:
       logging.info("Rollback budget refilled after %d healthy steps.", healthy_steps)
       s.rollbacks_used.assign(0)
 

@@ -139,8 +139,11 @@ class Response:
       diagnosis=self._bad_batch_diagnosis,
     )
     r = self._recovery
-    r.skipped_total.assign_add(int(out.attempts) - int(out.applied))
-    r.examples_dropped_total.assign_add(int(out.dropped_examples))
+    # A clean loop adds nothing: no eager op for it (the host's time per loop).
+    if int(out.attempts) > int(out.applied):
+      r.skipped_total.assign_add(int(out.attempts) - int(out.applied))
+    if int(out.dropped_examples):
+      r.examples_dropped_total.assign_add(int(out.dropped_examples))
     frequent = self._actions.note_bad_batches(quarantined, int(out.attempts))
     if int(out.stop) == STOP_RAISE:
       self._save()
