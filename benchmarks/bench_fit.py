@@ -128,24 +128,19 @@ class Split:
     split = cls()
     call, save = step_lib.GuardedLoop.__call__, checkpointing.CheckpointStore.save
 
-    def timed_call(loop, *args):
-      t = clock()
-      try:
-        return call(loop, *args)
-      finally:
-        split.loop += clock() - t
-        split.loops += 1
+    def timed(fn, seconds: str, calls: str):
+      def wrapper(obj, *args):
+        t = clock()
+        try:
+          return fn(obj, *args)
+        finally:
+          setattr(split, seconds, getattr(split, seconds) + clock() - t)
+          setattr(split, calls, getattr(split, calls) + 1)
 
-    def timed_save(store, *args):
-      t = clock()
-      try:
-        return save(store, *args)
-      finally:
-        split.save += clock() - t
-        split.saves += 1
+      return wrapper
 
-    step_lib.GuardedLoop.__call__ = timed_call
-    checkpointing.CheckpointStore.save = timed_save
+    step_lib.GuardedLoop.__call__ = timed(call, "loop", "loops")
+    checkpointing.CheckpointStore.save = timed(save, "save", "saves")
     try:
       yield split
     finally:
