@@ -267,11 +267,12 @@ def print_split(splits: list, steps: int) -> None:
   for total, long, short in splits:
     loops, saves = long.loops - short.loops, long.saves - short.saves
     in_loop, in_save = long.loop - short.loop, long.save - short.save
+    in_host = total - in_loop - in_save
     loop.append(in_loop / steps)
     save.append(in_save / steps)
-    host.append((total - in_loop - in_save) / steps)
+    host.append(in_host / steps)
     per_save.append(in_save / max(saves, 1))
-    per_loop.append((total - in_loop - in_save) / max(loops, 1))
+    per_loop.append(in_host / max(loops, 1))
   med = statistics.median
   print(
     f"  safe's ms/step: compiled loop {med(loop) * 1e3:.3f}, checkpoint saves "

@@ -488,6 +488,15 @@ PIECES = {
 }
 
 
+def pieces_config(name: str, steps_per_loop: int):
+  """The benchmark's config with the guard pieces PIECES[name] turns off."""
+  config = bench_config(10**6, steps_per_loop)
+  for key, value in PIECES[name].items():
+    group, field = key.split(".")
+    config[group][field] = value
+  return config
+
+
 def mlp_bench(args) -> None:
   tf.get_logger().setLevel("ERROR")
   spl = args.steps_per_loop
@@ -497,12 +506,8 @@ def mlp_bench(args) -> None:
     if args.pieces:
       # safetrain with one guard piece off at a time, then all of them: what
       # each costs in the compiled loop, side by side with the full guard.
-      for name, off in PIECES.items():
-        config = bench_config(10**6, spl)
-        for key, value in off.items():
-          group, field = key.split(".")
-          config[group][field] = value
-        runs[name], _ = safe_loop(spl, os.path.join(wd, name), config=config)
+      for name in PIECES:
+        runs[name], _ = safe_loop(spl, os.path.join(wd, name), config=pieces_config(name, spl))
     for run in runs.values():  # untimed: building each one cleared the kernel cache
       run()
     times = {k: [] for k in runs}

@@ -401,7 +401,7 @@ class Controller:
 
   def _seek_data(self) -> None:
     """Re-creates an iterator that is not checkpointed at `data.position`."""
-    self.iterator = self._train_data.iterator(int(self._data.position.numpy()))
+    self.iterator = resume.seek(self._data, self._train_data)
 
   def _save_checkpoint(self) -> None:
     """Saves the state if it is healthy and not durable yet.

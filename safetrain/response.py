@@ -140,8 +140,9 @@ class Response:
     )
     r = self._recovery
     # A clean loop adds nothing: no eager op for it (the host's time per loop).
-    if int(out.attempts) > int(out.applied):
-      r.skipped_total.assign_add(int(out.attempts) - int(out.applied))
+    skipped = int(out.attempts) - int(out.applied)
+    if skipped:
+      r.skipped_total.assign_add(skipped)
     if int(out.dropped_examples):
       r.examples_dropped_total.assign_add(int(out.dropped_examples))
     frequent = self._actions.note_bad_batches(quarantined, int(out.attempts))

@@ -74,8 +74,13 @@ def reposition(
     checkpoints.replace_objects(iterator=iterator)
     return iterator
   if not checkpointed:
-    return train_data.iterator(int(data.position.numpy()))
+    return seek(data, train_data)
   return current
+
+
+def seek(data: state.DataState, train_data):
+  """A new iterator at `data.position`, for a pipeline not checkpointed."""
+  return train_data.iterator(int(data.position.numpy()))
 
 
 def warn_if_past_the_end(step: int, train_steps: int) -> None:

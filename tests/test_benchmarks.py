@@ -27,11 +27,9 @@ def test_bench_step_prices_guard_pieces_with_valid_configs(tmp_path):
   """Each --pieces variant is a valid config whose loop runs, and turning all
   three pieces off leaves fewer nodes than the full guard."""
   nodes = {}
-  for name, off in [("full", {})] + list(bench_step.PIECES.items()):
-    config = bench_step.bench_config(10**6, 2)
-    for key, value in off.items():
-      group, field = key.split(".")
-      config[group][field] = value
+  for name in ["full"] + list(bench_step.PIECES):
+    full = name == "full"
+    config = bench_step.bench_config(10**6, 2) if full else bench_step.pieces_config(name, 2)
     run, _ = bench_step.safe_loop(2, str(tmp_path / str(len(nodes))), config=config)
     assert run() > 0
     nodes[name] = bench_step.body_nodes(run.graph)
