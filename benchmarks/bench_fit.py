@@ -53,8 +53,8 @@ from absl import logging  # noqa: E402
 from bench_step import BenchTrainer, body_nodes, keras_graph, make_dataset, make_model  # noqa: E402
 
 import safetrain  # noqa: E402
-from safetrain import checkpointing  # noqa: E402
-from safetrain import step as step_lib  # noqa: E402
+from safetrain.checkpoint import store as checkpointing  # noqa: E402
+from safetrain.step import loop as step_lib  # noqa: E402
 
 STEPS_PER_LOOP = 100
 # Wall time, or with --clock=cpu this process's CPU time (every thread:

@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "tests", "fixtures", "configs", "kill_drill.py")
 sys.path.insert(0, ROOT)
 
-from safetrain import checkpointing  # noqa: E402
+from safetrain.checkpoint import store as checkpointing  # noqa: E402
 
 # Keys whose value legitimately differs between the two runs.
 _SKIP_KEYS = ("save_counter/", "_CHECKPOINTABLE_OBJECT_GRAPH")

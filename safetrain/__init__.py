@@ -8,17 +8,17 @@ import os
 # level (the command also shows TensorFlow's Python warnings, not its INFO).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from safetrain.config import ConfigError, default_config, validate
-from safetrain.errors import BadInputError, DivergenceError, PreflightError, WorkdirError
-from safetrain.records import read_jsonl
+from safetrain.core.config import ConfigError, default_config, validate
+from safetrain.core.errors import BadInputError, DivergenceError, PreflightError, WorkdirError
+from safetrain.storage.jsonl import read_jsonl
 
 # Imported on first use, not here: importing TensorFlow takes seconds, and the
 # command must own that time (a Ctrl-C in it stops the command cleanly).
 _LAZY = {
   "FitResult": "safetrain.trainer",
-  "LoopRecord": "safetrain.actions",
+  "LoopRecord": "safetrain.training.actions",
   "Trainer": "safetrain.trainer",
-  "unpack_batch": "safetrain.data",
+  "unpack_batch": "safetrain.training.data",
 }
 
 

@@ -1,3 +1,3 @@
-from safetrain.cli import entry_point
+from safetrain.cli.main import entry_point
 
 entry_point()

@@ -19,31 +19,24 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from safetrain import (
-  actions,
-  checkpointing,
-  distribute,
-  forensics,
-  health,
-  incidents,
-  loop_state,
-  metrics,
-  preemption,
-  preflight,
-  quarantine,
-  recovery,
-  response,
-  results,
-  resume,
-  state,
-  variables,
-)
-from safetrain import data as data_lib
-from safetrain import step as step_lib
-from safetrain.errors import BadInputError, DivergenceError
-from safetrain.loss_scale import DynamicLossScale
+from safetrain import results
+from safetrain.checkpoint import resume
+from safetrain.checkpoint import store as checkpointing
+from safetrain.core import distribute, preemption, variables
+from safetrain.core.errors import BadInputError, DivergenceError
+from safetrain.diagnosis import forensics, preflight
+from safetrain.diagnosis import replay as replay_lib
+from safetrain.records import incidents, quarantine
+from safetrain.records import run_log as metrics
+from safetrain.recovery import health, response
+from safetrain.recovery import rollback as recovery
+from safetrain.recovery.snapshots import SnapshotRing
 from safetrain.results import FitResult, summary_line
-from safetrain.snapshots import SnapshotRing
+from safetrain.step import loop as step_lib
+from safetrain.step import loop_state
+from safetrain.step.loss_scale import DynamicLossScale
+from safetrain.training import actions, state
+from safetrain.training import data as data_lib
 
 
 @dataclasses.dataclass
@@ -68,7 +61,7 @@ class Parts:
   loop: step_lib.GuardedLoop
   all_finite: Callable[[], bool]
   evaluate: Callable[[], dict]
-  forensics: forensics.Context
+  forensics: replay_lib.Context
   stash: forensics.Stash | None
   health: health.Health
   snapshots: SnapshotRing | None

@@ -15,9 +15,9 @@ import keras
 import ml_collections
 import tensorflow as tf
 
-from safetrain import losses
-from safetrain import optimizers as optimizers_lib
-from safetrain.actions import LoopRecord
+from safetrain.training import losses
+from safetrain.training import optimizers as optimizers_lib
+from safetrain.training.actions import LoopRecord
 
 
 class TrainerHooks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from safetrain import evaluation
+from safetrain.training import evaluation
 
 
 @dataclasses.dataclass

@@ -19,34 +19,29 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from safetrain import callbacks as callbacks_lib
-from safetrain import (
-  checkpointing,
-  clipping,
-  distribute,
-  evaluation,
-  forensics,
-  guard,
-  health,
-  losses,
-  recovery,
-  snapshots,
-  state,
-  stateful_metrics,
-)
-from safetrain import config as config_lib
 from safetrain import controller as controller_lib
-from safetrain import data as data_lib
-from safetrain import export as export_lib
-from safetrain import optimizers as optimizers_lib
-from safetrain import spike as spike_lib
-from safetrain import step as step_lib
-from safetrain import workdir as workdir_lib
-from safetrain.actions import LoopRecord
-from safetrain.drill import Drill
+from safetrain.checkpoint import store as checkpointing
+from safetrain.core import config as config_lib
+from safetrain.core import distribute
+from safetrain.diagnosis import forensics
+from safetrain.diagnosis import replay as replay_lib
 from safetrain.hooks import TrainerHooks
-from safetrain.loss_scale import DynamicLossScale
+from safetrain.recovery import health, snapshots
+from safetrain.recovery import rollback as recovery
 from safetrain.results import FitResult, summary_line
+from safetrain.step import clipping, guard
+from safetrain.step import loop as step_lib
+from safetrain.step import loss_watch as spike_lib
+from safetrain.step.drill import Drill
+from safetrain.step.loss_scale import DynamicLossScale
+from safetrain.storage import lock as workdir_lib
+from safetrain.training import callbacks as callbacks_lib
+from safetrain.training import data as data_lib
+from safetrain.training import evaluation, losses, state
+from safetrain.training import export as export_lib
+from safetrain.training import metrics as stateful_metrics
+from safetrain.training import optimizers as optimizers_lib
+from safetrain.training.actions import LoopRecord
 
 __all__ = ["FitResult", "LoopRecord", "Trainer"]
 
@@ -250,7 +245,7 @@ class Trainer(TrainerHooks):
       steps=c.eval.steps,
       metrics=self._eval_metrics or None,
     )
-    self._forensics = forensics.Context(
+    self._forensics = replay_lib.Context(
       model=self.model,
       optimizer=self.optimizer,
       compute_loss=self._call_compute_loss,

@@ -1,5 +1,7 @@
 """Tiny trainers shared by the tests."""
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -28,6 +30,8 @@ def tiny_config(**overrides):
 
 # The run the checkpoint-damage tests start from (conftest.py's `trained`):
 # 25 steps, a checkpoint every 5, three kept.
+# The repository's root: tests live in wing folders below tests/.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = {"train.steps": 25, "checkpoint.every_steps": 5, "checkpoint.max_to_keep": 3}
 
 

@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 
 import safetrain
-from safetrain import losses
+from safetrain.training import losses
 
 BATCH = 4
 STEPS = 4

@@ -5,8 +5,9 @@ import os
 import sys
 
 import pytest
+from common import ROOT
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_distribute  # noqa: E402
 import bench_fit  # noqa: E402

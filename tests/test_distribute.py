@@ -16,7 +16,7 @@ import tensorflow as tf
 from common import TinyTrainer, all_finite, regression_data, tiny_config, weights
 
 import safetrain
-from safetrain import distribute
+from safetrain.core import distribute
 
 
 def mirrored_config(**overrides):

@@ -21,13 +21,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from common import BASE, TinyTrainer, tiny_config, weights
+from common import BASE, ROOT, TinyTrainer, tiny_config, weights
 
 import safetrain
-from safetrain import checkpointing, cli, compat, experiment
-from safetrain.records import JsonlWriter, read_jsonl
+from safetrain.checkpoint import store as checkpointing
+from safetrain.cli import experiment
+from safetrain.cli import main as cli
+from safetrain.core import compat
+from safetrain.storage.jsonl import JsonlWriter, read_jsonl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 200  # of the subprocess drills: about 4 s of training here
 
 

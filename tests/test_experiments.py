@@ -18,11 +18,11 @@ import subprocess
 import sys
 
 import pytest
+from common import ROOT
 
 import safetrain
-from safetrain import experiment
+from safetrain.cli import experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 IDS = [os.path.splitext(os.path.basename(p))[0] for p in EXPERIMENTS]
 SUBPROCESS = ("linear_regression", "classification")

@@ -24,13 +24,16 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from common import BASE, TinyTrainer, all_finite, tiny_config
+from common import BASE, ROOT, TinyTrainer, all_finite, tiny_config
 from test_drills import DAMAGE, _ckpt_dir, _fit, _flip_bytes, drill
 
 import safetrain
-from safetrain import checkpointing, cli, recovery, rollback_state, workdir
+from safetrain.checkpoint import rollback_state
+from safetrain.checkpoint import store as checkpointing
+from safetrain.cli import main as cli
+from safetrain.recovery import rollback as recovery
+from safetrain.storage import lock as workdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = drill.EXPERIMENT
 
 
@@ -104,7 +107,7 @@ def _hold_lock(path):
   stdin closes."""
   code = (
     "import sys\n"
-    "from safetrain.workdir import WorkdirLock\n"
+    "from safetrain.storage.lock import WorkdirLock\n"
     "WorkdirLock(sys.argv[1]).acquire()\n"
     "print('locked', flush=True)\n"
     "sys.stdin.read()\n"
@@ -264,7 +267,7 @@ def test_kill9_at_every_moment_of_the_rollbacks_then_a_bit_exact_finish(
 
 
 def drill_module():
-  from safetrain import experiment  # noqa: PLC0415
+  from safetrain.cli import experiment  # noqa: PLC0415
 
   return experiment.load_module(drill.EXPERIMENT)
 

@@ -18,10 +18,10 @@ import sys
 
 import numpy as np
 import pytest
+from common import ROOT
 
 import safetrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, "tests", "fixtures", "mw_experiment.py")
 TIMEOUT = 180
 

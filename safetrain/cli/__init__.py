@@ -1,0 +1,1 @@
+"""The `safetrain` command: training runs, `safetrain report`, `safetrain export`."""

@@ -1,0 +1,162 @@
+"""What the `safetrain` command shows on the terminal, and `WORKDIR/log.txt`.
+
+The terminal gets what a person reads during a run: one short line per
+incident (step, kind, action, learning-rate scale), the full diagnosis once
+per distinct cause (two diagnoses that differ only in their numbers are one
+cause), the progress line, warnings (safetrain's as "safetrain: warning: ...",
+other libraries' and errors in absl's format), and the summary (the command
+prints it). Every log line, with absl's prefixes, goes to `WORKDIR/log.txt`
+(appended across resumes): the full incident lines, the INFO lines (saves,
+resumes, budget refills, progress), the library warnings. With `-v`
+(`--verbose`) or `--alsologtostderr` the terminal shows every line as absl
+prints it, as before, and no short lines; so does a non-chief worker of a
+multi-worker run, which writes no log.txt.
+
+Library code marks the records meant for the short terminal form: an
+incident carries `extra={INCIDENT: record}` (incidents.py), the progress
+line `extra={TERMINAL: True}` (metrics.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as std_logging
+import os
+import re
+import sys
+
+from absl import logging
+
+INCIDENT = "safetrain_incident"
+TERMINAL = "safetrain_terminal"
+LOG_FILE = "log.txt"
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+class _TerminalFilter(std_logging.Filter):
+  """On absl's stderr handler: warnings and errors, not incidents (their
+  short form is printed instead), no INFO."""
+
+  def filter(self, record) -> bool:
+    if hasattr(record, INCIDENT) or hasattr(record, TERMINAL) or _own_warning(record):
+      return False
+    return record.levelno >= std_logging.WARNING
+
+
+def _own_warning(record) -> bool:
+  """A warning safetrain itself logged (shown as "safetrain: warning: ...");
+  errors and other libraries' warnings keep absl's format."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+  return record.levelno == std_logging.WARNING and os.path.abspath(record.pathname).startswith(
+    package
+  )
+
+
+class _ShortLines(std_logging.Handler):
+  """Prints incidents in short, each cause's diagnosis once, and the
+  progress line, to stderr."""
+
+  def __init__(self):
+    super().__init__(std_logging.INFO)
+    self.causes: set[tuple[str, str]] = set()
+
+  def emit(self, record) -> None:
+    incident = getattr(record, INCIDENT, None)
+    if incident is not None:
+      text = self.incident_lines(incident)
+    elif getattr(record, TERMINAL, False):
+      text = f"safetrain: {record.getMessage()}"
+    elif _own_warning(record):
+      text = f"safetrain: warning: {record.getMessage()}"
+    else:
+      return
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+  def incident_lines(self, r: dict) -> str:
+    line = f"safetrain: {short_line(r)}"
+    diagnosis = (r.get("diagnosis") or "").strip()
+    # An abort's diagnosis is what the command prints as it exits.
+    if not diagnosis or r.get("action") == "abort":
+      return line
+    cause = (r.get("kind", ""), _NUMBER.sub("#", diagnosis))
+    if cause in self.causes:
+      return line + " (diagnosis as above)"
+    self.causes.add(cause)
+    return f"{line}\n  {diagnosis}"
+
+
+class _Nothing(std_logging.Filter):
+  def filter(self, record) -> bool:
+    return False
+
+
+class _Stderr(std_logging.Handler):
+  """Every line in absl's format on the current sys.stderr."""
+
+  def __init__(self):
+    super().__init__(std_logging.INFO)
+    self.setFormatter(logging.PythonFormatter())
+
+  def emit(self, record) -> None:
+    sys.stderr.write(self.format(record) + "\n")
+
+
+def short_line(r: dict) -> str:
+  """ "step 4: nonfinite_loss -> rollback to step 0, lr scale 1 -> 0.5" """
+  text = f"step {r['step']}: {r['kind']} -> {r['action']}"
+  if r.get("restored_step") is not None:
+    text += f" to step {r['restored_step']}"
+  if r.get("count", 1) != 1:
+    text += f" ({r['count']}x, last at step {r.get('last_step')})"
+  before, after = r.get("lr_scale_before"), r.get("lr_scale_after")
+  if before is not None:
+    text += f", lr scale {before:.4g}"
+    if after is not None and after != before:
+      text += f" -> {after:.4g}"
+  return text
+
+
+@contextlib.contextmanager
+def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None):
+  """The command's logging for one run: the short terminal and log.txt.
+
+  Args:
+    workdir: where log.txt goes, or None for none (a non-chief worker).
+    verbose: `-v`/`--alsologtostderr`: the terminal shows every line.
+    quiet_filter: a filter for log.txt (TensorFlow's INFO chatter).
+  """
+  root = std_logging.getLogger()
+  absl_handler = logging.get_absl_handler()
+  added: list[std_logging.Handler] = []
+  if workdir is not None:
+    file_handler = std_logging.FileHandler(os.path.join(workdir, LOG_FILE), encoding="utf-8")
+    file_handler.setFormatter(logging.PythonFormatter())
+    file_handler.setLevel(std_logging.INFO)
+    if quiet_filter is not None:
+      file_handler.addFilter(quiet_filter)
+    added.append(file_handler)
+  # Without a log file (a non-chief worker) nothing may be left out: every
+  # line on the terminal, as with -v.
+  terminal_filter = _Nothing() if verbose or workdir is None else _TerminalFilter()
+  # The terminal's lines go to the current sys.stderr through handlers of
+  # this run; absl's own handler (which `run()` installs) stays quiet, so the
+  # output is the same in-process and through the command.
+  absl_handler.addFilter(terminal_filter)
+  if verbose or workdir is None:
+    every_line = _Stderr()
+    if quiet_filter is not None:
+      every_line.addFilter(quiet_filter)
+    added.append(every_line)
+  else:
+    added.append(_ShortLines())
+  for handler in added:
+    root.addHandler(handler)
+  try:
+    yield
+  finally:
+    for handler in added:
+      root.removeHandler(handler)
+      handler.close()
+    absl_handler.removeFilter(terminal_filter)

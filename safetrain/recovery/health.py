@@ -1,0 +1,267 @@
+"""A run that stopped learning: `stalled` and `dead_units`, checked once per
+inner loop on the host.
+
+Neither shows as a non-finite value, so the guard inside the step never sees
+them: a deep ReLU network driven with a rate far too high loses its units in
+the first steps (clipping keeps everything finite), its gradient collapses,
+and it predicts one value forever; a recurrent network kicked into saturation
+sits at a loss orders of magnitude above where it started. Both are recovered
+like a diverging state: rollback to a healthy state before the collapse, with
+a lower learning rate.
+
+- `stalled`: the running loss (the spike detector's mean) has stayed above
+  `guard.stall_factor` times its best for `guard.stall_steps` good steps; or,
+  while it is that far above, the loop's mean pre-clip gradient norm fell
+  under `guard.stall_norm_drop` times its running level (a collapse).
+- `dead_units`: once per loop, the first training batch runs through the
+  model (inference mode, finite rows only); a ReLU-family layer with at least
+  `guard.dead_min_units` units of which at least `guard.dead_fraction` output
+  zero on every row is dead. Sequential and functional models are probed
+  through their top-level layers; a subclassed model is not probed.
+
+The running level of the gradient norm and the steps spent far above the best
+loss are part of the state (they roll back with it, and are checkpointed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from safetrain.core import compat, variables
+from safetrain.diagnosis.replay import fmt
+from safetrain.step import guard
+from safetrain.step.loss_watch import SpikeDetector
+from safetrain.training import data as data_lib
+
+_RELU = ("relu", "relu6")
+
+
+class HealthState(tf.Module):
+  """The stall detector's state; rolls back with the model."""
+
+  def __init__(self):
+    super().__init__(name="health")
+    self.norm_level = tf.Variable(0.0, trainable=False, name="norm_level")
+    self.loops = tf.Variable(0, dtype=tf.int64, trainable=False, name="loops")
+    self.above_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="above_steps")
+
+
+@dataclasses.dataclass
+class Finding:
+  kind: str  # "stalled" or "dead_units"
+  diagnosis: str
+
+
+def _is_relu(layer) -> bool:
+  if isinstance(layer, keras.layers.ReLU):
+    return float(getattr(layer, "negative_slope", 0.0) or 0.0) == 0.0
+  return getattr(getattr(layer, "activation", None), "__name__", None) in _RELU
+
+
+class DeadUnitProbe:
+  """Fractions of dead units per ReLU-family layer, on a fixed batch.
+
+  Args:
+    model: the live model (Sequential or functional; else no probe).
+    x: the model's input part of the first training batch, or None.
+    min_units: layers with fewer units are not probed.
+  """
+
+  def __init__(self, model: keras.Model, x, *, min_units: int):
+    self.layers = []
+    self._fn = None
+    if x is None:
+      return
+    try:
+      layers = [
+        layer
+        for layer in model.layers
+        if _is_relu(layer) and (layer.output.shape[-1] or 0) >= min_units
+      ]
+      if not layers:
+        return
+      probe = keras.Model(model.inputs, [layer.output for layer in layers])
+    except (AttributeError, ValueError, TypeError) as e:
+      logging.info("dead-unit probe unavailable for %s: %s", model.name, e)
+      return
+    rows = _finite_rows(x)
+    if rows is None:
+      return
+    self.layers = layers
+
+    def fractions():
+      outs = probe(rows, training=False)
+      outs = outs if isinstance(outs, (list, tuple)) else [outs]
+      dead = []
+      for out in outs:
+        out = tf.cast(out, tf.float32)
+        peak = tf.reduce_max(tf.reshape(out, [-1, tf.shape(out)[-1]]), axis=0)
+        dead.append(tf.reduce_mean(tf.cast(peak <= 0.0, tf.float32)))
+      return tf.stack(dead)
+
+    self._fn = tf.function(fractions)
+
+  @property
+  def active(self) -> bool:
+    return self._fn is not None
+
+  def __call__(self) -> list[tuple[keras.layers.Layer, float]]:
+    if self._fn is None:
+      return []
+    return list(zip(self.layers, (float(f) for f in self._fn().numpy())))
+
+
+def _finite_rows(x):
+  """The rows of `x` (a tensor, or a nest of them) whose values are finite, or
+  None when `x` is neither or no row is finite."""
+  if not isinstance(x, tf.Tensor) and not tf.nest.is_nested(x):
+    return None
+  return guard.finite_rows_only(x)
+
+
+class Health:
+  """The per-loop check.
+
+  Args:
+    state: the detector's state.
+    spike: the loss statistics (running mean and best).
+    probe: the dead-unit probe.
+    stall_factor, stall_steps, stall_norm_drop, dead_fraction: guard.*.
+    describe_lr: () -> "learning rate 0.5 (adam; recovery scale 0.5)".
+  """
+
+  def __init__(
+    self,
+    *,
+    state: HealthState,
+    spike: SpikeDetector,
+    probe: DeadUnitProbe,
+    stall_factor: float,
+    stall_steps: int,
+    stall_norm_drop: float,
+    dead_fraction: float,
+    describe_lr,
+  ):
+    self.state = state
+    self.spike = spike
+    self.probe = probe
+    self.stall_factor = stall_factor
+    self.stall_steps = stall_steps
+    self.stall_norm_drop = stall_norm_drop
+    self.dead_fraction = dead_fraction
+    self.describe_lr = describe_lr
+
+  def far_above_best(self) -> bool:
+    """The running loss is `stall_factor` times its best or more: a state that
+    is not saved, snapshotted or rolled back to."""
+    return self.spike.far_above_best(self.stall_factor)
+
+  def check(self, applied: int, norm_sum: float) -> Finding | None:
+    """Updates the state with one loop and returns what is wrong, or None."""
+    if not applied:
+      return None
+    return self._dead() or self._stalled(applied, norm_sum / applied)
+
+  def _stalled(self, applied: int, norm: float) -> Finding | None:
+    s = self.state
+    far = self.far_above_best()
+    above = int(variables.number(s.above_steps)) + applied if far else 0
+    level = float(variables.number(s.norm_level))
+    loops = int(variables.number(s.loops))
+    collapsed = loops >= 2 and level > 0 and norm < self.stall_norm_drop * level
+    s.above_steps.assign(above)
+    if self.stall_steps and far and (above >= self.stall_steps or collapsed):
+      mean, best = float(self.spike.mean.numpy()), float(self.spike.best.numpy())
+      how = (
+        f"the mean gradient norm of the last loop, {fmt(norm)}, collapsed from its running "
+        f"level {fmt(level)}"
+        if collapsed
+        else f"the gradient norm is {fmt(norm)} (running level {fmt(level)})"
+      )
+      return Finding(
+        "stalled",
+        f"the run stopped learning: its running loss {fmt(mean)} has stayed above "
+        f"{fmt(self.stall_factor)}x its best {fmt(best)} for {above} good steps; {how}; "
+        f"{self.describe_lr()}. A rate this high drove the model out of the region where it "
+        "learned.",
+      )
+    if norm > 0 and math.isfinite(norm):
+      # A geometric running level: collapses are measured in orders of magnitude.
+      level = norm if level <= 0 else math.exp(0.7 * math.log(level) + 0.3 * math.log(norm))
+      s.norm_level.assign(level)
+      s.loops.assign_add(1)
+    return None
+
+  def _dead(self) -> Finding | None:
+    if self.dead_fraction <= 0 or not self.probe.active:
+      return None
+    found = self.probe()
+    dead = [(layer, f) for layer, f in found if f >= self.dead_fraction]
+    if not dead:
+      return None
+    layer, fraction = max(dead, key=lambda lf: lf[1])
+    units = int(layer.output.shape[-1])
+    others = ", ".join(f"{x.name} {100 * f:.0f}%" for x, f in found if x is not layer)
+    return Finding(
+      "dead_units",
+      f"layer {layer.name} ({type(layer).__name__}, relu): {round(fraction * units)} of "
+      f"{units} units ({100 * fraction:.0f}%) output zero on every row of the first training "
+      f"batch, so the layer passes nothing on and the model predicts one value"
+      + (f" (dead units in the other ReLU layers: {others})" if others else "")
+      + f"; {self.describe_lr()}. A learning rate this high pushes ReLU units below zero for "
+      "every input in the first steps, where no gradient brings them back.",
+    )
+
+
+def dead_fractions_text(found) -> str:
+  """ "hidden0 0%, hidden1 41%" for logs and tests."""
+  return ", ".join(f"{layer.name} {100 * f:.0f}%" for layer, f in found)
+
+
+def as_array(found) -> np.ndarray:
+  return np.array([f for _, f in found])
+
+
+def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> Health:
+  """The per-loop check a trainer's config asks for.
+
+  Args:
+    config: the run's config (guard.stall_*, guard.dead_*, optimizer).
+    model, optimizer: the live ones.
+    first_batch: the first training batch (its input part feeds the probe).
+    state: the detector's state.
+    spike: the loss statistics.
+    lr_scale: recovery's learning-rate scale variable.
+  """
+  g = config.guard
+  x = None
+  if g.dead_fraction > 0:
+    try:
+      x = data_lib.unpack_batch(first_batch)[0]
+    except ValueError:
+      pass  # a layout only the trainer's compute_loss understands: no probe
+
+  def describe_lr() -> str:
+    lr = float(compat.learning_rate_schedule(optimizer)(optimizer.iterations))
+    scale = float(lr_scale.numpy())
+    return (
+      f"learning rate {lr:.4g} ({type(optimizer).__name__}, optimizer.learning_rate="
+      f"{config.optimizer.learning_rate:g} times recovery's scale {scale:.4g})"
+    )
+
+  return Health(
+    state=state,
+    spike=spike,
+    probe=DeadUnitProbe(model, x, min_units=g.dead_min_units),
+    stall_factor=g.stall_factor,
+    stall_steps=g.stall_steps,
+    stall_norm_drop=g.stall_norm_drop,
+    dead_fraction=g.dead_fraction,
+    describe_lr=describe_lr,
+  )

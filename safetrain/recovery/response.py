@@ -1,0 +1,214 @@
+"""The response to one loop's incidents: record them, then quarantine a bad
+batch or roll a diverging state back.
+
+The controller hands each loop's output to `Response.handle`; the decision
+(which cause gets which action) is made here, apart from the compiled step
+and from the mechanics of a rollback (`recovery.Recovery`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from absl import logging
+
+from safetrain.core import kinds, variables
+from safetrain.core.errors import BadInputError
+from safetrain.diagnosis import forensics
+from safetrain.diagnosis import replay as replay_lib
+from safetrain.records import incidents, quarantine
+from safetrain.recovery import health, triage
+from safetrain.recovery import rollback as recovery
+from safetrain.step.loop_state import STOP_DATA_END, STOP_RAISE, STOP_ROLLBACK, LoopOutput
+from safetrain.training import state
+
+
+def diagnose(
+  ctx: replay_lib.Context, stash: forensics.Stash | None, *, kind: str, step: int
+) -> str:
+  """Forensics on the offending batch of a `kind` incident at `step` (never
+  raises): the stashed batch is replayed, except for non-finite variables."""
+  batch = stash.batch() if stash is not None and kind != "nonfinite_params" else None
+  return forensics.diagnose(ctx, kind=kind, batch=batch, step=step)
+
+
+class Response:
+  """Decides and carries out what a loop's incidents call for.
+
+  Args:
+    bad_inputs: `guard.bad_inputs`.
+    run, recovery_state: the run's and recovery's variables.
+    incidents, quarantine_log: the run's incident and quarantine records.
+    actions: the recovery mechanics (rollback, budget, bad-batch rate).
+    forensics_ctx, stash: the replay context and the stashed batch (or None).
+    health: the stall and dead-unit checks.
+    leaf_names: the names of the batch's float leaves.
+    train_steps: `train.steps`.
+    step: returns the run's applied steps.
+    save: saves a checkpoint if the state is healthy.
+  """
+
+  def __init__(
+    self,
+    *,
+    bad_inputs: str,
+    run: state.RunState,
+    recovery_state: recovery.RecoveryState,
+    incidents: incidents.IncidentLog,
+    quarantine_log: quarantine.QuarantineLog,
+    actions: recovery.Recovery,
+    forensics_ctx: replay_lib.Context,
+    stash: forensics.Stash | None,
+    health: health.Health,
+    leaf_names: list[str],
+    train_steps: int,
+    step: Callable[[], int],
+    save: Callable[[], None],
+  ):
+    self._bad_inputs = bad_inputs
+    self._run = run
+    self._recovery = recovery_state
+    self._incidents = incidents
+    self._quarantine = quarantine_log
+    self._actions = actions
+    self._forensics = forensics_ctx
+    self._stash = stash
+    self._health = health
+    self._leaf_names = leaf_names
+    self._train_steps = train_steps
+    self._step = step
+    self._save = save
+    # The replay of the first quarantined batch of this process, reused after.
+    self._bad_batch_diagnosis = ""
+    # Loops in a row that stopped on bad batches without training a step.
+    self._stuck_loops = 0
+
+  def handle(self, out: LoopOutput, before: tuple[int, int]) -> tuple[bool, int]:
+    """Records the loop's incidents and runs recovery.
+
+    Returns (whether it rolled back, the batches it quarantined). The action
+    follows the cause: a bad batch is quarantined; a diverging state (the
+    guard's open run of failures, judged by `triage`; non-finite variables;
+    frequent bad batches; a stall or dead units) is rolled back.
+    """
+    params_ok = bool(out.params_finite)
+    stopped = int(out.stop) == STOP_ROLLBACK
+    kind = incidents.last_divergence(out)
+    verdict = None
+    if int(out.applied):
+      self._stuck_loops = 0
+    if stopped and params_ok:
+      verdict = triage.open_run(
+        self._forensics,
+        kind=kind,
+        batch=self._stash.batch() if self._stash is not None else None,
+        step=self._step() + 1,
+        count=int(variables.number(self._run.consecutive_bad)),
+      )
+      # Bad data is bad batches among good ones: when a loop trained on
+      # nothing, after another such, no batch from this state trains at all.
+      self._stuck_loops += int(verdict.bad_batch and not int(out.applied))
+      if verdict.bad_batch and self._stuck_loops >= 2:
+        self._stuck_loops = 0
+        verdict = triage.diverging(
+          f"{2 * int(self._run.consecutive_bad.numpy())} batches in a row failed, each with "
+          "some rows non-finite, and no batch trained: the state, not the data, is suspect",
+          verdict.diagnosis,
+        )
+      if verdict.bad_batch:
+        self._run.consecutive_bad.assign(0)
+        self._bad_batch_diagnosis = self._bad_batch_diagnosis or verdict.diagnosis
+    open_bad = verdict is not None and verdict.bad_batch
+    lr_scale = float(variables.number(self._recovery.lr_scale))
+    quarantined = self._incidents.add_loop(
+      out,
+      leaf_names=self._leaf_names,
+      bad_inputs=self._bad_inputs,
+      lr_scale=lr_scale,
+      open_bad_batch=open_bad,
+      bad_batch_diagnosis=self._describe_bad_batches(out),
+    )
+    self._quarantine.write_loop(
+      out,
+      before,
+      stopped=stopped,
+      open_bad=open_bad,
+      rows=verdict.rows if open_bad else None,
+      diagnosis=self._bad_batch_diagnosis,
+    )
+    r = self._recovery
+    # A clean loop adds nothing: no eager op for it (the host's time per loop).
+    skipped = int(out.attempts) - int(out.applied)
+    if skipped:
+      r.skipped_total.assign_add(skipped)
+    if int(out.dropped_examples):
+      r.examples_dropped_total.assign_add(int(out.dropped_examples))
+    frequent = self._actions.note_bad_batches(quarantined, int(out.attempts))
+    if int(out.stop) == STOP_RAISE:
+      self._save()
+      raise BadInputError(
+        f"non-finite input at step {self._step() + 1}: "
+        f"{incidents.bad_leaves(out, self._leaf_names)} (guard.bad_inputs=raise). "
+        "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
+        "skip_batch to train past it."
+      )
+    roll_back = self._actions.roll_back
+    if not params_ok:
+      roll_back("nonfinite_params", why="a variable is non-finite after an update")
+    elif stopped and not open_bad:
+      roll_back(kind, why=verdict.why if verdict else "", diagnosis=verdict.diagnosis or None)
+    elif frequent:
+      why = self._actions.frequent_bad_batches_text()
+      r.bad_batch_rate.assign(0.0)
+      roll_back(kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
+    else:
+      finding = self._health.check(int(out.applied), float(out.norm_sum))
+      if finding is None:
+        self._actions.refill_budget()
+        return False, quarantined
+      roll_back(
+        finding.kind,
+        why="the run stopped learning without a non-finite value",
+        diagnosis=finding.diagnosis,
+      )
+    self._actions.refill_budget()
+    return True, quarantined
+
+  def _describe_bad_batches(self, out: LoopOutput) -> str:
+    """What the replay of a quarantined batch found: once per process, on the
+    first loop with one (the batch is stashed with one replica only)."""
+    if self._bad_batch_diagnosis or self._stash is None:
+      return self._bad_batch_diagnosis
+    kind = incidents.last_divergence(out)
+    if kinds.KINDS.index(kind) not in kinds.BATCH_BOUND or not any(
+      int(out.kind_counts[k]) for k in kinds.BATCH_BOUND
+    ):
+      return ""
+    batch = self._stash.batch()
+    if batch is None:
+      return ""
+    self._bad_batch_diagnosis = forensics.diagnose(
+      self._forensics, kind=kind, batch=batch, step=self._step() + 1
+    )
+    return self._bad_batch_diagnosis
+
+  def stop_reason(self, out: LoopOutput, *, signaled: bool) -> str:
+    """Why fit() stops after this loop: "completed" (not yet) unless the data
+    ended, a signal came, or no batch was usable (BadInputError)."""
+    if int(out.stop) == STOP_DATA_END:
+      logging.warning(
+        "The training data ended at step %d before train.steps=%d; "
+        "stopping cleanly (train.repeat_data is False).",
+        self._step(),
+        self._train_steps,
+      )
+      return "data_exhausted"
+    if not int(out.applied) and int(out.counts[kinds.SKIPPED_BATCH]) == int(out.attempts):
+      self._save()
+      raise BadInputError(
+        f"no usable batch in {int(out.attempts)} consecutive batches after step "
+        f"{self._step()}: every one had non-finite inputs "
+        f"({incidents.bad_leaves(out, self._leaf_names)}); clean the data or check the "
+        "input pipeline"
+      )
+    return "preempted" if signaled else "completed"

@@ -1,0 +1,375 @@
+"""Recovery: what happens when the guarded loop hands over a divergence.
+
+The policy lives here and nowhere else: roll back a diverging state to a
+healthy one with a lower learning rate (or further back when the run keeps
+failing from the same state), spend and refill the rollback budget, count bad
+batches and treat them as a diverging state once they are frequent, and stop
+with `DivergenceError` when the budget or the learning rate is spent. The
+compiled step never decides any of this; it only says that recovery is
+needed. Which cause a failure had (bad batch or diverging state) is
+`safetrain.triage`'s verdict.
+
+Rollback targets are the in-memory snapshots (`safetrain.snapshots`) and the
+disk checkpoints, newest first; a snapshot of the same step is preferred (it
+costs no read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import NoReturn
+
+import ml_collections
+import tensorflow as tf
+from absl import logging
+
+from safetrain.checkpoint.store import CORRUPT_DIR, CheckpointStore, step_of
+from safetrain.core import kinds, variables
+from safetrain.core.errors import DivergenceError
+from safetrain.records.incidents import IncidentLog
+from safetrain.recovery.snapshots import SnapshotRing
+from safetrain.training.state import DataState, RunState
+
+
+class RecoveryState(tf.Module):
+  """What the run has learned about itself. Never rolled back; checkpointed,
+  so a resumed run keeps its lowered learning rate and spent budget."""
+
+  def __init__(self):
+    super().__init__(name="recovery_state")
+    v = lambda x, name, dt=tf.int64: tf.Variable(x, dtype=dt, trainable=False, name=name)  # noqa: E731
+    self.lr_scale = v(1.0, "lr_scale", tf.float32)
+    self.rewarm_start = v(-1, "rewarm_start")
+    self.attempts = v(0, "attempts")
+    self.rollbacks_used = v(0, "rollbacks_used")
+    self.rollbacks_total = v(0, "rollbacks_total")
+    self.incidents_total = v(0, "incidents_total")
+    self.skipped_total = v(0, "skipped_total")
+    self.batches_skipped = v(0, "batches_skipped")
+    self.last_restored_step = v(-1, "last_restored_step")
+    self.budget_anchor_step = v(0, "budget_anchor_step")
+    # Bad batches: a moving average of their share of the attempts, and totals.
+    self.bad_batch_rate = v(0.0, "bad_batch_rate", tf.float32)
+    self.quarantined_total = v(0, "quarantined_total")
+    self.examples_dropped_total = v(0, "examples_dropped_total")
+
+  def snapshot(self) -> dict:
+    """{name: value} of every variable: what a resume must carry over."""
+    return {k: x.numpy().item() for k, x in vars(self).items() if isinstance(x, tf.Variable)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """`config.recovery`, typed (see safetrain.default_config())."""
+
+  enabled: bool
+  max_rollbacks: int
+  lr_backoff: float
+  min_lr_scale: float
+  data: str
+  rewarm_steps: int
+  budget_reset_steps: int
+  bad_batch_rate: float
+  bad_batch_window: int
+
+  @classmethod
+  def from_config(cls, recovery: ml_collections.ConfigDict) -> Policy:
+    return cls(**{f.name: recovery[f.name] for f in dataclasses.fields(cls)})
+
+
+def rollback_target(checkpoints: list[tuple[int, object]], last_restored: int):
+  """The checkpoint to roll back to: the newest one, or, when the run has not
+  got past the state the previous rollback restored (a new incident from the
+  same state), the newest one before that state (escalation).
+
+  Args:
+    checkpoints: (step, target) of the kept checkpoints (paths) and
+      snapshots, oldest first; at equal steps the preferred one last.
+    last_restored: the step the previous rollback restored, or -1.
+  """
+  if not checkpoints:
+    return None
+  newest_step, target = checkpoints[-1]
+  if last_restored >= 0 and newest_step <= last_restored:
+    older = [path for step, path in checkpoints if step < last_restored]
+    if older:
+      target = older[-1]
+  return target
+
+
+def _with_snapshots(checkpoints: list[tuple[int, str]], snapshots: list[tuple[int, int]]):
+  """The rollback candidates: the checkpoints, and the snapshots that are
+  either a checkpoint's state (the same step: restored from memory, recorded
+  on the checkpoint, exactly as a disk rollback) or newer than every
+  checkpoint (restored from memory, then saved). A snapshot between older
+  checkpoints is left out: escalation goes to disk, so that a rollback always
+  ends in a state a restart finds on disk, and a run killed at any moment
+  resumes bit-identical to an uninterrupted one. At equal steps the snapshot
+  comes last (preferred: no read)."""
+  disk = {step for step, _ in checkpoints}
+  newest = max(disk, default=-1)
+  usable = [(step, k) for step, k in snapshots if step in disk or step > newest]
+  merged = [(step, 0, path) for step, path in checkpoints] + [(step, 1, k) for step, k in usable]
+  merged.sort(key=lambda c: (c[0], c[1]))
+  return [(step, what) for step, _, what in merged]
+
+
+class Recovery:
+  """Carries out recovery for the trainer.
+
+  Args:
+    policy: the recovery settings.
+    state: the recovery state (checkpointed, never rolled back).
+    run: the run state (its step is what a rollback restores).
+    data: the data state (its position tells the batches a rollback skips).
+    checkpoints: the checkpoint store.
+    rollback_objects: what a rollback restores (model, optimizer, loss scale...).
+    replay_objects: returns what `recovery.data=replay` restores besides.
+    reseek: re-creates a data iterator that is not checkpointed at the data
+      position (after a replay), or None when the iterator is checkpointed.
+    healthy: whether every model and optimizer variable is finite.
+    agree: the chief's choice of checkpoint on every worker (a collective).
+    is_chief: whether this process writes and repairs the checkpoints.
+    incidents: the incident log.
+    diagnose: kind -> the diagnosis of the divergence (forensics).
+    snapshots: the in-memory snapshots, or None (disk checkpoints only).
+  """
+
+  def __init__(
+    self,
+    *,
+    policy: Policy,
+    state: RecoveryState,
+    run: RunState,
+    data: DataState,
+    checkpoints: CheckpointStore,
+    rollback_objects: dict,
+    replay_objects: Callable[[], dict],
+    reseek: Callable[[], None] | None,
+    healthy: Callable[[], bool],
+    agree: Callable[[str | None], str | None],
+    is_chief: bool,
+    incidents: IncidentLog,
+    diagnose: Callable[[str], str],
+    snapshots: SnapshotRing | None = None,
+  ):
+    self.policy = policy
+    self.state = state
+    self.run = run
+    self.data = data
+    self.checkpoints = checkpoints
+    self.rollback_objects = rollback_objects
+    self.replay_objects = replay_objects
+    self.reseek = reseek
+    self.healthy = healthy
+    self.agree = agree
+    self.is_chief = is_chief
+    self.incidents = incidents
+    self.diagnose = diagnose
+    self.snapshots = snapshots if snapshots is not None and snapshots.enabled else None
+
+  def roll_back(
+    self,
+    kind: str,
+    *,
+    cause: str = kinds.DIVERGING_STATE,
+    why: str = "",
+    diagnosis: str | None = None,
+  ) -> None:
+    """Rolls back a diverging state to a healthy one with a lower learning
+    rate, or raises DivergenceError when the budget or the rate is spent.
+
+    Args:
+      kind: the incident kind.
+      cause: recorded as the incident's `cause`.
+      why: the evidence for the cause, one sentence (the incident's `why`).
+      diagnosis: what was found; by default forensics on the offending batch.
+    """
+    p, s = self.policy, self.state
+    at_step = int(self.run.step.numpy()) + 1
+    if diagnosis is None:
+      diagnosis = self.diagnose(kind)
+    lr_before = float(s.lr_scale.numpy())
+    lr_after = lr_before * p.lr_backoff
+    reason = self._why_not(lr_after)
+    if reason is not None:
+      self.abort(kind, at_step, diagnosis, reason, lr_before, why=why)
+    position_before = int(self.data.position.numpy())
+    target, restored_position = self._restore_target(kind, at_step, diagnosis, lr_before)
+    restored_step = int(self.run.step.numpy())
+    if p.data == "replay" and self.reseek is not None:
+      self.reseek()
+    skipped = 0
+    if p.data == "skip":
+      skipped = position_before - restored_position
+      s.batches_skipped.assign_add(skipped)
+    s.lr_scale.assign(lr_after)
+    s.rollbacks_used.assign_add(1)
+    s.rollbacks_total.assign_add(1)
+    s.last_restored_step.assign(restored_step)
+    s.budget_anchor_step.assign(restored_step)
+    if p.rewarm_steps:
+      s.rewarm_start.assign(restored_step)
+    self.incidents.add(
+      step=at_step,
+      kind=kind,
+      action="rollback",
+      restored_step=restored_step,
+      lr_scale_before=lr_before,
+      lr_scale_after=lr_after,
+      batches_skipped=skipped,
+      diagnosis=diagnosis,
+      cause=cause,
+      why=why,
+      checkpoint=target if target.startswith("memory") else os.path.basename(target),
+    )
+    # Persist the lowered learning rate, spent budget and data position at
+    # once, so a kill right after this rollback resumes with them, as the
+    # uninterrupted run goes on: a small side state committed atomically on
+    # the checkpoint restored (never a rewrite of it); after a rollback to a
+    # snapshot newer than every checkpoint, a full save of the restored state.
+    if not target.startswith("memory"):
+      self.checkpoints.record_rollback(target, generation=int(s.rollbacks_total.numpy()))
+    elif restored_step in self._disk_steps():
+      path = dict(self.checkpoints.checkpoints())[restored_step]
+      self.checkpoints.record_rollback(path, generation=int(s.rollbacks_total.numpy()))
+    else:
+      self.checkpoints.save(restored_step)
+
+  def _disk_steps(self) -> list[int]:
+    return [step for step, _ in self.checkpoints.checkpoints()]
+
+  def note_bad_batches(self, quarantined: int, attempts: int) -> bool:
+    """Counts a loop's quarantined batches; True when bad batches have become
+    frequent (their moving share of the attempts over recovery.bad_batch_rate)."""
+    p, s = self.policy, self.state
+    if attempts <= 0:
+      return False
+    before = float(variables.number(s.bad_batch_rate))
+    if not quarantined and not before:
+      return False  # nothing to count and a rate of 0 stays 0: no eager ops
+    s.quarantined_total.assign_add(quarantined)
+    decay = (1.0 - 1.0 / p.bad_batch_window) ** attempts
+    rate = before * decay + quarantined / attempts * (1.0 - decay)
+    s.bad_batch_rate.assign(rate)
+    return quarantined > 0 and rate > p.bad_batch_rate
+
+  def frequent_bad_batches_text(self) -> str:
+    p = self.policy
+    rate = float(self.state.bad_batch_rate.numpy())
+    return (
+      f"bad batches became frequent: {100 * rate:.0f}% of the last ~{p.bad_batch_window} "
+      f"batches (recovery.bad_batch_rate={p.bad_batch_rate:g}), so the state, not the data, "
+      "is suspect"
+    )
+
+  def _why_not(self, lr_after: float) -> str | None:
+    """Why no rollback may happen now, or None."""
+    p = self.policy
+    used = int(self.state.rollbacks_used.numpy())
+    if not p.enabled:
+      return "recovery is disabled (recovery.enabled=False)"
+    if used >= p.max_rollbacks:
+      return (
+        f"the rollback budget is spent ({used} of recovery.max_rollbacks="
+        f"{p.max_rollbacks} within {p.budget_reset_steps} steps)"
+      )
+    if lr_after < p.min_lr_scale * (1 - 1e-6):
+      return (
+        f"the learning-rate scale would fall to {lr_after:.4g}, under "
+        f"recovery.min_lr_scale={p.min_lr_scale:.4g}"
+      )
+    return None
+
+  def _restore_target(self, kind: str, at_step: int, diagnosis: str, lr: float):
+    """Restores the rollback target; returns (its name or path, the data
+    position it was taken at).
+
+    The chief picks a target that reads back whole (a damaged one is set
+    aside first); every worker restores it, and one that restores non-finite
+    values is set aside too, and the next one tried.
+    """
+    while True:
+      target = self.agree(self._readable_target(kind) if self.is_chief else None)
+      if target is None:
+        corrupt = os.path.join(self.checkpoints.directory, CORRUPT_DIR)
+        reason = f"no checkpoint is left to roll back to (unusable ones were moved to {corrupt})"
+        self.abort(kind, at_step, diagnosis, reason, lr)
+      if isinstance(target, int):  # a snapshot slot
+        slot = self.snapshots.restore(target)
+        return f"memory snapshot of step {slot.step}", slot.position
+      data = self.replay_objects() if self.policy.data == "replay" else None
+      self.checkpoints.restore_rollback(target, self.rollback_objects, data=data)
+      if self.healthy():
+        if self.snapshots is not None:
+          self.snapshots.drop_after(step_of(target))
+        return target, self.checkpoints.position_of(target)
+      if self.is_chief:
+        self.checkpoints.set_aside(target, "it restores non-finite values")
+
+  def _readable_target(self, kind: str) -> str | int | None:
+    """`rollback_target` among the snapshots (slot numbers) and the
+    checkpoints that read back whole (paths).
+
+    A run that stopped learning (`stalled`, `dead_units`) goes to disk: the
+    collapse builds up over loops, so the newest snapshots, taken after a
+    check that found nothing yet, already hold half-dead states.
+    """
+    last_restored = int(self.state.last_restored_step.numpy())
+    memory = kind not in ("stalled", "dead_units")
+    while True:
+      candidates = [(step, path) for step, path in self.checkpoints.checkpoints()]
+      if self.snapshots is not None and memory:
+        candidates = _with_snapshots(candidates, self.snapshots.targets())
+      target = rollback_target(candidates, last_restored)
+      if target is None or isinstance(target, int):
+        return target
+      problem = self.checkpoints.check_readable(target)
+      if problem is None:
+        return target
+      self.checkpoints.set_aside(target, problem)
+
+  def refill_budget(self) -> None:
+    """Refills the rollback budget after `budget_reset_steps` healthy steps."""
+    s = self.state
+    if int(variables.number(s.rollbacks_used)) == 0:
+      return
+    healthy_steps = int(variables.number(self.run.step)) - int(
+      variables.number(s.budget_anchor_step)
+    )
+    if healthy_steps >= self.policy.budget_reset_steps:
+      logging.info("Rollback budget refilled after %d healthy steps.", healthy_steps)
+      s.rollbacks_used.assign(0)
+
+  def abort(
+    self, kind: str, at_step: int, diagnosis: str, reason: str, lr: float, why: str = ""
+  ) -> NoReturn:
+    """Records the abort and raises DivergenceError with the diagnosis."""
+    s = self.state
+    last = self.checkpoints.latest_path()
+    evidence = f" ({why})" if why else ""
+    text = (
+      f"Training diverged at step {at_step} ({kind}{evidence}): {diagnosis} Over this run: "
+      f"{self.incidents.tally() or kind}; {int(s.rollbacks_total.numpy())} rollbacks, "
+      f"learning-rate scale now {lr:.4g}, {int(s.batches_skipped.numpy())} batches skipped. "
+      f"Stopping because {reason}. The last healthy checkpoint is intact: {last}. Try a lower "
+      "optimizer.learning_rate, normalized inputs, or a tighter clip.global_norm."
+    )
+    self.incidents.add(
+      step=at_step,
+      kind=kind,
+      action="abort",
+      lr_scale_before=lr,
+      lr_scale_after=lr,
+      diagnosis=text,
+      cause=kinds.DIVERGING_STATE,
+      why=why,
+    )
+    raise DivergenceError(
+      text,
+      step=int(self.run.step.numpy()),
+      last_healthy_checkpoint=last,
+      incidents=list(self.incidents.records),
+    )

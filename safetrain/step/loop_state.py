@@ -1,0 +1,284 @@
+"""What the compiled loop carries from one attempt to the next, and reports.
+
+The loop's own bookkeeping (counters, tallies per step class and incident
+kind, sums, the steps where each kind was first and last seen) is carried as
+a few packed vectors and moved by one fused update per attempt (`fold`):
+every loop-carried tensor costs executor nodes on every iteration, and twenty
+scalars cost more than the step's own arithmetic on a small model. `output`
+unpacks them once per loop into `LoopOutput`, the named tuple the host reads.
+
+Everything here is a pure function of tensors, testable without a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from safetrain.core import kinds
+from safetrain.step import bad_batches
+
+# Why a loop ended before its `n` updates.
+STOP_NONE, STOP_ROLLBACK, STOP_DATA_END, STOP_RAISE = range(4)
+NUM_CLASSES = len(kinds.CLASSES)
+NUM_KINDS = kinds.IN_GRAPH
+# Step sums: dropped input rows, loss and pre-clip norm of good steps,
+# dropped examples, attempts that dropped examples.
+NUM_SUMS = 5
+# `LoopState.counters`, in order.
+RUN_STEP, RUN_ATTEMPT, APPLIED, ATTEMPTS, BAD_RUN, LAST_GOOD, STOP = range(7)
+# `LoopState.tallies`: class counts, then kind counts, then the sums.
+_KINDS_AT = NUM_CLASSES
+_SUMS_AT = NUM_CLASSES + NUM_KINDS
+
+
+class LoopOutput(NamedTuple):
+  """What one call of the compiled loop reports (tensors; `.numpy()` once).
+
+  Attributes:
+    applied: good steps, i.e. updates applied.
+    attempts: steps attempted, skipped ones included.
+    counts: int64[4], attempts per step class (`kinds.CLASSES`).
+    kind_counts: int64[K], attempts per incident kind (`kinds.KINDS`).
+    kind_first, kind_last: int64[K], the step number (applied + 1 at the
+      time) of each kind's first and last occurrence, or -1.
+    loss_sum, norm_sum: sums over good steps of the loss and pre-clip norm.
+    norm_max: the largest pre-clip norm of a good step.
+    last_loss: the loss of the last attempt (NaN if it was not finite).
+    dropped: input rows dropped by the input guard.
+    stop: STOP_NONE, or why the loop ended early.
+    lr: the learning rate of the last update.
+    leaf_bad, cols: int32[L], bad rows and first bad column per float leaf.
+    metric_sums: {name: sum over good steps} of compute_loss's metrics.
+    dropped_examples: examples dropped from per-example losses, and
+      dropped_example_steps: the attempts that dropped some.
+    last_good: the run's attempt number of the loop's last good step, or -1.
+    open_kinds: int64[K], per kind, the divergent attempts since the last
+      good one (the open run that may end the loop for recovery).
+    quarantine: the last bad-batch and dropped-example attempts
+      (`bad_batches.Buffer` as numpy).
+    params_finite: whether every model and optimizer variable was finite
+      when the loop ended (the host's health check, computed in the graph).
+  """
+
+  applied: Any
+  attempts: Any
+  counts: Any
+  kind_counts: Any
+  kind_first: Any
+  kind_last: Any
+  loss_sum: Any
+  norm_sum: Any
+  norm_max: Any
+  last_loss: Any
+  dropped: Any
+  stop: Any
+  lr: Any
+  leaf_bad: Any
+  cols: Any
+  metric_sums: Any
+  dropped_examples: Any = 0
+  dropped_example_steps: Any = 0
+  last_good: Any = -1
+  open_kinds: Any = None
+  quarantine: Any = None
+  params_finite: Any = True
+
+
+class LoopVariables(NamedTuple):
+  """The variables the loop reads at its start and writes at its end."""
+
+  step: tf.Variable  # applied updates of the run
+  consecutive_bad: tf.Variable  # divergent attempts in a row, across loops
+  attempts: tf.Variable  # attempts of the run (never rolled back)
+  position: tf.Variable  # batches consumed
+
+
+class Outcome(NamedTuple):
+  """What one attempt decided, from the replica step (replica 0's copy).
+
+  Attributes:
+    step_class: int32, `kinds.CLASSES` index.
+    tally: float32[4 + K + NUM_SUMS], the attempt's class one-hot, kind
+      one-hot (rows dropped add nonfinite_inputs) and sums, added to
+      `LoopState.tallies` in one op.
+    loss: the attempt's loss; norm_good / limit: the pre-clip norm of a good
+      step (else 0) and the clipping threshold used.
+    leaf_bad, cols: the input guard's per-leaf findings.
+    metrics: {name: metric of a good step, else 0}.
+    q_hit, q_info: whether the attempt is a quarantine entry, and the entry.
+  """
+
+  step_class: tf.Tensor
+  tally: tf.Tensor
+  loss: tf.Tensor
+  norm_good: tf.Tensor
+  limit: tf.Tensor
+  leaf_bad: tf.Tensor
+  cols: tf.Tensor
+  metrics: dict
+  q_hit: tf.Tensor
+  q_info: tf.Tensor
+
+
+class LoopState(NamedTuple):
+  """The loop-carried state of one call, packed."""
+
+  counters: tf.Tensor  # int64[7]: RUN_STEP .. STOP
+  tallies: tf.Tensor  # float32[4 + K + NUM_SUMS]: class counts, kind counts, sums
+  open_kinds: tf.Tensor  # float32[K]: divergent attempts per kind since the last good
+  kind_steps: tf.Tensor  # int64[2, K]: first and last step of each kind, or -1
+  extremes: tf.Tensor  # float32[2]: largest good norm, last loss
+  inputs: tf.Tensor  # int32[2, L]: bad rows and first bad column per float leaf
+  metrics: dict
+  spike: tf.Tensor  # float32[5], SpikeDetector.read()
+  clip: tuple
+  quarantine: bad_batches.Buffer
+
+
+def initial(variables: LoopVariables, *, leaves: int, metric_names, spike, clip) -> LoopState:
+  """The state at the start of a loop, from the run's variables."""
+  zero = tf.constant(0, tf.int64)
+  return LoopState(
+    counters=tf.stack(
+      [
+        variables.step.read_value(),
+        variables.attempts.read_value(),
+        zero,
+        zero,
+        variables.consecutive_bad.read_value(),
+        tf.constant(-1, tf.int64),
+        tf.constant(STOP_NONE, tf.int64),
+      ]
+    ),
+    tallies=tf.zeros([_SUMS_AT + NUM_SUMS]),
+    open_kinds=tf.zeros([NUM_KINDS]),
+    kind_steps=tf.fill([2, NUM_KINDS], tf.constant(-1, tf.int64)),
+    extremes=tf.constant([0.0, float("nan")]),
+    inputs=tf.stack([tf.zeros([leaves], tf.int32), tf.fill([leaves], -1)]),
+    metrics={k: tf.constant(0.0) for k in metric_names},
+    spike=spike,
+    clip=clip,
+    quarantine=bad_batches.empty(),
+  )
+
+
+def tally(step_class, kind, dropped_rows, sums) -> tf.Tensor:
+  """An attempt's `Outcome.tally`: class and kind one-hots, and its sums.
+
+  Rows dropped are a nonfinite_inputs occurrence whatever the step became.
+  (one_hot of NO_KIND, -1, is all zeros.)
+  """
+  extra_inputs = (dropped_rows > 0) & (kind != kinds.NONFINITE_INPUTS)
+  kind_hot = tf.one_hot(kind, NUM_KINDS) + tf.one_hot(
+    tf.where(extra_inputs, kinds.NONFINITE_INPUTS, -1), NUM_KINDS
+  )
+  return tf.concat([tf.one_hot(step_class, NUM_CLASSES), kind_hot, sums], 0)
+
+
+def fold(
+  s: LoopState,
+  o: Outcome,
+  *,
+  rollback_after: int,
+  raise_on_bad_inputs: bool,
+  spike,
+  clip,
+  track_inputs: bool,
+) -> LoopState:
+  """The state after one attempt.
+
+  The run's counters are carried absolute and moved by one add each: sums
+  like base + count + 1 become an AddN that Grappler's memory optimizer
+  turns into a TemporaryVariable, which leaks across while-loop iterations
+  on large models (AlreadyExistsError on the next call).
+  """
+  run_step, run_attempt, applied, attempts, bad_run, last_good, stop = tf.unstack(s.counters)
+  good = o.step_class == kinds.GOOD
+  g = tf.cast(good, tf.int64)
+  attempt_now = run_attempt + 1
+  step_now = run_step + 1
+  bad_run = tf.where(good, tf.constant(0, tf.int64), bad_run) + tf.cast(
+    o.step_class == kinds.DIVERGENCE, tf.int64
+  )
+  stop = tf.where(bad_run >= rollback_after, tf.constant(STOP_ROLLBACK, tf.int64), stop)
+  if raise_on_bad_inputs:
+    stop = tf.where(o.step_class == kinds.SKIPPED_BATCH, tf.constant(STOP_RAISE, tf.int64), stop)
+  kind_hot = o.tally[_KINDS_AT:_SUMS_AT]
+  hit = kind_hot > 0
+  first_seen = hit & (s.kind_steps[0] < 0)
+  return LoopState(
+    counters=tf.stack(
+      [
+        run_step + g,
+        attempt_now,
+        applied + g,
+        attempts + 1,
+        bad_run,
+        tf.where(good, attempt_now, last_good),
+        stop,
+      ]
+    ),
+    tallies=s.tallies + o.tally,
+    open_kinds=tf.where(good, tf.zeros_like(s.open_kinds), s.open_kinds + kind_hot),
+    kind_steps=tf.where(tf.stack([first_seen, hit]), step_now, s.kind_steps),
+    extremes=tf.stack([tf.maximum(s.extremes[0], o.norm_good), o.loss]),
+    inputs=(
+      tf.stack([s.inputs[0] + o.leaf_bad, tf.where(s.inputs[1] < 0, o.cols, s.inputs[1])])
+      if track_inputs
+      else s.inputs
+    ),
+    metrics={k: v + o.metrics[k] for k, v in s.metrics.items()},
+    spike=spike.observe(s.spike, o.loss, good),
+    clip=clip.observe(s.clip, o.norm_good, o.limit, good),
+    quarantine=bad_batches.record(s.quarantine, o.q_hit, attempt_now, step_now, o.q_info),
+  )
+
+
+def loop_length(step: int, *, train_steps: int, steps_per_loop: int, every: tuple) -> int:
+  """The updates of the next loop: up to `steps_per_loop`, ending at
+  `train_steps` or at the next multiple of each of `every` (checkpoints,
+  evaluations; 0 is none)."""
+  bounds = [train_steps] + [(step // e + 1) * e for e in every if e]
+  return max(1, min(min(bounds) - step, steps_per_loop))
+
+
+def running(s: LoopState, n: tf.Tensor, max_attempts: tf.Tensor) -> tf.Tensor:
+  """Whether the loop goes on: fewer than `n` applied, attempts left, no stop."""
+  c = s.counters
+  return (c[APPLIED] < n) & (c[ATTEMPTS] < max_attempts) & (c[STOP] == STOP_NONE)
+
+
+def with_stop(s: LoopState, why: int) -> LoopState:
+  return s._replace(counters=tf.tensor_scatter_nd_update(s.counters, [[STOP]], [why]))
+
+
+def output(s: LoopState, *, lr: tf.Tensor, params_finite: tf.Tensor) -> LoopOutput:
+  """The loop's report, unpacked from its final state."""
+  c, t = s.counters, s.tallies
+  sums = t[_SUMS_AT:]
+  return LoopOutput(
+    applied=c[APPLIED],
+    attempts=c[ATTEMPTS],
+    counts=tf.cast(t[:_KINDS_AT], tf.int64),
+    kind_counts=tf.cast(t[_KINDS_AT:_SUMS_AT], tf.int64),
+    kind_first=s.kind_steps[0],
+    kind_last=s.kind_steps[1],
+    loss_sum=sums[1],
+    norm_sum=sums[2],
+    norm_max=s.extremes[0],
+    last_loss=s.extremes[1],
+    dropped=tf.cast(sums[0], tf.int64),
+    stop=tf.cast(c[STOP], tf.int32),
+    lr=lr,
+    leaf_bad=s.inputs[0],
+    cols=s.inputs[1],
+    metric_sums=s.metrics,
+    dropped_examples=tf.cast(sums[3], tf.int64),
+    dropped_example_steps=tf.cast(sums[4], tf.int64),
+    last_good=c[LAST_GOOD],
+    open_kinds=tf.cast(s.open_kinds, tf.int64),
+    quarantine=s.quarantine,
+    params_finite=params_finite,
+  )

@@ -1,0 +1,1 @@
+"""The workdir's storage: durable JSON-lines files and the workdir lock."""

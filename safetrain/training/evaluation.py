@@ -1,0 +1,120 @@
+"""Evaluation: the mean of the loss and metrics over the examples seen.
+
+Every batch counts by its rows, on one device as on several replicas, so a
+short last batch weighs what its examples weigh and the result equals Keras
+`model.evaluate` on the same data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+from absl import logging
+
+from safetrain.core.errors import WorkdirError
+
+EXAMPLES = "examples"
+
+
+class Evaluator:
+  """Runs a compiled evaluation step over an eval dataset.
+
+  Args:
+    strategy: the distribution strategy the model lives under.
+    build_dataset: returns the eval dataset (called once, on first use), or
+      None for no evaluation.
+    compute_loss: batch -> (loss, {name: metric}), each the mean over the
+      batch's rows (the trainer's compute_loss with training=False).
+    steps: batches per evaluation; 0 evaluates the whole dataset.
+    metrics: the stateful Keras metrics of evaluation (`MetricSet`), reset
+      at the start of every evaluation, or None; compute_loss then returns
+      y_pred as a third element.
+  """
+
+  def __init__(
+    self,
+    *,
+    strategy: tf.distribute.Strategy,
+    build_dataset: Callable[[], tf.data.Dataset | None],
+    compute_loss: Callable,
+    steps: int,
+    metrics=None,
+  ):
+    self._strategy = strategy
+    self._build_dataset = build_dataset
+    self._compute_loss = compute_loss
+    self._steps = steps
+    self._metrics = metrics or None
+    self._dataset = None
+    self._built = False
+    # A short last batch has another shape: one generic trace, not one per shape.
+    self._step_fn = tf.function(self._step, reduce_retracing=True)
+
+  def __call__(self) -> dict[str, float]:
+    """Evaluates once.
+
+    Returns:
+      {name: mean over the examples} for the loss and every metric, plus
+      `examples`, how many were evaluated; {} when there is no eval dataset.
+    """
+    if not self._built:
+      dataset = self._build_dataset()
+      if dataset is not None:
+        self._dataset = self._strategy.experimental_distribute_dataset(dataset)
+      self._built = True
+    if self._dataset is None:
+      return {}
+    totals: dict[str, float] = {}
+    rows = 0.0
+    if self._metrics is not None:
+      self._metrics.reset()
+    for batches, batch in enumerate(self._dataset, 1):
+      sums, n = self._step_fn(batch)
+      rows += float(n)
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      if self._steps and batches >= self._steps:
+        break
+    if not rows:
+      logging.warning("The eval dataset yielded no examples; nothing was evaluated.")
+      return {}
+    out = {k: v / rows for k, v in totals.items()}
+    if self._metrics is not None:
+      out.update(self._metrics.results())
+    out[EXAMPLES] = int(rows)
+    return out
+
+  def _step(self, batch):
+    """Sums over the batch of each replica's means times its rows."""
+
+    def replica(batch):
+      rows = tf.shape(tf.nest.flatten(batch)[0])[0]
+      loss, metrics, *pred = self._compute_loss(batch)
+      if self._metrics is not None:
+        self._metrics.update(batch, pred[0])
+      w = tf.cast(rows, tf.float32)
+      # A replica's shard of a short last batch may be empty, and its mean NaN.
+      out = {k: tf.where(rows > 0, v * w, 0.0) for k, v in dict(metrics, loss=loss).items()}
+      return out, w
+
+    sums, rows = self._strategy.run(replica, args=(batch,))
+    reduce = lambda v: self._strategy.reduce("sum", v, axis=None)  # noqa: E731
+    return {k: reduce(v) for k, v in sums.items()}, reduce(rows)
+
+
+def restore_model(checkpoints, model, healthy: Callable[[], bool]) -> str:
+  """Loads the newest committed checkpoint of `checkpoints` (a
+  CheckpointStore) that reads back finite (`healthy`) into `model`, without
+  repairing or moving anything (a run may be writing); returns its path.
+  WorkdirError when there is none."""
+  path = checkpoints.restore_model_readonly(
+    dict(model=model, model_variables=list(model.variables)), healthy=healthy
+  )
+  if path is None:
+    raise WorkdirError(
+      f"no healthy checkpoint in {checkpoints.directory}: train first "
+      "(fit()), or point the trainer at the workdir of a trained run"
+    )
+  logging.info("Restored the model of %s (read-only)", path)
+  return path

@@ -1,0 +1,103 @@
+"""The run's own variables, checkpointed with it.
+
+`RunState` rolls back with the model; `DataState` (the data position and what
+the data looked like) rolls back only with `recovery.data=replay`. What the run
+learns about itself and never rolls back is `recovery.RecoveryState`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from absl import logging
+
+from safetrain.core import config as config_lib
+from safetrain.training import data as data_lib
+
+
+def _int_var(value: int, name: str) -> tf.Variable:
+  return tf.Variable(value, dtype=tf.int64, trainable=False, name=name)
+
+
+class RunState(tf.Module):
+  """The step counter and the guard's open divergence; rolls back.
+
+  Args:
+    precision: the policy the run trains under. Kept as an index into
+      config.POLICIES (strings cannot be mirrored over replicas): a resume
+      under another policy starts the loss scale afresh.
+  """
+
+  def __init__(self, precision: str):
+    super().__init__(name="run_state")
+    self.step = _int_var(0, "step")
+    self.consecutive_bad = _int_var(0, "consecutive_bad")
+    self.precision = _int_var(config_lib.POLICIES.index(precision), "precision")
+
+
+class DataState(tf.Module):
+  """Batches consumed, and hashes of what the data looked like, compared on
+  resume with the dataset the resumed run builds."""
+
+  def __init__(self, data: data_lib.TrainData):
+    super().__init__(name="data_state")
+    self.position = _int_var(0, "position")
+    self.spec = _int_var(data_lib.hash64(data.spec_text), "spec")
+    self.rows = _int_var(data.batch_rows or 0, "rows")
+    self.fingerprint = _int_var(data_lib.hash64(data.fingerprint), "fingerprint")
+
+  def describe(self, data: data_lib.TrainData) -> None:
+    """Records `data` as the dataset of the checkpoints to come."""
+    self.spec.assign(data_lib.hash64(data.spec_text))
+    self.rows.assign(data.batch_rows or 0)
+    self.fingerprint.assign(data_lib.hash64(data.fingerprint))
+
+  def resume(self, data: data_lib.TrainData, *, checkpointed: bool, iterator_restored: bool):
+    """Checks a restored checkpoint's data against this run's dataset.
+
+    A checkpointed iterator that does not fit this run's pipeline (its
+    definition or element spec changed: another train.batch_size, a new map)
+    is re-created from build_train_dataset() at the same number of examples
+    in. A dataset whose first batch changed (the data was fixed) is said once
+    in the log.
+
+    Args:
+      data: this run's training data.
+      checkpointed: whether its iterator is part of the checkpoint.
+      iterator_restored: whether the restore could restore that iterator.
+
+    Returns:
+      The re-created iterator, or None when the restored one serves (or the
+      iterator is not checkpointed, and found by position by the caller).
+    """
+    changed = int(self.spec.numpy()) != data_lib.hash64(data.spec_text)
+    iterator = None
+    if checkpointed and (changed or not iterator_restored):
+      saved_rows, position = int(self.rows.numpy()), int(self.position.numpy())
+      if saved_rows and data.batch_rows:
+        position = position * saved_rows // data.batch_rows
+      what = (
+        f"The data changed shape since the checkpoint (batches of {saved_rows or '?'} rows "
+        f"then, {data.spec_text} now)"
+        if changed
+        else "The input pipeline's definition changed since the checkpoint"
+      )
+      logging.warning(
+        "%s: the data iterator is re-created from build_train_dataset() at batch %d (the "
+        "same number of examples in) instead of restored, so the batch order from here "
+        "differs from an uninterrupted run.",
+        what,
+        position,
+      )
+      self.position.assign(position)
+      iterator = data.iterator(position, checkpointed=True)
+    if int(self.fingerprint.numpy()) != data_lib.hash64(data.fingerprint):
+      logging.warning(
+        "The first training batch differs from the one the checkpointed run read: the "
+        "data (or an unseeded shuffle) changed. %s",
+        "The rest of the current epoch still comes from the checkpointed iterator's "
+        "buffers (the old data); the new data is read from the next pass on."
+        if checkpointed and iterator is None
+        else "The iterator was re-created from the new data.",
+      )
+    self.describe(data)
+    return iterator
