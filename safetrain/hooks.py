@@ -117,7 +117,7 @@ class TrainerHooks:
   def callbacks(self) -> list[keras.callbacks.Callback]:
     """Returns Keras callbacks to run between inner loops (default: none).
 
-    See README ("Actions and Keras callbacks") for the mapping of Keras's
+    See docs/callbacks.md for the mapping of Keras's
     hooks onto inner loops and evaluations, and which callbacks are refused.
     Called once, when the trainer is built.
     """

@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   # tf.config.experimental.enable_op_determinism(): bit-exact CPU reruns.
   c.train.deterministic = False
   # XLA for compute_loss and its gradient (the guard, update and loop stay
-  # TensorFlow's): for GPUs; slower on a 2-core CPU. README "Speed".
+  # TensorFlow's): for GPUs; slower on a 2-core CPU. docs/speed.md.
   c.train.jit_compile = False
 
   c.eval = ml_collections.ConfigDict()
