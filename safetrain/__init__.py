@@ -16,9 +16,13 @@ from safetrain.storage.jsonl import read_jsonl
 # command must own that time (a Ctrl-C in it stops the command cleanly).
 _LAZY = {
   "FitResult": "safetrain.trainer",
+  "KerasFitResult": "safetrain.keras_fit",
   "LoopRecord": "safetrain.training.actions",
   "Trainer": "safetrain.trainer",
   "unpack_batch": "safetrain.training.data",
+  # safetrain.fit: a compiled Keras model, as model.fit takes it. Its module
+  # is keras_fit, not fit: a submodule `fit` would shadow this function.
+  "fit": "safetrain.keras_fit",
 }
 
 
@@ -35,11 +39,13 @@ __all__ = [
   "ConfigError",
   "DivergenceError",
   "FitResult",
+  "KerasFitResult",
   "LoopRecord",
   "PreflightError",
   "Trainer",
   "WorkdirError",
   "default_config",
+  "fit",
   "read_jsonl",
   "unpack_batch",
   "validate",

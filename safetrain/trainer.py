@@ -122,7 +122,10 @@ class Trainer(TrainerHooks):
     self._health_state = health.HealthState()
 
     self._train_data = data_lib.TrainData(
-      self.build_train_dataset, repeat=c.train.repeat_data, strategy=self._strategy
+      self.build_train_dataset,
+      repeat=c.train.repeat_data,
+      strategy=self._strategy,
+      class_weight=config_lib.class_weights(c.class_weight),
     )
     self._element_spec = self._train_data.element_spec
     self._first_batch = self._train_data.first_batch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import re
 
 import ml_collections
@@ -44,6 +45,12 @@ def default_config() -> ml_collections.ConfigDict:
   # Loss used by the default `Trainer.compute_loss`: any keras.losses name, or
   # softmax_cross_entropy / sigmoid_cross_entropy (from logits).
   c.loss = "mse"
+  # Per-class weights of the training examples, as Keras fit's class_weight:
+  # {class index: weight}, e.g. {0: 1.0, 1: 5.0}; a class not listed weighs
+  # 1. Each training batch's sample weight becomes the weight of its integer
+  # label (rounded, or the argmax of a one-hot label), multiplied into the
+  # batch's own sample_weight; evaluation is not weighted. {}: off.
+  c.class_weight = ml_collections.ConfigDict()
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -283,6 +290,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "seed", 0, MAX_SEED)
   _check(isinstance(config.trainer, str), "trainer", config.trainer, "a class name")
   _check(isinstance(config.loss, str) and config.loss, "loss", config.loss, "a keras.losses name")
+  class_weights(config.class_weight)
   _int(config, "train.steps", 1, MAX_STEPS)
   _int(config, "train.batch_size", 1, MAX_INT32)
   _int(config, "train.steps_per_loop", 1, MAX_STEPS)
@@ -408,16 +416,43 @@ def fit_to_steps(config: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
   return config, notes
 
 
+def class_weights(value, field: str = "class_weight") -> dict[int, float]:
+  """`config.class_weight` (or a Keras-style class_weight dict) as {int: float}.
+
+  Keys are class indices (ints >= 0; digit strings too, as config.json
+  writes them), values finite weights >= 0. Raises ConfigError naming
+  `field` and the entry otherwise.
+  """
+  allowed = "a dict {class index (an int >= 0): weight (a finite number >= 0)}, e.g. {0: 1, 1: 5}"
+  if value is None:
+    return {}
+  if not hasattr(value, "items"):
+    raise ConfigError(field, value, allowed)
+  plain = dict(value.items())
+  weights = {}
+  for key, weight in plain.items():
+    if isinstance(key, str) and key.isdigit():
+      key = int(key)
+    ok = isinstance(key, numbers.Integral) and not isinstance(key, bool) and 0 <= key <= MAX_INT32
+    ok = ok and isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+    if not (ok and math.isfinite(weight) and weight >= 0):
+      raise ConfigError(field, plain, f"{allowed} (not {key!r}: {weight!r})")
+    weights[int(key)] = float(weight)
+  return weights
+
+
 def _check_keys(config, expected, prefix: str) -> None:
   """Unknown or missing keys (from a hand-built ConfigDict) are errors too."""
   for key in config.keys():
+    if prefix + str(key) == "class_weight":
+      continue  # its keys are class indices, checked by class_weights()
     if key not in expected:
       raise ConfigError(prefix + key, config[key], "unknown key; see safetrain.default_config()")
   for key in expected.keys():
     name = prefix + key
     if key not in config:
       raise ConfigError(name, None, "missing; start from safetrain.default_config()")
-    if isinstance(expected[key], ml_collections.ConfigDict):
+    if isinstance(expected[key], ml_collections.ConfigDict) and name != "class_weight":
       _check(
         isinstance(config[key], ml_collections.ConfigDict), name, config[key], "a config group"
       )

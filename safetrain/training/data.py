@@ -52,6 +52,62 @@ def unpack_batch(batch):
   )
 
 
+def class_weighted(dataset: tf.data.Dataset, class_weight: dict[int, float]) -> tf.data.Dataset:
+  """`dataset` with each batch's sample weight multiplied by its labels'
+  class weights, as Keras `fit(class_weight=...)` turns them into sample
+  weights: the class of a label is its rounded value, or the argmax of a
+  one-hot (last axis > 1) label; a class not in `class_weight` weighs 1.
+
+  The batches must be `(x, y)`, `(x, y, sample_weight)` or dicts with "x"
+  and "y" (the layouts the default compute_loss reads), with one label
+  tensor `y`; they come out as `(x, y, sample_weight)` (dicts with a
+  "sample_weight" key). Keras refuses class_weight together with
+  sample_weight; here they multiply.
+  """
+  spec = dataset.element_spec
+  if isinstance(spec, dict):
+    y_spec = spec.get("y")
+    ok = "x" in spec and "y" in spec
+  else:
+    y_spec = spec[1] if isinstance(spec, tuple) and len(spec) in (2, 3) else None
+    ok = y_spec is not None
+  if not ok or not isinstance(y_spec, tf.TensorSpec):
+    raise BadInputError(
+      "config.class_weight needs batches (x, y), (x, y, sample_weight) or dicts with 'x' and "
+      f"'y', with one label tensor y; the training dataset yields {describe_spec(spec)}"
+    )
+  size = max(class_weight) + 1
+  table = tf.constant([class_weight.get(c, 1.0) for c in range(size)], tf.float32)
+
+  def weights(y):
+    if y.shape.rank is not None and y.shape.rank >= 2 and y.shape[-1] != 1:
+      classes = tf.argmax(y, axis=-1, output_type=tf.int32)
+    else:
+      if y.shape.rank is not None and y.shape.rank >= 2:
+        y = tf.squeeze(y, axis=-1)
+      classes = tf.cast(tf.round(tf.cast(y, tf.float32)), tf.int32)
+    known = (classes >= 0) & (classes < size)
+    return tf.where(known, tf.gather(table, tf.clip_by_value(classes, 0, size - 1)), 1.0)
+
+  def times(sample_weight, w):
+    if sample_weight is None:
+      return w
+    w = tf.cast(w, sample_weight.dtype)
+    # Per-row weights against a [batch, 1] or per-timestep sample weight.
+    extra = sample_weight.shape.rank - 1 if sample_weight.shape.rank else 0
+    return sample_weight * tf.reshape(w, [-1] + [1] * extra)
+
+  def add(*batch):
+    if isinstance(batch[0], dict) and len(batch) == 1:
+      batch = dict(batch[0])
+      batch["sample_weight"] = times(batch.get("sample_weight"), weights(batch["y"]))
+      return batch
+    x, y, sample_weight = (*batch, None) if len(batch) == 2 else batch
+    return x, y, times(sample_weight, weights(y))
+
+  return dataset.map(add)
+
+
 def describe_spec(spec) -> str:
   """A short, stable text of an element spec: "(float32[64, 2], int32[64])"."""
   parts = tf.nest.map_structure(lambda s: f"{s.dtype.name}{s.shape.as_list()}", spec)
@@ -127,6 +183,8 @@ class TrainData:
       again whenever the iterator is re-created by position.
     repeat: repeat the dataset when it ends (`train.repeat_data`).
     strategy: the distribution strategy whose replicas share the batches.
+    class_weight: {class: weight} multiplied into each batch's sample weight
+      (`config.class_weight`, see `class_weighted`), or None.
   """
 
   def __init__(
@@ -135,8 +193,10 @@ class TrainData:
     *,
     repeat: bool,
     strategy: tf.distribute.Strategy,
+    class_weight: dict[int, float] | None = None,
   ):
     self._build = build
+    self.class_weight = class_weight or None
     self.repeat = repeat
     self.strategy = strategy
     dataset, self.first_batch, self.stateful = self._prepare()
@@ -160,6 +220,8 @@ class TrainData:
         f"build_train_dataset() returned {type(dataset).__name__}, not a tf.data.Dataset"
       )
     check_element_spec(dataset.element_spec)
+    if self.class_weight:
+      dataset = class_weighted(dataset, self.class_weight)
     if self.repeat:
       dataset = dataset.repeat()
     first = iter(dataset.take(1))
