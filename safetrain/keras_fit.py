@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 from keras.src import backend as keras_backend
+from keras.src.losses import loss as loss_module
 from keras.src.trainers import compile_utils
 
 from safetrain.core import compat
@@ -372,7 +373,10 @@ def _array_dataset(
     if shuffle == "batch":
       # Batches in order, the rows within each one shuffled.
       key = tf.cast(rows // batch_size, tf.float32) * 2.0 + key
-    return tf.argsort(key, stable=True, output_type=tf.int32)
+    return tf.argsort(
+      key,
+      stable=True,
+    )
 
   def batches(epoch):
     rows = tf.cast(order(epoch), tf.int64)
@@ -522,15 +526,25 @@ def _per_example_allowed(compile_loss) -> bool:
 
 class _PerExample:
   """A compiled Keras loss with no reduction, averaged over the non-batch
-  axes: one value per example, sample weights applied as Keras applies them."""
+  axes: one value per example, sample weights applied as Keras applies them
+  (`Loss.__call__` with reduction None; the loss object is not copied:
+  Keras copies a Loss by serializing it, which a custom class may not allow)."""
 
   def __init__(self, loss: keras.losses.Loss):
-    self.loss = copy.copy(loss)
-    self.loss.reduction = None
+    self.loss = loss
     self.name = loss.name
 
   def __call__(self, y_true, y_pred, sample_weight=None):
-    values = self.loss(y_true, y_pred, sample_weight)
+    loss = self.loss
+    in_mask = keras_backend.get_keras_mask(y_pred)
+    y_pred = tf.nest.map_structure(lambda t: keras.ops.convert_to_tensor(t, loss.dtype), y_pred)
+    y_true = tf.nest.map_structure(lambda t: keras.ops.convert_to_tensor(t, loss.dtype), y_true)
+    values = loss.call(y_true, y_pred)
+    out_mask = keras_backend.get_keras_mask(values)
+    mask = in_mask if out_mask is None else (out_mask if in_mask is None else in_mask & out_mask)
+    values = loss_module.reduce_weighted_values(
+      values, sample_weight=sample_weight, mask=mask, reduction=None, dtype=loss.dtype
+    )
     if values.shape.rank and values.shape.rank > 1:
       values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
     return values
@@ -625,7 +639,14 @@ class _KerasMetrics:
 
   def update(self, y, y_pred, sample_weight):
     if self.loss is not None:
-      loss = self.loss(y, y_pred, sample_weight)
+      # Keras weighs each per-output loss by its batch's *static* size, which
+      # its traced steps do not know when the last batch is partial: the
+      # per-output losses are plain means over batches (the total is weighed
+      # by the rows, below). The same here: the batch size hidden.
+      hidden = tf.nest.map_structure(
+        lambda t: tf.raw_ops.PlaceholderWithDefault(input=t, shape=[None] + t.shape[1:]), y_pred
+      )
+      loss = self.loss(y, hidden, sample_weight)
       loss = loss + losses_lib.regularization_loss(self._model)
       rows = tf.shape(tf.nest.flatten(y_pred)[0])[0]
       self.tracker.update_state(loss, sample_weight=rows)
