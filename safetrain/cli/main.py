@@ -78,7 +78,19 @@ def _main(argv: list[str]) -> int:
   if any(a in _HELP for a in argv[1:]):
     print(__doc__.strip())
     return EXIT_OK
-  module, file_config, arg = _load_experiment(argv)
+  from safetrain.records.logs import NativeStartup  # noqa: PLC0415 - no TensorFlow
+
+  # TensorFlow's C++ start-up lines (its import, the first probe of the GPU
+  # platform) go to log.txt, not ahead of safetrain's own lines.
+  with NativeStartup() as native:
+    module, file_config, arg = _load_experiment(argv)
+    import tensorflow as tf  # noqa: PLC0415
+
+    tf.config.list_physical_devices()  # the probe; devices stay configurable
+  return _run(argv, module, file_config, arg, native.text)
+
+
+def _run(argv: list[str], module, file_config, arg, native: str) -> int:
   fv = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file(
     "config",
@@ -127,6 +139,7 @@ def _main(argv: list[str]) -> int:
       workdir if chief else None,
       verbose=verbose_flag.value or also_flag.value,
       quiet_filter=_quiet_library_info,
+      preamble=native,
     ):
       trainer = trainer_cls(config, workdir)
       # For `safetrain export` (config.json): the experiment file and its :ARG.

@@ -24,6 +24,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import tempfile
 
 from absl import logging
 
@@ -118,19 +119,83 @@ def short_line(r: dict) -> str:
   return text
 
 
+class NativeStartup:
+  """Holds back TensorFlow's C++ start-up lines from the terminal.
+
+  While TensorFlow loads, its C++ code writes to file descriptor 2 before
+  absl's logging is initialised, whatever TF_CPP_MIN_LOG_LEVEL says: the
+  oneDNN notice, "Could not find cuda drivers", and, when the GPU platform
+  is first probed, `E0000 ... failed call to cuInit` on a machine without a
+  GPU, which reads as a failure before safetrain has said anything. Inside
+  this context fd 2 goes to a temporary file, while Python's `sys.stderr`
+  (when it is fd 2) writes to the terminal as before; afterwards `text` holds
+  what was captured, for `command_logging(preamble=...)` to put in log.txt.
+  Only the start-up is captured: later TensorFlow errors reach the terminal.
+  """
+
+  def __init__(self):
+    self.text = ""
+    self._saved = None
+
+  def __enter__(self) -> NativeStartup:
+    try:
+      sys.stderr.flush()
+      saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+      return self  # no fd 2 to capture (a closed stderr): nothing to hold back
+    self._saved, self._file = saved, tempfile.TemporaryFile()
+    self._stderr = None
+    try:
+      own = sys.stderr.fileno() == 2
+    except (OSError, ValueError, AttributeError):
+      own = False
+    if own:
+      # Python's own writes (warnings, a message) still go to the terminal.
+      self._stderr = sys.stderr
+      sys.stderr = os.fdopen(
+        os.dup(saved), "w", buffering=1, encoding=self._stderr.encoding, errors="backslashreplace"
+      )
+    os.dup2(self._file.fileno(), 2)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._saved is None:
+      return
+    if self._stderr is not None:
+      for stream in (sys.stderr, self._stderr):
+        with contextlib.suppress(OSError, ValueError):
+          stream.flush()
+      sys.stderr.close()
+      sys.stderr = self._stderr
+    os.dup2(self._saved, 2)
+    os.close(self._saved)
+    self._saved = None
+    self._file.seek(0)
+    self.text = self._file.read().decode("utf-8", errors="replace")
+    self._file.close()
+
+
 @contextlib.contextmanager
-def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None):
+def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None, preamble: str = ""):
   """The command's logging for one run: the short terminal and log.txt.
 
   Args:
     workdir: where log.txt goes, or None for none (a non-chief worker).
     verbose: `-v`/`--alsologtostderr`: the terminal shows every line.
     quiet_filter: a filter for log.txt (TensorFlow's INFO chatter).
+    preamble: TensorFlow's start-up lines held back from the terminal
+      (`NativeStartup.text`): written to log.txt first, and with -v to the
+      terminal (without a log file, to the terminal).
   """
   root = std_logging.getLogger()
   absl_handler = logging.get_absl_handler()
   added: list[std_logging.Handler] = []
+  if preamble and (verbose or workdir is None):
+    sys.stderr.write(preamble if preamble.endswith("\n") else preamble + "\n")
   if workdir is not None:
+    if preamble:
+      with open(os.path.join(workdir, LOG_FILE), "a", encoding="utf-8") as f:
+        f.write(preamble if preamble.endswith("\n") else preamble + "\n")
     file_handler = std_logging.FileHandler(os.path.join(workdir, LOG_FILE), encoding="utf-8")
     file_handler.setFormatter(logging.PythonFormatter())
     file_handler.setLevel(std_logging.INFO)
