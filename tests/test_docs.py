@@ -9,8 +9,11 @@
   in-process, shortened the same way (`safetrain ...`, `python -m safetrain
   ...`, `safetrain export ...`, `safetrain report ...`), or matches COVERED,
   the list of commands other tests or `make run` run, each checked against
-  the file that runs it. Commands quoted inline (`safetrain report WORKDIR`)
-  must match COVERED too.
+  the file that runs it. A command on one of the repository's experiments
+  (`--config=experiments/...`) runs up to its training (the file loaded,
+  the flags parsed, the config validated, the trainer built), since
+  tests/test_experiments.py trains every experiment through the command.
+  Commands quoted inline (`safetrain report WORKDIR`) must match COVERED too.
 - Every relative link resolves (docs/storage.md and docs/errors.md are
   written by other engineers: linked before they exist), and every docs page
   is linked from the README.
@@ -18,7 +21,8 @@
 An HTML comment just before a block tells the harness what it is:
 `<!-- doctest: file=NAME.py -->` writes the block to NAME.py (an experiment
 file, importable by the page's later blocks) instead of running it;
-`<!-- doctest: exit=N -->` expects exit code N from its commands. At the top
+`<!-- doctest: exit=N -->` expects exit code N from its commands;
+`<!-- doctest: steps=N -->` lets its training run N steps. At the top
 of a page, `<!-- doctest: files-from=PAGE.md -->` writes that page's file
 blocks first (an example that builds on another page's trainer).
 """
@@ -59,8 +63,9 @@ COVERED = [
     "tests/records/test_report.py",
     "report.main(",
   ),
-  (r"^safetrain export$", "tests/training/test_export.py", "export_command"),
-  (r"distribute\.strategy=multi_worker", "tests/test_multiworker.py", "multi_worker"),
+  (r"^safetrain export( WORKDIR)?$", "tests/training/test_export.py", "export_command"),
+  (r"distribute\.strategy=multi_worker", "tests/test_multiworker.py", "TF_CONFIG"),
+  (r"^safetrain export .*--format saved_model", "tests/training/test_export.py", '"saved_model"'),
   (r"^pytest -m multiworker$", "tests/test_multiworker.py", "pytest.mark.multiworker"),
   (r"^pytest -m slow$", "tests/test_applications.py", "pytest.mark.slow"),
   (r"^tensorboard --logdir ", "tests/records/test_tensorboard.py", "summary_iterator"),
@@ -70,6 +75,7 @@ COVERED = [
   (r"drill_kill\.py", "tests/test_drills.py", "drill_kill"),
 ]
 # What an inline code span must start with to be a command (with arguments).
+ORIGINAL_FIT = Trainer.fit
 PROGRAMS = ("safetrain ", "python -m ", ".venv/bin/python ", "make ", "pytest ", "tensorboard ")
 
 
@@ -262,19 +268,30 @@ def runnable_pages() -> list[str]:
 
 @pytest.fixture
 def shortened(monkeypatch):
-  """Every Trainer built while it is on trains at most STEPS steps."""
+  """Every Trainer built while it is on trains at most `cap["steps"]` steps
+  (STEPS, or a block's `steps=N`)."""
   original = Trainer.__init__
+  cap = {"steps": STEPS}
 
   def init(self, config, workdir, *args, **kwargs):
     config = copy.deepcopy(config)
-    config.train.steps = min(config.train.steps, STEPS)
+    config.train.steps = min(config.train.steps, cap["steps"])
     original(self, config, workdir, *args, **kwargs)
 
   monkeypatch.setattr(Trainer, "__init__", init)
+  return cap
 
 
-def run_command(command: str, where: str) -> tuple[int, str]:
-  """A safetrain command in-process, in `where`: (exit code, its output)."""
+class Validated(BaseException):
+  """Raised instead of training: the command got as far as Trainer.fit."""
+
+
+def run_command(command: str, where: str, monkeypatch) -> tuple[int, str]:
+  """A safetrain command in-process, in `where`: (exit code, its output).
+
+  On one of the repository's experiments it stops where training would
+  start (tests/test_experiments.py trains each through the command): exit
+  code 0 when it got there."""
   from safetrain.cli import export as export_command
   from safetrain.cli import main as cli
   from safetrain.records import report
@@ -286,6 +303,13 @@ def run_command(command: str, where: str) -> tuple[int, str]:
   words = [
     re.sub(r"(^|=)/tmp/", lambda m: m.group(1) + os.path.join(where, "tmp") + "/", w) for w in words
   ]
+  if any(w.startswith("--config=experiments/") for w in words):
+
+    def build_only(trainer):
+      trainer.build()
+      raise Validated
+
+    monkeypatch.setattr(Trainer, "fit", build_only)
   out = io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
     if words[1:2] == ["report"]:
@@ -293,7 +317,11 @@ def run_command(command: str, where: str) -> tuple[int, str]:
     elif words[1:2] == ["export"]:
       code = export_command.main(words[2:])
     else:
-      code = cli.main_with_exit_code(words)
+      try:
+        code = cli.main_with_exit_code(words)
+      except Validated:
+        code = 0
+  monkeypatch.setattr(Trainer, "fit", ORIGINAL_FIT)
   return code, out.getvalue()
 
 
@@ -302,6 +330,7 @@ def test_the_code_of_each_page_runs(page, tmp_path, monkeypatch, shortened):
   path = os.path.join(ROOT, page)
   where = str(tmp_path)
   os.symlink(os.path.join(ROOT, "experiments"), os.path.join(where, "experiments"))
+  os.makedirs(os.path.join(where, "tmp"))  # where /tmp/... paths of commands land
   monkeypatch.chdir(where)
   monkeypatch.syspath_prepend(where)
   before = set(sys.modules)
@@ -315,6 +344,7 @@ def test_the_code_of_each_page_runs(page, tmp_path, monkeypatch, shortened):
     namespace = {"__name__": "__doc_page__"}
     for block in blocks(path):
       where_shown = f"{page}:{block.line}"
+      shortened["steps"] = int(block.options.get("steps", STEPS))
       if block.lang == "python" and "file" in block.options:
         with open(os.path.join(where, block.options["file"]), "w") as f:
           f.write(block.code)
@@ -328,7 +358,7 @@ def test_the_code_of_each_page_runs(page, tmp_path, monkeypatch, shortened):
         for command in commands(block.code):
           if covered_by(command) or not is_safetrain(command):
             continue
-          code, output = run_command(command, where)
+          code, output = run_command(command, where, monkeypatch)
           assert code == expected, f"{where_shown}: `{command}` exited {code}:\n{output[-3000:]}"
   finally:
     for name in set(sys.modules) - before:
@@ -339,29 +369,17 @@ def test_the_code_of_each_page_runs(page, tmp_path, monkeypatch, shortened):
 
 # ------------------------------------------------------- the quiet start
 
-
-def native_startup_lines() -> list[str]:
-  """What TensorFlow's C++ code writes to stderr while it loads and probes
-  the GPU platform, on this machine (maybe nothing)."""
-  probe = "import tensorflow as tf; tf.config.list_physical_devices()"
-  proc = subprocess.run(
-    [sys.executable, "-c", probe], capture_output=True, text=True, env=dict(os.environ), timeout=300
-  )
-  return [ln for ln in proc.stderr.splitlines() if ln.strip()]
+# absl's prefix of a C++ line logged before absl::InitializeLog (TensorFlow's
+# start-up), and of a Python log line.
+NATIVE = re.compile(r"^[IWEF]0000 00:00:\d+\.\d+ +\d+ |^WARNING: All log messages before absl")
+PYTHON_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.py:\d+\]")
 
 
-@pytest.fixture(scope="module")
-def native_lines():
-  return native_startup_lines()
-
-
-@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
-def test_the_command_starts_with_safetrains_lines_and_logs_tensorflows(
-  tmp_path, native_lines, verbose
-):
-  """The default experiment (as `make run` runs it, :smoke): stderr starts
-  with safetrain's preflight line (the README's tour), and TensorFlow's C++
-  start-up lines are in log.txt, not on the terminal; with -v, on both."""
+def test_the_command_starts_with_safetrains_lines_and_logs_tensorflows(tmp_path):
+  """The default experiment, as `make run` runs it (:smoke): stderr starts
+  with safetrain's preflight line (the README's tour) and has no line of
+  TensorFlow's start-up; log.txt begins with them (on this CPU-only machine:
+  the oneDNN notice, the CUDA driver lines, the cuInit error)."""
   workdir = str(tmp_path / "run")
   argv = [
     sys.executable,
@@ -369,22 +387,48 @@ def test_the_command_starts_with_safetrains_lines_and_logs_tensorflows(
     "safetrain",
     f"--config={os.path.join(ROOT, 'experiments', 'linear_regression.py')}:smoke",
     f"--workdir={workdir}",
-  ] + (["-v"] if verbose else [])
+  ]
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-  log = open(os.path.join(workdir, "log.txt"), encoding="utf-8").read()
-  stamp = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ")
-  natives = [stamp.sub("", ln) for ln in native_lines if stamp.match(ln)]
-  for text in natives:
-    assert text in log, f"log.txt lacks TensorFlow's start-up line {text!r}"
-  if verbose:
-    for text in natives:
-      assert any(text in ln for ln in err), f"-v does not show {text!r}"
-    return
   assert err[0].startswith("safetrain: warning: preflight: normalize x[:, 0]"), err[:3]
   assert all(ln.startswith(("safetrain:", "  ")) for ln in err), err
-  assert not any(stamp.match(ln) or "absl::InitializeLog" in ln for ln in err), err
   readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-  assert "safetrain: warning: preflight: normalize x[:, 0]: range" in readme
+  assert "\nsafetrain: warning: preflight: normalize x[:, 0]: range" in readme
+  log = open(os.path.join(workdir, "log.txt"), encoding="utf-8").read().splitlines()
+  first = next(i for i, ln in enumerate(log) if PYTHON_LOG.match(ln))
+  held = [ln for ln in log[:first] if ln.strip()]
+  assert any(NATIVE.match(ln) for ln in held), log[: first + 1]
+  assert not set(held) & set(err)
+
+
+def test_held_start_up_lines_go_to_log_txt_and_with_v_to_the_terminal_too(tmp_path):
+  """What C++ code writes to fd 2 inside NativeStartup is held, Python's
+  own stderr still shows at once; the held text is the preamble of log.txt,
+  and of the terminal only with -v."""
+  from safetrain.records import logs
+
+  for verbose in (False, True):
+    workdir = tmp_path / str(verbose)
+    workdir.mkdir()
+    script = (
+      "import os, sys\n"
+      "from safetrain.records import logs\n"
+      "with logs.NativeStartup() as native:\n"
+      "  os.write(2, b'E0000 00:00:1.5 42 cuda_platform.cc:52] failed call to cuInit\\n')\n"
+      "  print('python: still shown', file=sys.stderr, flush=True)\n"
+      f"with logs.command_logging({str(workdir)!r}, verbose={verbose}, preamble=native.text):\n"
+      "  pass\n"
+      "print('after: shown', file=sys.stderr, flush=True)\n"
+      "os.write(2, b'E0001 a later error\\n')\n"
+    )
+    proc = subprocess.run(
+      [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.splitlines()
+    log = open(workdir / logs.LOG_FILE, encoding="utf-8").read()
+    assert "failed call to cuInit" in log
+    assert ("failed call to cuInit" in proc.stderr) == verbose
+    assert err[0] == "python: still shown" and err[-2:] == ["after: shown", "E0001 a later error"]
