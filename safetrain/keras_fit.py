@@ -153,41 +153,29 @@ def fit(
     `Trainer.fit()` raises (`DivergenceError` when recovery is spent, ...),
     and ValueError or ConfigError naming a bad argument.
   """
-  if not isinstance(model, keras.Model):
-    raise ValueError(f"safetrain.fit needs a keras.Model; got {type(model).__name__}")
   config = copy.deepcopy(config) if config is not None else config_lib.default_config()
   config_lib.validate(config)
-  strategy = getattr(model, "_distribute_strategy", None)
-  if strategy is not None and strategy is not tf.distribute.get_strategy():
-    raise ValueError(
-      "safetrain.fit trains on one device, and this model was built under a "
-      f"{type(strategy).__name__} scope: to train on several devices, write a "
-      "safetrain.Trainer subclass (its build_model runs under safetrain's strategy)"
-    )
-  if config.distribute.strategy not in ("auto", "one_device") or config.distribute.cpu_replicas > 1:
-    raise config_lib.ConfigError(
-      "distribute.strategy",
-      config.distribute.strategy,
-      "safetrain.fit trains the model on its own device (auto or one_device, cpu_replicas "
-      "0 or 1); for several devices, write a safetrain.Trainer subclass",
-    )
-  if steps is not None and epochs is not None:
-    raise ValueError("safetrain.fit: pass steps (total updates) or epochs, not both")
-  for name, value in (
-    ("steps", steps),
-    ("epochs", epochs),
-    ("batch_size", batch_size),
-    ("steps_per_epoch", steps_per_epoch),
-    ("validation_steps", validation_steps),
-    ("validation_batch_size", validation_batch_size),
-    ("validation_freq", validation_freq),
-  ):
-    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
-      raise ValueError(f"safetrain.fit: {name} must be an integer >= 1; got {value!r}")
-  if shuffle not in (True, False, "batch"):
-    raise ValueError(f"safetrain.fit: shuffle must be True, False or 'batch'; got {shuffle!r}")
+  _check_arguments(
+    model,
+    config,
+    steps=steps,
+    epochs=epochs,
+    shuffle=shuffle,
+    positive=dict(
+      steps=steps,
+      epochs=epochs,
+      batch_size=batch_size,
+      steps_per_epoch=steps_per_epoch,
+      validation_steps=validation_steps,
+      validation_batch_size=validation_batch_size,
+      validation_freq=validation_freq,
+    ),
+  )
   try:
-    class_weight = config_lib.class_weights(class_weight, field="class_weight")
+    # The argument, as in Keras; else the config's (a Trainer user's key).
+    class_weight = config_lib.class_weights(
+      config.class_weight if class_weight is None else class_weight, field="class_weight"
+    )
   except config_lib.ConfigError as e:
     raise ValueError(f"safetrain.fit: class_weight={e.value!r} is invalid: {e.allowed}") from None
 
@@ -254,6 +242,34 @@ def fit(
   )
 
 
+def _check_arguments(model, config, *, steps, epochs, shuffle, positive: dict) -> None:
+  """What fit() can be given, checked before any TensorFlow work: one
+  ValueError (or ConfigError) naming the argument."""
+  if not isinstance(model, keras.Model):
+    raise ValueError(f"safetrain.fit needs a keras.Model; got {type(model).__name__}")
+  strategy = getattr(model, "_distribute_strategy", None)
+  if strategy is not None and strategy is not tf.distribute.get_strategy():
+    raise ValueError(
+      "safetrain.fit trains on one device, and this model was built under a "
+      f"{type(strategy).__name__} scope: to train on several devices, write a "
+      "safetrain.Trainer subclass (its build_model runs under safetrain's strategy)"
+    )
+  if config.distribute.strategy not in ("auto", "one_device") or config.distribute.cpu_replicas > 1:
+    raise config_lib.ConfigError(
+      "distribute.strategy",
+      config.distribute.strategy,
+      "safetrain.fit trains the model on its own device (auto or one_device, cpu_replicas "
+      "0 or 1); for several devices, write a safetrain.Trainer subclass",
+    )
+  if steps is not None and epochs is not None:
+    raise ValueError("safetrain.fit: pass steps (total updates) or epochs, not both")
+  for name, value in positive.items():
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+      raise ValueError(f"safetrain.fit: {name} must be an integer >= 1; got {value!r}")
+  if shuffle not in (True, False, "batch"):
+    raise ValueError(f"safetrain.fit: shuffle must be True, False or 'batch'; got {shuffle!r}")
+
+
 # ------------------------------------------------------------------ the data
 
 
@@ -269,6 +285,8 @@ class _Data:
   dataset: Callable[[], tf.data.Dataset]
   batches: int | None
   batch_size: int | None
+  # A dataset whose length TensorFlow cannot tell (after a filter).
+  unknown: bool = False
 
 
 def _arrays(value, name: str):
@@ -288,9 +306,7 @@ def _arrays(value, name: str):
 
 
 def _lists_to_tuples(value):
-  if isinstance(value, list):
-    return tuple(_lists_to_tuples(v) for v in value)
-  if isinstance(value, tuple):
+  if isinstance(value, (list, tuple)):
     return tuple(_lists_to_tuples(v) for v in value)
   if isinstance(value, dict):
     return {k: _lists_to_tuples(v) for k, v in value.items()}
@@ -402,17 +418,17 @@ def _dataset_data(dataset: tf.data.Dataset, what: str) -> _Data:
       f"{_describe(spec)}"
     )
   cardinality = int(dataset.cardinality())
-  if cardinality == tf.data.INFINITE_CARDINALITY:
-    batches = None
-  elif cardinality == tf.data.UNKNOWN_CARDINALITY:
-    batches = None  # counted when an epoch needs it (_steps_per_epoch)
-  else:
-    batches = cardinality
+  # Infinite or unknown: None (an unknown length is counted when an epoch
+  # needs it, in _steps_per_epoch).
+  batches = cardinality if cardinality >= 0 else None
   rows = {s.shape[0] for s in tf.nest.flatten(spec) if s.shape.rank}
   size = rows.pop() if len(rows) == 1 else None
-  data = _Data(dataset=lambda: dataset, batches=batches, batch_size=size)
-  data.unknown = cardinality == tf.data.UNKNOWN_CARDINALITY
-  return data
+  return _Data(
+    dataset=lambda: dataset,
+    batches=batches,
+    batch_size=size,
+    unknown=cardinality == tf.data.UNKNOWN_CARDINALITY,
+  )
 
 
 def _describe(spec) -> str:
@@ -468,7 +484,7 @@ def _split(x, y, sample_weight, fraction: float):
 def _steps_per_epoch(train: _Data, steps_per_epoch: int | None) -> int:
   """The steps of one epoch, as Keras's EpochIterator counts them."""
   batches = train.batches
-  if batches is None and getattr(train, "unknown", False) and steps_per_epoch is None:
+  if batches is None and train.unknown and steps_per_epoch is None:
     # Keras finds the length at the end of the first epoch; a run needs it now.
     batches = int(train.dataset().reduce(np.int64(0), lambda n, _: n + 1))
     logging.info("safetrain.fit: the training dataset has %d batches (counted)", batches)

@@ -298,6 +298,26 @@ def test_epochs_steps_and_steps_per_epoch_map_onto_train_steps_and_evaluation(tm
   assert config["train"]["steps"] == 7 and config["eval"]["every_steps"] == 3
 
 
+def test_an_epoch_is_one_pass_of_the_data_as_keras_counts_it():
+  """A dataset of unknown length is counted; steps_per_epoch beyond the data
+  is cut to one pass (Keras ends such an epoch when the data runs out); an
+  infinite dataset needs steps_per_epoch."""
+  x, y = regression_data(40)
+  dataset = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda a, b: a[0] > -10.0).batch(8)
+  assert int(dataset.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+  unknown = keras_fit._dataset_data(dataset, "x")
+  assert keras_fit._steps_per_epoch(unknown, None) == 5
+  assert keras_fit._steps_per_epoch(unknown, 3) == 3
+  arrays = keras_fit._data(x, y, None, batch_size=16, steps=None, shuffle=False, seed=0, what="x")
+  assert arrays.batches == 3 and keras_fit._steps_per_epoch(arrays, 9) == 3
+  by_steps = keras_fit._data(x, y, None, batch_size=None, steps=4, shuffle=False, seed=0, what="x")
+  assert by_steps.batch_size == 10  # Keras: ceil(rows / steps_per_epoch)
+  infinite = keras_fit._dataset_data(dataset.repeat(), "x")
+  assert keras_fit._steps_per_epoch(infinite, 7) == 7
+  with pytest.raises(ValueError, match="infinite"):
+    keras_fit._steps_per_epoch(infinite, None)
+
+
 # ------------------------------------------------- guard and recovery
 
 
