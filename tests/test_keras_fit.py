@@ -276,9 +276,12 @@ def test_a_shuffled_run_resumed_by_a_second_call_is_bit_identical(tmp_path):
 
 
 def test_epochs_steps_and_steps_per_epoch_map_onto_train_steps_and_evaluation(tmp_path):
-  """steps_per_epoch makes the epoch (its evaluations every 3 steps);
-  steps, instead of epochs, the total."""
+  """steps_per_epoch makes the epoch (its evaluations every 3 steps, which
+  Keras callbacks see as the epochs' ends, with val_ logs); steps, instead
+  of epochs, the total."""
   x, y = regression_data(40)
+  ends = []
+  seen = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append((epoch, logs)))
   result = safetrain.fit(
     regressor(),
     x,
@@ -287,10 +290,13 @@ def test_epochs_steps_and_steps_per_epoch_map_onto_train_steps_and_evaluation(tm
     steps_per_epoch=3,
     steps=7,
     validation_data=(x[:8], y[:8]),
+    callbacks=[seen],
     workdir=str(tmp_path),
     config=keras_config(),
   )
   assert result.step == 7 and result.steps_per_epoch == 3
+  assert [epoch for epoch, _ in ends] == [0, 1, 2]
+  assert all("val_loss" in logs and "val_mae" in logs for _, logs in ends)
   evaluated = [r["step"] for r in records(str(tmp_path), "metrics.jsonl") if "eval_loss" in r]
   assert evaluated == [3, 6, 7]
   assert len(result.history["loss"]) == 2 and len(result.history["val_loss"]) == 2
