@@ -9,10 +9,12 @@
   in-process, shortened the same way (`safetrain ...`, `python -m safetrain
   ...`, `safetrain export ...`, `safetrain report ...`), or matches COVERED,
   the list of commands other tests or `make run` run, each checked against
-  the file that runs it. A command on one of the repository's experiments
-  (`--config=experiments/...`) runs up to its training (the file loaded,
-  the flags parsed, the config validated, the trainer built), since
-  tests/test_experiments.py trains every experiment through the command.
+  the file that runs it. A training command runs up to its training (the
+  experiment file loaded, the flags parsed, the config validated, the
+  trainer built: what a renamed key or hook breaks), since
+  tests/test_experiments.py trains every experiment through the command and
+  the pages' own trainers train in their python blocks; a block marked
+  `train` trains (a page whose next commands read the run's workdir).
   Commands quoted inline (`safetrain report WORKDIR`) must match COVERED too.
 - Every relative link resolves (docs/storage.md and docs/errors.md are
   written by other engineers: linked before they exist), and every docs page
@@ -22,7 +24,8 @@ An HTML comment just before a block tells the harness what it is:
 `<!-- doctest: file=NAME.py -->` writes the block to NAME.py (an experiment
 file, importable by the page's later blocks) instead of running it;
 `<!-- doctest: exit=N -->` expects exit code N from its commands;
-`<!-- doctest: steps=N -->` lets its training run N steps. At the top
+`<!-- doctest: steps=N -->` lets its training run N steps;
+`<!-- doctest: train -->` makes its training commands train. At the top
 of a page, `<!-- doctest: files-from=PAGE.md -->` writes that page's file
 blocks first (an example that builds on another page's trainer).
 """
@@ -286,12 +289,11 @@ class Validated(BaseException):
   """Raised instead of training: the command got as far as Trainer.fit."""
 
 
-def run_command(command: str, where: str, monkeypatch) -> tuple[int, str]:
+def run_command(command: str, where: str, monkeypatch, train: bool) -> tuple[int, str]:
   """A safetrain command in-process, in `where`: (exit code, its output).
 
-  On one of the repository's experiments it stops where training would
-  start (tests/test_experiments.py trains each through the command): exit
-  code 0 when it got there."""
+  Unless `train`, a training command stops where training would start:
+  exit code 0 when it got there."""
   from safetrain.cli import export as export_command
   from safetrain.cli import main as cli
   from safetrain.records import report
@@ -303,7 +305,7 @@ def run_command(command: str, where: str, monkeypatch) -> tuple[int, str]:
   words = [
     re.sub(r"(^|=)/tmp/", lambda m: m.group(1) + os.path.join(where, "tmp") + "/", w) for w in words
   ]
-  if any(w.startswith("--config=experiments/") for w in words):
+  if not train and words[1:2] not in (["report"], ["export"]):
 
     def build_only(trainer):
       trainer.build()
@@ -358,7 +360,7 @@ def test_the_code_of_each_page_runs(page, tmp_path, monkeypatch, shortened):
         for command in commands(block.code):
           if covered_by(command) or not is_safetrain(command):
             continue
-          code, output = run_command(command, where, monkeypatch)
+          code, output = run_command(command, where, monkeypatch, train="train" in block.options)
           assert code == expected, f"{where_shown}: `{command}` exited {code}:\n{output[-3000:]}"
   finally:
     for name in set(sys.modules) - before:
