@@ -29,9 +29,10 @@ from safetrain.hooks import TrainerHooks
 from safetrain.recovery import health, snapshots
 from safetrain.recovery import rollback as recovery
 from safetrain.results import FitResult, summary_line
-from safetrain.step import clipping, guard
+from safetrain.step import clipping, loop_state, registry
 from safetrain.step import loop as step_lib
 from safetrain.step import loss_watch as spike_lib
+from safetrain.step import piece as piece_lib
 from safetrain.step.drill import Drill
 from safetrain.step.loss_scale import DynamicLossScale
 from safetrain.storage import lock as workdir_lib
@@ -211,22 +212,30 @@ class Trainer(TrainerHooks):
       write=self._is_chief,
       owner=name,
     )
+    self._pieces = registry.build(
+      c,
+      piece_lib.BuildContext(
+        model=self.model,
+        leaf_names=tuple(self._train_data.leaf_names),
+        fp16=self._loss_scale.enabled,
+        num_replicas=self._strategy.num_replicas_in_sync,
+        loss_scale=self._loss_scale,
+        spike=self._spike,
+        clip=self._clip,
+        replica_state=replica_state,
+      ),
+    )
     self._loop = step_lib.GuardedLoop(
       strategy=self._strategy,
       model=self.model,
       optimizer=self.optimizer,
       compute_loss=functools.partial(self._call_compute_loss_per_example, with_pred=with_pred),
-      loss_scale=self._loss_scale,
-      spike=self._spike,
+      pieces=self._pieces,
       drill=self._drill,
-      input_guard=guard.InputGuard.from_config(c, leaf_count=len(self._train_data.leaf_names)),
-      clip=self._clip,
-      drop_examples=c.guard.drop_examples,
-      max_dropped_examples=c.guard.max_dropped_examples,
       rollback_after=c.guard.rollback_after,
       raise_on_bad_inputs=c.guard.bad_inputs == "raise",
       repeat_data=c.train.repeat_data,
-      variables=step_lib.LoopVariables(
+      variables=loop_state.LoopVariables(
         step=self._run.step,
         consecutive_bad=self._run.consecutive_bad,
         attempts=self._recovery.attempts,
