@@ -17,6 +17,7 @@ from absl import logging
 
 from safetrain.core import kinds
 from safetrain.step import bad_batches, registry
+from safetrain.step import piece as piece_lib
 from safetrain.step.loop_state import STOP_ROLLBACK, LoopOutput
 from safetrain.storage.jsonl import JsonlWriter, read_jsonl
 
@@ -107,7 +108,7 @@ class IncidentLog:
       owner = pieces.get(registry.owner(name).name)
       if name in registry.BATCH_BOUND:
         open_k = self._add_bad_batches(
-          out, name, count, open_bad_batch, bad_batch_diagnosis, common
+          out, owner, name, count, open_bad_batch, bad_batch_diagnosis, common
         )
         quarantined_total += count - open_k
         if not open_k:
@@ -128,7 +129,7 @@ class IncidentLog:
     return quarantined_total
 
   def _add_bad_batches(
-    self, out, name: str, count: int, open_bad_batch: bool, diagnosis: str, common: dict
+    self, out, owner, name: str, count: int, open_bad_batch: bool, diagnosis: str, common: dict
   ) -> int:
     """Records the quarantined batches of a batch-bound kind; returns the
     attempts of the kind in the open run that ended the loop (not bad data)."""
@@ -149,12 +150,19 @@ class IncidentLog:
         action="quarantined_batch",
         count=quarantined,
         last_step=max(steps, default=first) if open_k else last,
-        diagnosis=diagnosis
-        or f"{kinds.text(name)} Other batches from the same state trained: a bad batch.",
+        diagnosis=self._bad_batch_text(owner, name, out, diagnosis),
         cause=kinds.BAD_BATCH,
         **common,
       )
     return open_k
+
+  @staticmethod
+  def _bad_batch_text(owner, name: str, out, replay: str) -> str:
+    """A piece that explains its own kind says why; else the replay of the
+    batch, or the kind's text."""
+    if type(owner).explain is not piece_lib.Piece.explain:
+      return owner.explain(name, out)
+    return replay or f"{kinds.text(name)} Other batches from the same state trained: a bad batch."
 
   def tally(self) -> str:
     """ "3x nonfinite_loss, 1x loss_spike": the divergences recorded so far."""

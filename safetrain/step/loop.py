@@ -207,13 +207,10 @@ class GuardedLoop:
     weighed = False
     if examples.is_per_example(loss):
       losses = self.drill.corrupt_examples(examples.per_example(loss), step.attempt)
-      for p in self.pieces:
-        reduced = p.reduce_loss(step, losses)
-        if reduced is not None:
-          loss, weighed = reduced, True  # a masked mean is already weighed
-          break
-      else:
-        loss = tf.reduce_mean(losses)
+      reduced = [p.reduce_loss(step, losses) for p in self.pieces]
+      reduced = [r for r in reduced if r is not None]
+      # A piece's masked mean is already weighed by the replica's rows.
+      loss, weighed = (reduced[0], True) if reduced else (tf.reduce_mean(losses), False)
     else:
       loss = self.drill.corrupt_loss(loss, step.attempt)
     if step.weight is not None:
