@@ -187,30 +187,37 @@ class Trainer(TrainerHooks):
     )
     with_pred = bool(self._train_metrics)
 
-    self._rollback_objects = dict(
-      model=self.model,
-      # Every model variable by position, so that state Keras does not expose
-      # to tf.train.Checkpoint (dropout's SeedGenerator) is saved too.
-      model_variables=list(self.model.variables),
-      optimizer=self.optimizer,
-      run=self._run,
-      loss_scale=self._loss_scale,
-      spike=self._spike,
-      health=self._health_state,
+    E = state.Entry  # noqa: N806
+    self.state = state.Declaration(
+      [
+        E("model", self.model, rolls_back=True),
+        # Every model variable by position, so that state Keras does not
+        # expose to tf.train.Checkpoint (dropout's SeedGenerator) is saved too.
+        E("model_variables", list(self.model.variables), True, list(self.model.variables)),
+        E("optimizer", self.optimizer, True, list(self.optimizer.variables)),
+        E("run", self._run, True, self._run),
+        E("loss_scale", self._loss_scale, True, self._loss_scale),
+        E("spike", self._spike, True, self._spike),
+        E("health", self._health_state, True, self._health_state),
+        # Carried across rollbacks: where the data is, what recovery learned,
+        # the user's rate factor and the gradient scale.
+        E("data", self._data, rolls_back=False),
+        E("recovery", self._recovery, rolls_back=False),
+        E("lr_factor", self._lr_factor, rolls_back=False),
+        E("clip", self._clip, rolls_back=False),
+        E("iterator", iterator, rolls_back=False, checkpointed=iterator_in_checkpoint),
+      ]
     )
+    self._rollback_objects = self.state.rolled_back()
     self._checkpoints = checkpointing.build(
       c,
       self.workdir,
       rollback=self._rollback_objects,
-      carried=dict(
-        data=self._data,
-        recovery=self._recovery,
-        lr_factor=self._lr_factor,
-        clip=self._clip,
-        **({"iterator": iterator} if iterator_in_checkpoint else {}),
-      ),
+      carried=self.state.carried(),
       write=self._is_chief,
       owner=name,
+      position_key=self.state.key_of(self._data.position),
+      generation_key=self.state.key_of(self._recovery.rollbacks_total),
     )
     self._pieces = registry.build(
       c,
@@ -301,8 +308,7 @@ class Trainer(TrainerHooks):
         snapshots=snapshots.build(
           c.recovery,
           num_workers=self._num_workers,
-          modules=[list(self.model.variables), list(self.optimizer.variables)]
-          + [self._run, self._loss_scale, self._spike, self._health_state],
+          modules=self.state.snapshotted(),
         ),
         actions=callbacks_lib.make_actions(
           self.actions,
