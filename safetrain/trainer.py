@@ -105,6 +105,12 @@ class Trainer(TrainerHooks):
       keras.mixed_precision.set_global_policy(previous_policy)
     self._built = True
 
+  def set_experiment(self, file: str | None, arg: str | None) -> None:
+    """Records the experiment file (and its :ARG) this trainer came from, for
+    config.json, which `safetrain export` rebuilds the trainer from. The
+    command calls it; call it before `fit()`."""
+    self._origin.update(file=file, arg=arg)
+
   @property
   def strategy(self) -> tf.distribute.Strategy:
     """The distribution strategy (once built: see `build()`)."""

@@ -465,7 +465,3 @@ def _check_keys(config, expected, prefix: str) -> None:
         isinstance(config[key], ml_collections.ConfigDict), name, config[key], "a config group"
       )
       _check_keys(config[key], expected[key], name + ".")
-
-
-def to_dict(config: ml_collections.ConfigDict) -> dict:
-  return config.to_dict()
