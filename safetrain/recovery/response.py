@@ -17,7 +17,7 @@ from safetrain.core.errors import BadInputError
 from safetrain.diagnosis import forensics
 from safetrain.diagnosis import replay as replay_lib
 from safetrain.records import incidents, quarantine
-from safetrain.recovery import health, triage
+from safetrain.recovery import health, policy, triage
 from safetrain.recovery import rollback as recovery
 from safetrain.step import registry
 from safetrain.step.loop_state import STOP_DATA_END, STOP_RAISE, STOP_ROLLBACK, LoopOutput
@@ -150,27 +150,45 @@ class Response:
         "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
         "skip_batch to train past it."
       )
+    findings = []
+
+    def unhealthy():
+      findings.append(self._health.check(int(out.applied), float(out.sums["norm"])))
+      return findings[0].kind if findings[0] is not None else None
+
+    decision = policy.decide(
+      policy.Evidence(
+        params_finite=params_ok,
+        open_run=stopped,
+        open_run_bad_batches=open_bad,
+        frequent_bad_batches=frequent,
+        last_kind=kind,
+      ),
+      unhealthy=unhealthy,
+    )
+    self._carry_out(decision, verdict, findings[0] if findings else None)
+    self._actions.refill_budget()
+    return decision.rollback, quarantined
+
+  def _carry_out(self, decision: policy.Decision, verdict, finding) -> None:
+    """Rolls back as `decision` says, with the why and diagnosis its cause has."""
     roll_back = self._actions.roll_back
-    if not params_ok:
+    if decision.cause == "nonfinite_params":
       roll_back("nonfinite_params", why="a variable is non-finite after an update")
-    elif stopped and not open_bad:
-      roll_back(kind, why=verdict.why if verdict else "", diagnosis=verdict.diagnosis or None)
-    elif frequent:
+    elif decision.cause == "diverging_state":
+      roll_back(
+        decision.kind, why=verdict.why if verdict else "", diagnosis=verdict.diagnosis or None
+      )
+    elif decision.cause == "frequent_bad_batches":
       why = self._actions.frequent_bad_batches_text()
-      r.bad_batch_rate.assign(0.0)
-      roll_back(kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
-    else:
-      finding = self._health.check(int(out.applied), float(out.sums["norm"]))
-      if finding is None:
-        self._actions.refill_budget()
-        return False, quarantined
+      self._recovery.bad_batch_rate.assign(0.0)
+      roll_back(decision.kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
+    elif decision.cause == "not_learning":
       roll_back(
         finding.kind,
         why="the run stopped learning without a non-finite value",
         diagnosis=finding.diagnosis,
       )
-    self._actions.refill_budget()
-    return True, quarantined
 
   def _describe_bad_batches(self, out: LoopOutput) -> str:
     """What the replay of a quarantined batch found: once per process, on the
