@@ -21,8 +21,8 @@ from absl import logging
 
 from safetrain import controller as controller_lib
 from safetrain.checkpoint import store as checkpointing
+from safetrain.core import boundary, distribute
 from safetrain.core import config as config_lib
-from safetrain.core import distribute
 from safetrain.diagnosis import forensics
 from safetrain.diagnosis import replay as replay_lib
 from safetrain.hooks import TrainerHooks
@@ -114,6 +114,9 @@ class Trainer(TrainerHooks):
   def _build_in_scope(self) -> None:
     c = self.config
     name = type(self).__qualname__
+    # Every user hook through the boundary: what it raises is a HookError
+    # naming it (exit 2), never a traceback.
+    hook = functools.partial(boundary.wrap, trainer=name)
     self._run = state.RunState(c.precision.policy)
     self._recovery = recovery.RecoveryState()
     self._loss_scale = DynamicLossScale.from_config(c)
@@ -122,7 +125,7 @@ class Trainer(TrainerHooks):
     self._health_state = health.HealthState()
 
     self._train_data = data_lib.TrainData(
-      self.build_train_dataset,
+      hook("build_train_dataset", self.build_train_dataset),
       repeat=c.train.repeat_data,
       strategy=self._strategy,
       class_weight=config_lib.class_weights(c.class_weight),
@@ -146,18 +149,18 @@ class Trainer(TrainerHooks):
     if type(self).compute_loss is Trainer.compute_loss:
       default = functools.partial(losses.default_loss, self._loss_fn, self.regularization_loss)
     self._call_compute_loss_per_example, self._call_compute_loss = losses.normalised(
-      self.compute_loss, default, trainer=name
+      hook("compute_loss", self.compute_loss), default, trainer=name
     )
     sample_loss = functools.partial(
       losses.sample_loss, self._call_compute_loss, trainer=type(self).__name__
     )
 
-    self.model = self.build_model()
+    self.model = hook("build_model", self.build_model)()
     if not isinstance(self.model, keras.Model):
       raise TypeError(f"build_model() returned {type(self.model).__name__}, not a keras.Model")
     if not self.model.built:
       sample_loss(self.model, self._first_batch, self._element_spec)  # builds the variables
-    self.optimizer = self.build_optimizer()
+    self.optimizer = hook("build_optimizer", self.build_optimizer)()
     self._lr_factor = optimizers_lib.LearningRateFactor()
     own = type(self).build_optimizer is Trainer.build_optimizer
     optimizers_lib.wrap_from_config(self.optimizer, c, self._recovery, self._lr_factor, own=own)
@@ -175,7 +178,7 @@ class Trainer(TrainerHooks):
     )
     _, sample_metrics = sample_loss(self.model, self._first_batch, self._element_spec)
     self._train_metrics, self._eval_metrics = stateful_metrics.build_sets(
-      self.build_metrics,
+      hook("build_metrics", self.build_metrics),
       name,
       taken=set(sample_metrics),
       first_batch=self._first_batch,
@@ -243,7 +246,7 @@ class Trainer(TrainerHooks):
     self._all_finite_fn = tf.function(self._loop.params_finite)
     self._evaluator = evaluation.Evaluator(
       strategy=self._strategy,
-      build_dataset=self.build_eval_dataset,
+      build_dataset=hook("build_eval_dataset", self.build_eval_dataset),
       compute_loss=lambda batch: self._call_compute_loss(self.model, batch, False, with_pred),
       steps=c.eval.steps,
       metrics=self._eval_metrics or None,
@@ -296,8 +299,8 @@ class Trainer(TrainerHooks):
           + [self._run, self._loss_scale, self._spike, self._health_state],
         ),
         actions=callbacks_lib.make_actions(
-          self.actions,
-          self.callbacks,
+          hook("actions", self.actions),
+          hook("callbacks", self.callbacks),
           trainer=name,
           model=self.model,
           optimizer=self.optimizer,
