@@ -145,11 +145,12 @@ class Trainer(TrainerHooks):
 
     # compute_loss normalised (see losses.call_per_example), for the
     # compiled step, evaluation and forensics.
-    default = None
+    default, compute_loss = None, hook("compute_loss", self.compute_loss)
     if type(self).compute_loss is Trainer.compute_loss:
       default = functools.partial(losses.default_loss, self._loss_fn, self.regularization_loss)
+      compute_loss = self.compute_loss  # safetrain's own: its errors are about the data
     self._call_compute_loss_per_example, self._call_compute_loss = losses.normalised(
-      hook("compute_loss", self.compute_loss), default, trainer=name
+      compute_loss, default, trainer=name
     )
     sample_loss = functools.partial(
       losses.sample_loss, self._call_compute_loss, trainer=type(self).__name__
