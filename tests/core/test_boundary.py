@@ -189,3 +189,51 @@ def test_hook_error_keeps_safetrains_own_errors_as_they_are():
     boundary.call("build_optimizer", own)
   with pytest.raises(boundary.HookError, match=r"build_model\(\) raised ValueError: bad"):
     boundary.call("build_model", lambda: (_ for _ in ()).throw(ValueError("bad\nmore")))
+
+
+def _inventory(directory):
+  """{relative path: (sha256, mtime_ns)} of every file under `directory`."""
+  import hashlib
+
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      out[os.path.relpath(path, directory)] = (digest, os.stat(path).st_mtime_ns)
+  return out
+
+
+def test_a_workdir_of_another_experiment_is_refused_and_not_written(tmp_path, capsys):
+  """No log.txt line, no event file, no record: every file byte-identical,
+  but the lock's own record (which pid holds the workdir: the refused run
+  held it while it looked)."""
+  workdir = str(tmp_path / "run")
+  code, _, err = _cli(capsys, workdir)
+  assert code == 0, err[-3000:]
+  before = _inventory(workdir)
+  code, _, err = _cli(capsys, workdir, "--config.trainer=LabelOutOfRange")
+  line = _one_line(err)
+  assert code == 2 and "was written for a different model" in line, line
+  after = _inventory(workdir)
+  assert after.pop(".lock") and before.pop(".lock")
+  assert after == before
+
+
+def test_a_workdir_another_run_holds_is_refused_and_not_written(tmp_path, capsys):
+  from safetrain.storage import lock
+
+  workdir = str(tmp_path / "run")
+  code, _, err = _cli(capsys, workdir)
+  assert code == 0, err[-3000:]
+  held = lock.WorkdirLock(workdir)
+  held.acquire()
+  try:
+    before = _inventory(workdir)
+    code, _, err = _cli(capsys, workdir, "--config.train.steps=20")
+    line = _one_line(err)
+    assert code == 2 and "is in use by another safetrain run" in line, line
+    assert _inventory(workdir) == before
+  finally:
+    held.release()
