@@ -37,7 +37,7 @@ from safetrain.step.loss_scale import DynamicLossScale
 from safetrain.storage import lock as workdir_lib
 from safetrain.training import callbacks as callbacks_lib
 from safetrain.training import data as data_lib
-from safetrain.training import evaluation, losses, state
+from safetrain.training import evaluation, hook_checks, losses, state
 from safetrain.training import export as export_lib
 from safetrain.training import metrics as stateful_metrics
 from safetrain.training import optimizers as optimizers_lib
@@ -58,6 +58,10 @@ class Trainer(TrainerHooks):
     workdir: directory for checkpoints, summaries and records. Running again
       on the same workdir resumes.
   """
+
+  # safetrain.fit keeps a compiled optimizer's clipnorm (docs/keras_fit.md);
+  # a Trainer's build_optimizer must not clip (hook_checks.check_optimizer).
+  _optimizer_may_clip = False
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_lib.validate(config)
@@ -145,7 +149,8 @@ class Trainer(TrainerHooks):
 
     # compute_loss normalised (see losses.call_per_example), for the
     # compiled step, evaluation and forensics.
-    default, compute_loss = None, hook("compute_loss", self.compute_loss)
+    default = None
+    compute_loss = hook("compute_loss", hook_checks.checking_loss(self.compute_loss, trainer=name))
     if type(self).compute_loss is Trainer.compute_loss:
       default = functools.partial(losses.default_loss, self._loss_fn, self.regularization_loss)
       compute_loss = self.compute_loss  # safetrain's own: its errors are about the data
@@ -161,7 +166,10 @@ class Trainer(TrainerHooks):
       raise TypeError(f"build_model() returned {type(self.model).__name__}, not a keras.Model")
     if not self.model.built:
       sample_loss(self.model, self._first_batch, self._element_spec)  # builds the variables
+    hook_checks.check_model(self.model, trainer=name)
     self.optimizer = hook("build_optimizer", self.build_optimizer)()
+    if not self._optimizer_may_clip:
+      hook_checks.check_optimizer(self.optimizer, trainer=name)
     self._lr_factor = optimizers_lib.LearningRateFactor()
     own = type(self).build_optimizer is Trainer.build_optimizer
     optimizers_lib.wrap_from_config(self.optimizer, c, self._recovery, self._lr_factor, own=own)

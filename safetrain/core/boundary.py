@@ -121,10 +121,14 @@ def call(hook: str, fn: Callable, *args, trainer: str | None = None, **kwargs):
   except OWN_ERRORS:
     raise
   except Exception as e:  # noqa: BLE001 - whatever user code raises is the hook's failure
-    error = HookError(hook, e, trainer=trainer)
-    _raised.append(error)
-    del _raised[:-4]
-    raise error from e
+    raise remember(HookError(hook, e, trainer=trainer)) from e
+
+
+def remember(error: HookError) -> HookError:
+  """Keeps `error` for `unwrap` (it may be raised while TensorFlow traces)."""
+  _raised.append(error)
+  del _raised[:-4]
+  return error
 
 
 # The last HookErrors raised: one raised while TensorFlow traced a function

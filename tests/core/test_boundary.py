@@ -237,3 +237,24 @@ def test_a_workdir_another_run_holds_is_refused_and_not_written(tmp_path, capsys
     assert _inventory(workdir) == before
   finally:
     held.release()
+
+
+# What would make a run silently useless, each refused at build naming the hook.
+CONTRACT_CASES = {
+  "IntegerLoss": "IntegerLoss.compute_loss() returned a loss of dtype int32",
+  "VectorLossOfThree": "VectorLossOfThree.compute_loss() returned a loss of shape [3] for a "
+  "batch of 8",
+  "NothingTrainable": "NothingTrainable.build_model() returned a model with no trainable",
+  "ClipnormOptimizer": "ClipnormOptimizer.build_optimizer() returned an optimizer with "
+  "clipnorm=1.0",
+}
+
+
+@pytest.mark.parametrize("trainer", sorted(CONTRACT_CASES))
+def test_a_hook_that_would_train_nothing_is_refused_at_build_naming_it(tmp_path, capsys, trainer):
+  workdir = str(tmp_path / "run")
+  code, _, err = _cli(capsys, workdir, f"--config.trainer={trainer}")
+  assert code == 2, err[-3000:]
+  assert CONTRACT_CASES[trainer] in _one_line(err)
+  assert not os.path.exists(os.path.join(workdir, "checkpoints")), "refused before step 0"
+  assert not os.path.exists(os.path.join(workdir, "export"))
