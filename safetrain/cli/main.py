@@ -11,12 +11,14 @@ The terminal shows a short line per incident, each cause's diagnosis once,
 the progress, warnings and the summary; every log line (absl's format) goes
 to WORKDIR/log.txt, and to the terminal as well with -v or --alsologtostderr.
 
-Exit codes:
+Exit codes (docs/errors.md):
   0    trained to train.steps (or the data ended, with train.repeat_data=False).
-  2    bad flags, config, experiment file or data; a workdir that another run
-       holds, that was written for another model, or that cannot be written
-       (disk full, read-only, path too long): one message on stderr naming
-       the problem, no traceback, nothing committed lost.
+  1    a bug in safetrain: one line saying so; the traceback is in log.txt.
+  2    bad flags, config, experiment file or data; a user hook that raised;
+       an op error inside the compiled loop; any OSError (disk full,
+       read-only, path too long); a workdir that another run holds or that
+       was written for another model: one message on stderr naming the
+       problem, no traceback (it goes to log.txt), nothing committed lost.
   3    diverged with recovery spent; the diagnosis is printed and the last
        healthy checkpoint is intact.
   143  stopped by SIGTERM or SIGINT (preemption, Ctrl-C): the current inner
