@@ -148,7 +148,7 @@ def _run(argv: list[str], module, file_config, arg, native: str) -> int:
     try:
       trainer = trainer_cls(config, workdir)
       # For `safetrain export` (config.json): the experiment file and its :ARG.
-      trainer._origin.update(file=os.path.abspath(module.__file__), arg=arg or None)
+      trainer.set_experiment(os.path.abspath(module.__file__), arg or None)
       result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - every failure, by boundary.outcome's policy
       code, line = boundary.outcome(e, workdir=workdir)

@@ -198,6 +198,7 @@ def plot_data(workdir: str, skipped: list[str] | None = None) -> dict[str, Any]:
     "fp16": fp16,
     "clip": float(config.get("clip", {}).get("global_norm", 0.0) or 0.0),
     "total_steps": total_steps,
+    "kind_colours": kind_colours(workdir),
   }
 
 
@@ -245,11 +246,20 @@ def _num(v) -> bool:
 
 
 def _read_config(workdir: str) -> dict:
+  return _read_config_file(workdir).get("config", {})
+
+
+def _read_config_file(workdir: str) -> dict:
   try:
     with open(os.path.join(workdir, "config.json")) as f:
-      return json.load(f).get("config", {})
+      return json.load(f)
   except (OSError, ValueError):
     return {}
+
+
+def kind_colours(workdir: str) -> dict[str, str]:
+  """{kind: colour}, as the run's config.json lists its declared kinds."""
+  return {k: v["colour"] for k, v in _read_config_file(workdir).get("kinds", {}).items()}
 
 
 def _initial_loss_scale(config: dict) -> float | None:
