@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from safetrain.core import kinds
+from safetrain.core import boundary, kinds
 from safetrain.records.summaries import Summaries
 from safetrain.step.loop_state import LoopOutput
 from safetrain.storage.jsonl import JsonlWriter
@@ -117,7 +117,8 @@ def write_config(
     "kinds": {k.name: {"text": k.text, "colour": k.colour} for k in kinds.declared().values()},
   }
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  # A failed flush on close names no file: the boundary names this one.
+  with boundary.working_on(tmp), open(tmp, "w") as f:
     json.dump(data, f, indent=2, default=str)
   os.replace(tmp, path)
 

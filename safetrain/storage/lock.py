@@ -21,12 +21,12 @@ import os
 import socket
 import time
 
-from safetrain.core.errors import WorkdirError
+from safetrain.core.errors import RefusedWorkdirError, WorkdirError
 
 LOCK_FILE = ".lock"
 
 
-class WorkdirInUseError(WorkdirError):
+class WorkdirInUseError(RefusedWorkdirError):
   """Another process holds the workdir's lock (exit code 2).
 
   Attributes:
