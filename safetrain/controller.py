@@ -270,6 +270,7 @@ class Controller:
         self._forensics, self._stash, kind=kind, step=self._step() + 1
       ),
       snapshots=self._snapshots,
+      single_worker=self._num_workers == 1,
     )
     self._response = response.Response(
       run=self._run,

@@ -153,6 +153,8 @@ class Recovery:
     incidents: the incident log.
     diagnose: kind -> the diagnosis of the divergence (forensics).
     snapshots: the in-memory snapshots, or None (disk checkpoints only).
+    single_worker: the run has one worker (an abort then puts the last
+      healthy checkpoint back into the live objects).
   """
 
   def __init__(
@@ -172,6 +174,7 @@ class Recovery:
     incidents: IncidentLog,
     diagnose: Callable[[str], str],
     snapshots: SnapshotRing | None = None,
+    single_worker: bool = True,
   ):
     self.policy = policy
     self.state = state
@@ -184,6 +187,7 @@ class Recovery:
     self.healthy = healthy
     self.agree = agree
     self.is_chief = is_chief
+    self.single_worker = single_worker
     self.incidents = incidents
     self.diagnose = diagnose
     self.snapshots = snapshots if snapshots is not None and snapshots.enabled else None
@@ -385,9 +389,28 @@ class Recovery:
       cause=kinds.DIVERGING_STATE,
       why=why,
     )
+    step = int(self.run.step.numpy())
+    self._put_back_last_healthy(last)
     raise DivergenceError(
       text,
-      step=int(self.run.step.numpy()),
+      step=step,
       last_healthy_checkpoint=last,
       incidents=list(self.incidents.records),
     )
+
+  def _put_back_last_healthy(self, path: str | None) -> None:
+    """After an abort, `trainer.model` (and the optimizer and run state) hold
+    the last healthy checkpoint, as the workdir does, not the failing state
+    the abort found. One worker only: with several, each worker's restore
+    would need the chief's agreement, and the checkpoint is on disk anyway."""
+    if path is None or not self.single_worker:
+      return
+    try:
+      self.checkpoints.restore_rollback(path, self.rollback_objects)
+    except (tf.errors.OpError, OSError, ValueError) as e:
+      logging.warning(
+        "After the abort, the last healthy checkpoint %s could not be put back into the "
+        "trainer's model: %s",
+        path,
+        e,
+      )

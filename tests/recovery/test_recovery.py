@@ -210,3 +210,32 @@ def test_the_command_exits_3_when_recovery_is_spent(tmp_path):
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert "safetrain: diverged: Training diverged" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_after_divergence_error_the_model_holds_the_last_healthy_state(workdir):
+  """An action poisons the weights after every loop from step 10 on: each
+  loop is rolled back (nonfinite_params) until the budget is spent. After the
+  DivergenceError, trainer.model holds the last healthy checkpoint's weights,
+  not the poisoned ones."""
+
+  class Poisoner(TinyTrainer):
+    def actions(self):
+      def poison(record):
+        if record.step >= 10:
+          kernel = self.model.trainable_variables[0]
+          kernel.assign(kernel * float("nan"))
+
+      return [poison]
+
+  c = tiny_config(**{"recovery.max_rollbacks": 2, "train.steps": 40})
+  t = Poisoner(c, workdir)
+  with pytest.raises(safetrain.DivergenceError) as err:
+    t.fit()
+  assert [i["kind"] for i in incidents(workdir) if i["action"] == "rollback"] == [
+    "nonfinite_params"
+  ] * 2
+  reader = tf.train.load_checkpoint(err.value.last_healthy_checkpoint)
+  saved = [reader.get_tensor(f"model_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE") for i in range(2)]
+  live = [v.numpy() for v in t.model.variables[:2]]
+  assert all(np.isfinite(w).all() for w in live)
+  assert all(np.array_equal(a, b) for a, b in zip(saved, live))
