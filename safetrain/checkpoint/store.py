@@ -32,6 +32,8 @@ from safetrain.checkpoint.files import (
   ROLLBACK_FILE,
   Scan,
   describe,
+  list_variables,
+  load_variable,
   path_of,
   raise_io_error,
   remove,
@@ -341,7 +343,7 @@ class CheckpointStore:
     Raises WorkdirError when the checkpoint reads back whole but does not fit.
     """
     try:
-      saved = tf.train.list_variables(path)
+      saved = list_variables(path)
     except Exception as e:  # noqa: BLE001 - any failure to read the index is damage
       return describe(e)
     model = self.objects.get("model")
@@ -396,7 +398,7 @@ class CheckpointStore:
     `position_of(path, data)` keeps working until it is rewritten.
     """
     del data_state
-    return int(tf.train.load_variable(path, _POSITION_KEY))
+    return int(load_variable(path, _POSITION_KEY))
 
 
 def build(config, workdir: str, *, rollback: dict, carried: dict, write: bool, owner: str):

@@ -28,6 +28,8 @@ import tempfile
 
 from absl import logging
 
+from safetrain.storage import files as storage
+
 INCIDENT = "safetrain_incident"
 TERMINAL = "safetrain_terminal"
 LOG_FILE = "log.txt"
@@ -175,6 +177,22 @@ class NativeStartup:
     self._file.close()
 
 
+class _LogFile(std_logging.Handler):
+  """Appends each record to log.txt through the storage layer: never through
+  a link (a local file is opened with O_NOFOLLOW), and on any tf.io.gfile
+  path (on an object store, each record rewrites the object)."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+
+  def emit(self, record) -> None:
+    try:
+      storage.append(self.path, self.format(record) + "\n", durable=False)
+    except Exception:  # noqa: BLE001 - logging must not raise (as FileHandler)
+      self.handleError(record)
+
+
 @contextlib.contextmanager
 def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None, preamble: str = ""):
   """The command's logging for one run: the short terminal and log.txt.
@@ -194,9 +212,10 @@ def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None, pr
     sys.stderr.write(preamble if preamble.endswith("\n") else preamble + "\n")
   if workdir is not None:
     if preamble:
-      with open(os.path.join(workdir, LOG_FILE), "a", encoding="utf-8") as f:
-        f.write(preamble if preamble.endswith("\n") else preamble + "\n")
-    file_handler = std_logging.FileHandler(os.path.join(workdir, LOG_FILE), encoding="utf-8")
+      storage.append(
+        os.path.join(workdir, LOG_FILE), preamble if preamble.endswith("\n") else preamble + "\n"
+      )
+    file_handler = _LogFile(os.path.join(workdir, LOG_FILE))
     file_handler.setFormatter(logging.PythonFormatter())
     file_handler.setLevel(std_logging.INFO)
     if quiet_filter is not None:

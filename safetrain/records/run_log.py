@@ -15,6 +15,7 @@ from absl import logging
 from safetrain.core import kinds
 from safetrain.records.summaries import Summaries
 from safetrain.step.loop_state import LoopOutput
+from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter
 
 
@@ -113,10 +114,7 @@ def write_config(
     "resumed_from": resumed,
     "time": time.time(),
   }
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, default=str)
-  os.replace(tmp, path)
+  storage.write(path, json.dumps(data, indent=2, default=str))
 
 
 class Progress:
