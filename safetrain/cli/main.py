@@ -295,7 +295,8 @@ def _check_workdir(workdir: str) -> None:
 
   probe = storage.join(workdir, f".safetrain-write-test-{os.getpid()}")
   try:
-    storage.makedirs(workdir)
+    # Locally os.makedirs, whose error names the cause ("Not a directory").
+    os.makedirs(workdir, exist_ok=True) if storage.is_local(workdir) else storage.makedirs(workdir)
     storage.write(probe, "ok")
     storage.remove(probe)
   except OSError as e:

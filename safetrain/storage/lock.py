@@ -5,12 +5,12 @@ that retried too early) would interleave their records and checkpoints and
 take each other's half-written saves for damage. `Trainer.fit()` therefore
 holds the workdir for the life of the run, in one of two ways:
 
-- **flock** (a local directory, `storage.lock=auto`): an exclusive
+- **flock** (a local directory, `storage.locking=auto`): an exclusive
   `fcntl.flock` on `WORKDIR/.lock`. The kernel releases it when the process
   ends, however it ends (kill -9), so there is never a stale lock; the pid
   written into the file only names the holder in the message.
 - **a lease** (any other store, which has no lock: a bucket, `ram://`; or
-  `storage.lock=lease`, for a shared filesystem whose flock cannot be
+  `storage.locking=lease`, for a shared filesystem whose flock cannot be
   trusted): `WORKDIR/.lock` holds an owner (a random id, pid, host) and an
   expiry `storage.lease_seconds` ahead, rewritten every third of that by a
   thread of the running job. Another run is refused while the lease is live,
@@ -104,7 +104,7 @@ class WorkdirLock:
   Args:
     workdir: the run's directory (created if missing).
     mode: "auto" (flock where the store has it, else a lease), "flock" or
-      "lease" (`storage.lock`).
+      "lease" (`storage.locking`).
     lease_seconds: a lease's life without renewal (`storage.lease_seconds`).
   """
 
@@ -119,7 +119,7 @@ class WorkdirLock:
   @classmethod
   def from_config(cls, workdir: str, config) -> WorkdirLock:
     """The lock `config.storage` asks for."""
-    return cls(workdir, mode=config.storage.lock, lease_seconds=config.storage.lease_seconds)
+    return cls(workdir, mode=config.storage.locking, lease_seconds=config.storage.lease_seconds)
 
   @property
   def held(self) -> bool:
@@ -152,8 +152,8 @@ class WorkdirLock:
     if self.kind == "flock":
       if not storage.store_for(self.workdir).locks:
         raise WorkdirError(
-          f"storage.lock=flock needs a local --workdir with locks; {self.workdir} has none "
-          "(use storage.lock=auto or lease)"
+          f"storage.locking=flock needs a local --workdir with locks; {self.workdir} has none "
+          "(use storage.locking=auto or lease)"
         )
       self._acquire_flock()
     else:

@@ -64,7 +64,7 @@ def test_the_test_store_refuses_rename_and_locks(objects, tmp_path):
   assert [src for src, _ in objects] == [str(tmp_path / "a")]
   objects.clear()
   assert lock_lib.WorkdirLock(str(tmp_path)).kind == "lease"
-  with pytest.raises(safetrain.WorkdirError, match="storage.lock=flock needs a local"):
+  with pytest.raises(safetrain.WorkdirError, match="storage.locking=flock needs a local"):
     lock_lib.WorkdirLock(str(tmp_path), mode="flock").acquire()
 
 
@@ -147,6 +147,21 @@ def test_a_live_lease_refuses_a_second_owner_naming_it(objects, tmp_path, capsys
   finally:
     holder.release()
   assert not os.path.exists(tmp_path / ".lock")
+
+
+def test_fit_takes_a_lease_under_storage_locking_lease(tmp_path, monkeypatch):
+  """On a local directory (no test store), `storage.locking=lease` makes
+  fit() take the lease: a live one refuses it, and it is released after."""
+  holder = lock_lib.WorkdirLock(str(tmp_path), mode="lease")
+  config = tiny_config(**{"train.steps": 5, "storage.locking": "lease"})
+  with holder:
+    with pytest.raises(lock_lib.WorkdirInUseError, match="holds the lease"):
+      TinyTrainer(config, str(tmp_path)).fit()
+  seen = []
+  real = lock_lib._Lease.acquire
+  monkeypatch.setattr(lock_lib._Lease, "acquire", lambda self: seen.append(1) or real(self))
+  assert TinyTrainer(config, str(tmp_path)).fit().step == 5
+  assert seen == [1] and not os.path.exists(tmp_path / ".lock")
 
 
 def test_the_lease_is_renewed_and_a_renewal_that_finds_another_owner_marks_it_lost(

@@ -17,6 +17,11 @@ from safetrain.storage import files as storage
 from safetrain.storage.jsonl import read_jsonl
 
 
+class EvalTrainer(TinyTrainer):
+  def build_eval_dataset(self):
+    return self.build_train_dataset().take(2)
+
+
 def _ram_workdir() -> str:
   return f"ram://safetrain-test-{uuid.uuid4().hex[:8]}/run"
 
@@ -45,11 +50,13 @@ def test_run_resume_rollback_evaluate_export_and_report_on_ram(capsys):
   assert [r["action"] for r in records if r["action"] == "rollback"] == ["rollback"]
   assert json.loads(storage.read_text(workdir + "/config.json"))["resumed_from"] is not None
 
-  # evaluate() restores the newest checkpoint read-only.
+  # restore() and evaluate() read the newest checkpoint, read-only.
   fresh = TinyTrainer(tiny_config(**{"train.steps": 30}), workdir)
   assert fresh.restore() == workdir + "/checkpoints/ckpt-30"
   for a, b in zip(weights(fresh), weights(trainer)):
     np.testing.assert_array_equal(a, b)
+  evaluated = EvalTrainer(tiny_config(**{"train.steps": 30}), workdir).evaluate()
+  assert evaluated["examples"] == 32 and np.isfinite(evaluated["loss"])
 
   # `safetrain export` and `safetrain report` take the ram:// workdir.
   out = workdir + "/export/again.keras"
