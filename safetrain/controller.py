@@ -247,7 +247,6 @@ class Controller:
       snapshots=self._snapshots,
     )
     self._response = response.Response(
-      bad_inputs=self.config.guard.bad_inputs,
       run=self._run,
       recovery_state=self._recovery,
       incidents=self._incidents,
@@ -258,7 +257,7 @@ class Controller:
       forensics_ctx=self._forensics,
       stash=self._stash,
       health=self._health,
-      leaf_names=self._train_data.leaf_names,
+      pieces=self._loop.pieces,
       train_steps=self.config.train.steps,
       step=self._step,
       save=self._save_checkpoint,

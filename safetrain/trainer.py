@@ -29,9 +29,10 @@ from safetrain.hooks import TrainerHooks
 from safetrain.recovery import health, snapshots
 from safetrain.recovery import rollback as recovery
 from safetrain.results import FitResult, summary_line
-from safetrain.step import clipping, guard
+from safetrain.step import clipping, loop_state, registry
 from safetrain.step import loop as step_lib
 from safetrain.step import loss_watch as spike_lib
+from safetrain.step import piece as piece_lib
 from safetrain.step.drill import Drill
 from safetrain.step.loss_scale import DynamicLossScale
 from safetrain.storage import files as storage
@@ -104,6 +105,12 @@ class Trainer(TrainerHooks):
     finally:
       keras.mixed_precision.set_global_policy(previous_policy)
     self._built = True
+
+  def set_experiment(self, file: str | None, arg: str | None) -> None:
+    """Records the experiment file (and its :ARG) this trainer came from, for
+    config.json, which `safetrain export` rebuilds the trainer from. The
+    command calls it; call it before `fit()`."""
+    self._origin.update(file=file, arg=arg)
 
   @property
   def strategy(self) -> tf.distribute.Strategy:
@@ -187,47 +194,62 @@ class Trainer(TrainerHooks):
     )
     with_pred = bool(self._train_metrics)
 
-    self._rollback_objects = dict(
-      model=self.model,
-      # Every model variable by position, so that state Keras does not expose
-      # to tf.train.Checkpoint (dropout's SeedGenerator) is saved too.
-      model_variables=list(self.model.variables),
-      optimizer=self.optimizer,
-      run=self._run,
-      loss_scale=self._loss_scale,
-      spike=self._spike,
-      health=self._health_state,
+    E = state.Entry  # noqa: N806
+    self.state = state.Declaration(
+      [
+        E("model", self.model, rolls_back=True),
+        # Every model variable by position, so that state Keras does not
+        # expose to tf.train.Checkpoint (dropout's SeedGenerator) is saved too.
+        E("model_variables", list(self.model.variables), True, list(self.model.variables)),
+        E("optimizer", self.optimizer, True, list(self.optimizer.variables)),
+        E("run", self._run, True, self._run),
+        E("loss_scale", self._loss_scale, True, self._loss_scale),
+        E("spike", self._spike, True, self._spike),
+        E("health", self._health_state, True, self._health_state),
+        # Carried across rollbacks: where the data is, what recovery learned,
+        # the user's rate factor and the gradient scale.
+        E("data", self._data, rolls_back=False),
+        E("recovery", self._recovery, rolls_back=False),
+        E("lr_factor", self._lr_factor, rolls_back=False),
+        E("clip", self._clip, rolls_back=False),
+        E("iterator", iterator, rolls_back=False, checkpointed=iterator_in_checkpoint),
+      ]
     )
+    self._rollback_objects = self.state.rolled_back()
     self._checkpoints = checkpointing.build(
       c,
       self.workdir,
       rollback=self._rollback_objects,
-      carried=dict(
-        data=self._data,
-        recovery=self._recovery,
-        lr_factor=self._lr_factor,
-        clip=self._clip,
-        **({"iterator": iterator} if iterator_in_checkpoint else {}),
-      ),
+      carried=self.state.carried(),
       write=self._is_chief,
       owner=name,
+      position_key=self.state.key_of(self._data.position),
+      generation_key=self.state.key_of(self._recovery.rollbacks_total),
+    )
+    self._pieces = registry.build(
+      c,
+      piece_lib.BuildContext(
+        model=self.model,
+        leaf_names=tuple(self._train_data.leaf_names),
+        fp16=self._loss_scale.enabled,
+        num_replicas=self._strategy.num_replicas_in_sync,
+        loss_scale=self._loss_scale,
+        spike=self._spike,
+        clip=self._clip,
+        replica_state=replica_state,
+      ),
     )
     self._loop = step_lib.GuardedLoop(
       strategy=self._strategy,
       model=self.model,
       optimizer=self.optimizer,
       compute_loss=functools.partial(self._call_compute_loss_per_example, with_pred=with_pred),
-      loss_scale=self._loss_scale,
-      spike=self._spike,
+      pieces=self._pieces,
       drill=self._drill,
-      input_guard=guard.InputGuard.from_config(c, leaf_count=len(self._train_data.leaf_names)),
-      clip=self._clip,
-      drop_examples=c.guard.drop_examples,
-      max_dropped_examples=c.guard.max_dropped_examples,
       rollback_after=c.guard.rollback_after,
       raise_on_bad_inputs=c.guard.bad_inputs == "raise",
       repeat_data=c.train.repeat_data,
-      variables=step_lib.LoopVariables(
+      variables=loop_state.LoopVariables(
         step=self._run.step,
         consecutive_bad=self._run.consecutive_bad,
         attempts=self._recovery.attempts,
@@ -293,8 +315,7 @@ class Trainer(TrainerHooks):
         snapshots=snapshots.build(
           c.recovery,
           num_workers=self._num_workers,
-          modules=[list(self.model.variables), list(self.optimizer.variables)]
-          + [self._run, self._loss_scale, self._spike, self._health_state],
+          modules=self.state.snapshotted(),
         ),
         actions=callbacks_lib.make_actions(
           self.actions,

@@ -57,8 +57,6 @@ __all__ = [
   "verify",
 ]
 
-_POSITION_KEY = "data/position/.ATTRIBUTES/VARIABLE_VALUE"
-
 
 class CheckpointStore:
   """Saves and restores the trainer's state under `directory`.
@@ -77,6 +75,7 @@ class CheckpointStore:
     generation_key: the checkpoint key of an integer that grows with every
       rollback; a checkpoint holding at least a rollback's value was saved
       after that rollback, and supersedes its side state.
+    position_key: the checkpoint key of the data position (`position_of`).
   """
 
   def __init__(
@@ -89,8 +88,10 @@ class CheckpointStore:
     owner: str | None = None,
     carry: tuple[str, ...] = (),
     generation_key: str | None = None,
+    position_key: str | None = None,
   ):
     self.directory = directory
+    self.position_key = position_key
     self.objects = objects
     self.write = write
     self.owner = owner
@@ -391,22 +392,29 @@ class CheckpointStore:
     self._current = step_of(path)
     return self._current
 
-  def position_of(self, path: str, data_state: object = None) -> int:
-    """The data position saved in the checkpoint at `path`.
-
-    `data_state` is ignored: accepted only so that the trainer's old call
-    `position_of(path, data)` keeps working until it is rewritten.
-    """
-    del data_state
-    return int(load_variable(path, _POSITION_KEY))
+  def position_of(self, path: str) -> int:
+    """The data position saved in the checkpoint at `path`."""
+    return int(load_variable(path, self.position_key))
 
 
-def build(config, workdir: str, *, rollback: dict, carried: dict, write: bool, owner: str):
+def build(
+  config,
+  workdir: str,
+  *,
+  rollback: dict,
+  carried: dict,
+  write: bool,
+  owner: str,
+  position_key: str,
+  generation_key: str,
+):
   """The run's CheckpointStore, WORKDIR/checkpoints (`checkpoint.max_to_keep`).
 
   `rollback` is what a rollback restores; `carried` what it keeps (not
   restored), persisted by the rollback itself with no model save (see
-  `CheckpointStore.record_rollback`). Its "recovery" counts the rollbacks.
+  `CheckpointStore.record_rollback`). `position_key` and `generation_key` are
+  the checkpoint keys of the data position and of the rollback count (the
+  trainer's `state.Declaration` derives them).
   """
   return CheckpointStore(
     os.path.join(workdir, "checkpoints"),
@@ -415,5 +423,6 @@ def build(config, workdir: str, *, rollback: dict, carried: dict, write: bool, o
     write=write,
     owner=owner,
     carry=tuple(carried),
-    generation_key="recovery/rollbacks_total/.ATTRIBUTES/VARIABLE_VALUE",
+    generation_key=generation_key,
+    position_key=position_key,
   )

@@ -143,7 +143,7 @@ def _run(argv: list[str], module, file_config, arg, native: str) -> int:
     ):
       trainer = trainer_cls(config, workdir)
       # For `safetrain export` (config.json): the experiment file and its :ARG.
-      trainer._origin.update(file=os.path.abspath(module.__file__), arg=arg or None)
+      trainer.set_experiment(os.path.abspath(module.__file__), arg or None)
       result = trainer.fit()
   except safetrain.DivergenceError as e:
     print(f"safetrain: diverged: {e.diagnosis}", file=sys.stderr)

@@ -113,6 +113,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.guard = ml_collections.ConfigDict()
   c.guard.check_inputs = True
+  # A variable the optimizer does not update (BatchNorm's moving statistics,
+  # any float non-trainable) that a batch's forward pass drives non-finite or
+  # beyond state_max_abs makes the step a bad batch (nonfinite_state): skipped,
+  # the state put back. One reduction per such variable and step.
+  c.guard.check_state = True
+  c.guard.state_max_abs = 1e30
   c.guard.bad_inputs = "drop_rows"
   c.guard.rollback_after = 3
   c.guard.spike_detection = True
@@ -343,6 +349,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _num(config, "clip.z_threshold", 0.0, 1e6, lo_open=True)
   _int(config, "clip.warmup_steps", 1, MAX_STEPS)
   _bool(config, "guard.check_inputs")
+  _bool(config, "guard.check_state")
+  _num(config, "guard.state_max_abs", 0.0, 3.4e38, lo_open=True)
   _choice(config, "guard.bad_inputs", BAD_INPUTS)
   _int(config, "guard.rollback_after", 1, MAX_COUNT)
   _bool(config, "guard.spike_detection")
@@ -469,7 +477,3 @@ def _check_keys(config, expected, prefix: str) -> None:
         isinstance(config[key], ml_collections.ConfigDict), name, config[key], "a config group"
       )
       _check_keys(config[key], expected[key], name + ".")
-
-
-def to_dict(config: ml_collections.ConfigDict) -> dict:
-  return config.to_dict()

@@ -1,51 +1,67 @@
-"""Step classes, incident kinds, actions and causes: codes, names, texts.
+"""Step classes, incident kinds, actions and causes: names, texts, colours.
 
-The compiled step reports a class and a kind per attempt as small integers
-(the index into CLASSES and KINDS); the host turns them into the names that
-incidents.jsonl, metrics.jsonl, the log and the report use.
+The compiled step reports a class and a kind per attempt as small integers.
+Classes are fixed here. Kinds are declared by the part that raises them (a
+guard piece in `safetrain/step/`, a host check in `safetrain/recovery/`) with
+`declare`, in one place each; their codes are derived from that declaration
+(`step.registry`), never numbered by hand. The host turns codes back into the
+names that incidents.jsonl, metrics.jsonl, the log and the report use.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 # What an attempted step was. Only GOOD touches the model and optimizer.
 GOOD, OVERFLOW, DIVERGENCE, SKIPPED_BATCH = range(4)
 CLASSES = ("good", "overflow", "divergence", "skipped_batch")
-
-# Why a step was not (entirely) good. The index is the in-graph code; the
-# first IN_GRAPH kinds are found inside the step, the others by the host
-# between loops, never inside the step.
-KINDS = (
-  "nonfinite_inputs",
-  "nonfinite_loss",
-  "nonfinite_grads",
-  "loss_spike",
-  "loss_scale_floor",
-  "loss_growth",
-  "nonfinite_params",
-  "stalled",
-  "dead_units",
-)
-NONFINITE_INPUTS, NONFINITE_LOSS, NONFINITE_GRADS, LOSS_SPIKE, LOSS_SCALE_FLOOR = range(5)
-LOSS_GROWTH = 5
-IN_GRAPH = 6
-NONFINITE_PARAMS, STALLED, DEAD_UNITS = 6, 7, 8
 NO_KIND = -1
 
-# Kinds whose step is a bad batch when the state is healthy: the non-finite
-# value comes from this batch, and other batches from the same state train.
-BATCH_BOUND = (NONFINITE_LOSS, NONFINITE_GRADS)
 
-TEXT = {
-  "nonfinite_inputs": "non-finite values in the input batch.",
-  "nonfinite_loss": "the loss was not finite.",
-  "nonfinite_grads": "the loss was finite but some gradients were not.",
-  "loss_spike": "the loss jumped far above its running mean.",
-  "loss_scale_floor": "float16 gradients overflowed with the loss scale at loss_scale.min_scale.",
-  "loss_growth": "the loss grew by orders of magnitude above its best (a finite blow-up).",
-  "nonfinite_params": "a model or optimizer variable became non-finite after an update.",
-  "stalled": "the run stopped learning: the loss stays far above its best.",
-  "dead_units": "ReLU units died: a layer outputs zero for every example.",
-}
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """An incident kind, as the part that raises it declares it.
+
+  Attributes:
+    name: the `kind` of incidents.jsonl.
+    text: the one-line explanation a record and the log give.
+    colour: the report's colour for it.
+    batch_bound: a step of this kind from a healthy state is a bad batch (the
+      non-finite value comes from this batch: other batches from the same state
+      train), so it is quarantined rather than rolled back.
+    diverges: the kind is a divergence (its run of failures may call for
+      recovery); False for inputs the guard handles by itself.
+  """
+
+  name: str
+  text: str
+  colour: str
+  batch_bound: bool = False
+  diverges: bool = True
+
+
+_DECLARED: dict[str, Kind] = {}
+
+
+def declare(*declared: Kind) -> tuple[Kind, ...]:
+  """Registers kinds (at import of the module that raises them)."""
+  for kind in declared:
+    if _DECLARED.get(kind.name, kind) != kind:
+      raise ValueError(f"incident kind {kind.name!r} is declared twice, differently")
+    _DECLARED[kind.name] = kind
+  return declared
+
+
+def declared() -> dict[str, Kind]:
+  """Every kind declared so far, by name."""
+  return dict(_DECLARED)
+
+
+def text(kind: str) -> str:
+  """The one-line explanation of an incident kind."""
+  found = _DECLARED.get(kind)
+  return found.text if found else "the step diverged."
+
 
 # What was done about an incident.
 ACTIONS = {
@@ -60,8 +76,3 @@ ACTIONS = {
 
 # Why recovery chose its action (the incident's `cause`).
 BAD_BATCH, DIVERGING_STATE = "bad_batch", "diverging_state"
-
-
-def text(kind: str) -> str:
-  """The one-line explanation of an incident kind."""
-  return TEXT.get(kind, "the step diverged.")

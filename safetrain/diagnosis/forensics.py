@@ -69,10 +69,6 @@ def first_bad_op(ctx, batch, *, gradients: bool = False) -> str | None:
   return f"{article} {op} op ({what}) {where}"
 
 
-def _forward_finite(rep: Replay) -> bool:
-  return all(r.outputs.finite for r in rep.layers)
-
-
 def _float32_max(record: LayerRecord) -> float | None:
   """The layer's output magnitude recomputed in float32 (for a float16 layer
   that overflowed), from a float32 copy of the layer on the same inputs."""

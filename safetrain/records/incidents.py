@@ -15,7 +15,8 @@ import tensorflow as tf
 from absl import logging
 
 from safetrain.core import kinds
-from safetrain.step import bad_batches
+from safetrain.step import bad_batches, registry
+from safetrain.step import piece as piece_lib
 from safetrain.step.loop_state import STOP_ROLLBACK, LoopOutput
 from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter, read_jsonl
@@ -81,88 +82,87 @@ class IncidentLog:
     self,
     out: LoopOutput,
     *,
-    leaf_names: list[str],
-    bad_inputs: str,
+    pieces: registry.Pieces,
     lr_scale: float,
     open_bad_batch: bool = False,
     bad_batch_diagnosis: str = "",
   ) -> int:
-    """One record per kind and action the compiled loop saw, with how often.
+    """One record per kind and action the compiled loop saw, with how often;
+    each kind's action and diagnosis come from the piece that raised it, and
+    each piece may add records of its own (dropped examples).
 
-    Non-finite losses and gradients are bad batches (`quarantined_batch`)
-    unless they belong to the open run of divergent attempts that ended the
-    loop for recovery (`skipped_step`, then the rollback), or `open_bad_batch`
-    says that run was bad batches too. Returns the quarantined batches.
+    Batch-bound kinds (non-finite losses and gradients) are bad batches
+    (`quarantined_batch`) unless they belong to the open run of divergent
+    attempts that ended the loop for recovery (`skipped_step`, then the
+    rollback), or `open_bad_batch` says that run was bad batches too.
+    Returns the quarantined batches.
     """
-    skipped_batches = int(out.counts[kinds.SKIPPED_BATCH])
-    stopped = int(out.stop) == STOP_ROLLBACK
-    entries = bad_batches.entries(out.quarantine)
     common = dict(lr_scale_before=lr_scale, lr_scale_after=lr_scale)
     quarantined_total = 0
-    for k, name in enumerate(kinds.KINDS[: kinds.IN_GRAPH]):
-      count = int(out.kind_counts[k])
+    for name in registry.KINDS:
+      count = out.count(name)
       if not count:
         continue
-      first, last = int(out.kind_first[k]), int(out.kind_last[k])
-      if k == kinds.NONFINITE_INPUTS:
-        dropped = bad_inputs == "drop_rows" and (int(out.dropped) or not skipped_batches)
-        action = "dropped_rows" if dropped else "skipped_batch"
-        diagnosis = (
-          f"non-finite values in {bad_leaves(out, leaf_names)}; {int(out.dropped)} rows "
-          f"dropped, {skipped_batches} batches skipped"
+      code = registry.code(name)
+      first, last = int(out.kind_first[code]), int(out.kind_last[code])
+      owner = pieces.get(registry.owner(name).name)
+      if name in registry.BATCH_BOUND:
+        open_k = self._add_bad_batches(
+          out, owner, name, count, open_bad_batch, bad_batch_diagnosis, common
         )
-      elif k in kinds.BATCH_BOUND:
-        open_k = int(out.open_kinds[k]) if stopped and not open_bad_batch else 0
-        quarantined = count - open_k
-        quarantined_total += quarantined
-        if quarantined:
-          steps = [
-            e.step
-            for e in entries
-            if e.skipped and e.kind == name and e.attempt <= int(out.last_good)
-          ]
-          self.add(
-            step=first,
-            kind=name,
-            action="quarantined_batch",
-            count=quarantined,
-            last_step=max(steps, default=first) if open_k else last,
-            diagnosis=bad_batch_diagnosis
-            or f"{kinds.text(name)} Other batches from the same state trained: a bad batch.",
-            cause=kinds.BAD_BATCH,
-            **common,
-          )
+        quarantined_total += count - open_k
         if not open_k:
           continue
-        count, first, action, diagnosis = open_k, last, "skipped_step", kinds.text(name)
-      else:
-        action, diagnosis = "skipped_step", kinds.text(name)
+        count, first = open_k, last
       self.add(
         step=first,
         kind=name,
-        action=action,
+        action=owner.action(name, out),
         count=count,
         last_step=last,
-        diagnosis=diagnosis,
+        diagnosis=owner.explain(name, out),
         **common,
       )
-    if int(out.dropped_examples):
-      steps = int(out.dropped_example_steps)
-      where = [e.step for e in entries if not e.skipped]
+    for p in pieces:
+      for record in p.records(out, bad_batch_diagnosis=bad_batch_diagnosis):
+        self.add(**record, **common)
+    return quarantined_total
+
+  def _add_bad_batches(
+    self, out, owner, name: str, count: int, open_bad_batch: bool, diagnosis: str, common: dict
+  ) -> int:
+    """Records the quarantined batches of a batch-bound kind; returns the
+    attempts of the kind in the open run that ended the loop (not bad data)."""
+    code = registry.code(name)
+    stopped = int(out.stop) == STOP_ROLLBACK
+    open_k = int(out.open_kinds[code]) if stopped and not open_bad_batch else 0
+    quarantined = count - open_k
+    if quarantined:
+      first, last = int(out.kind_first[code]), int(out.kind_last[code])
+      steps = [
+        e.step
+        for e in bad_batches.entries(out.pieces["bad_batches"])
+        if e.skipped and e.kind == name and e.attempt <= int(out.last_good)
+      ]
       self.add(
-        step=min(where, default=-1),
-        last_step=max(where, default=-1),
-        kind="nonfinite_loss",
-        action="dropped_examples",
-        count=steps,
-        examples=int(out.dropped_examples),
-        diagnosis=f"{int(out.dropped_examples)} examples with a non-finite loss were left out "
-        f"of the mean in {steps} steps (per-example loss); the rest of each batch trained."
-        + (f" {bad_batch_diagnosis}" if bad_batch_diagnosis else ""),
+        step=first,
+        kind=name,
+        action="quarantined_batch",
+        count=quarantined,
+        last_step=max(steps, default=first) if open_k else last,
+        diagnosis=self._bad_batch_text(owner, name, out, diagnosis),
         cause=kinds.BAD_BATCH,
         **common,
       )
-    return quarantined_total
+    return open_k
+
+  @staticmethod
+  def _bad_batch_text(owner, name: str, out, replay: str) -> str:
+    """A piece that explains its own kind says why; else the replay of the
+    batch, or the kind's text."""
+    if type(owner).explain is not piece_lib.Piece.explain:
+      return owner.explain(name, out)
+    return replay or f"{kinds.text(name)} Other batches from the same state trained: a bad batch."
 
   def tally(self) -> str:
     """ "3x nonfinite_loss, 1x loss_spike": the divergences recorded so far."""
@@ -177,17 +177,7 @@ class IncidentLog:
     return read_jsonl(self.path) if self.enabled and storage.exists(self.path) else self.records
 
 
-def bad_leaves(out: LoopOutput, leaf_names: list[str]) -> str:
-  """Where the non-finite inputs of a loop were: "x[:, 1] (3 rows)"."""
-  parts = []
-  for name, bad, col in zip(leaf_names, out.leaf_bad, out.cols):
-    if bad:
-      where = f"{name}[:, {int(col)}]" if col >= 0 else name
-      parts.append(f"{where} ({int(bad)} rows)")
-  return ", ".join(parts) or "the inputs"
-
-
 def last_divergence(out: LoopOutput) -> str:
   """The kind of the loop's last divergence (inputs apart)."""
-  seen = [(int(out.kind_last[k]), k) for k in range(1, kinds.IN_GRAPH) if out.kind_counts[k]]
-  return kinds.KINDS[max(seen)[1]] if seen else "nonfinite_loss"
+  seen = [(int(out.kind_last[registry.code(k)]), k) for k in registry.DIVERGING if out.count(k)]
+  return max(seen)[1] if seen else "nonfinite_loss"

@@ -69,7 +69,7 @@ class QuarantineLog:
       diagnosis: what the replay of a quarantined batch found, or "".
     """
     position0, attempt0 = before
-    found = bad_batches.entries(out.quarantine)
+    found = bad_batches.entries(out.pieces["bad_batches"])
     for i, e in enumerate(found):
       in_open_run = stopped and e.attempt > int(out.last_good)
       if e.skipped and in_open_run and not open_bad:
@@ -89,10 +89,10 @@ class QuarantineLog:
           diagnosis=diagnosis,
         )
       )
-    if int(out.quarantine.n) > bad_batches.SLOTS:
+    if int(out.pieces["bad_batches"].n) > bad_batches.SLOTS:
       logging.info(
         "quarantine: %d entries this loop, the last %d recorded",
-        int(out.quarantine.n),
+        int(out.pieces["bad_batches"].n),
         bad_batches.SLOTS,
       )
 

@@ -199,6 +199,7 @@ def plot_data(workdir: str, skipped: list[str] | None = None) -> dict[str, Any]:
     "fp16": fp16,
     "clip": float(config.get("clip", {}).get("global_norm", 0.0) or 0.0),
     "total_steps": total_steps,
+    "kind_colours": kind_colours(workdir),
   }
 
 
@@ -246,10 +247,19 @@ def _num(v) -> bool:
 
 
 def _read_config(workdir: str) -> dict:
+  return _read_config_file(workdir).get("config", {})
+
+
+def _read_config_file(workdir: str) -> dict:
   try:
-    return json.loads(storage.read_text(os.path.join(workdir, "config.json"))).get("config", {})
+    return json.loads(storage.read_text(os.path.join(workdir, "config.json")))
   except (OSError, ValueError):
     return {}
+
+
+def kind_colours(workdir: str) -> dict[str, str]:
+  """{kind: colour}, as the run's config.json lists its declared kinds."""
+  return {k: v["colour"] for k, v in _read_config_file(workdir).get("kinds", {}).items()}
 
 
 def _initial_loss_scale(config: dict) -> float | None:

@@ -18,18 +18,6 @@ from matplotlib.lines import Line2D
 
 from safetrain.storage import files as storage
 
-KIND_COLORS = {
-  "nonfinite_inputs": "#7b3294",
-  "nonfinite_loss": "#d7191c",
-  "nonfinite_grads": "#fdae61",
-  "loss_spike": "#1a9641",
-  "loss_scale_floor": "#8c510a",
-  "nonfinite_params": "#e7298a",
-  "loss_growth": "#2c7bb6",
-  "stalled": "#525252",
-  "dead_units": "#01665e",
-}
-
 
 def draw(data: dict[str, Any], path: str, title: str) -> None:
   """Draws `report.plot_data` output to a PNG at `path`."""
@@ -106,7 +94,7 @@ def draw(data: dict[str, Any], path: str, title: str) -> None:
   # solid with an arrow back to the restored step, aborts thick.
   kinds_seen, actions_seen = [], []
   for m in data["incidents"]:
-    color = KIND_COLORS.get(m["kind"], "black")
+    color = data["kind_colours"].get(m["kind"], "black")
     act = m["action"]
     style = {
       "rollback": dict(ls="-", lw=1.4, alpha=0.9),
@@ -149,7 +137,9 @@ def draw(data: dict[str, Any], path: str, title: str) -> None:
       rotation=90,
     )
 
-  handles = [Line2D([], [], color=KIND_COLORS.get(k, "black"), lw=2, label=k) for k in kinds_seen]
+  handles = [
+    Line2D([], [], color=data["kind_colours"].get(k, "black"), lw=2, label=k) for k in kinds_seen
+  ]
   labels = {
     "rollback": ("-", 1.4, "rollback (arrows: back to the restored step, lower lr)"),
     "abort": ("-", 3.0, "abort"),

@@ -37,16 +37,16 @@ def loop_record(
   record = {
     "step": step,
     "attempts": attempts,
-    "loss": mean(out.loss_sum),
+    "loss": mean(out.sums["loss"]),
     "last_loss": _finite_or_none(out.last_loss),
-    "grad_norm": mean(out.norm_sum),
+    "grad_norm": mean(out.sums["norm"]),
     "grad_norm_max": float(out.norm_max),
     "lr": float(out.lr),
     "lr_scale": lr_scale,
     "loss_scale": loss_scale,
     **{name: int(out.counts[c]) for c, name in _CLASS_FIELDS},
-    "dropped_rows": int(out.dropped),
-    "spikes": int(out.kind_counts[kinds.LOSS_SPIKE]),
+    "dropped_rows": int(out.sums["dropped_rows"]),
+    "spikes": out.count("loss_spike"),
     "steps_per_sec": applied / seconds if seconds > 0 else None,
   }
   for name, total in out.metric_sums.items():
@@ -113,6 +113,9 @@ def write_config(
     "experiment": experiment,
     "resumed_from": resumed,
     "time": time.time(),
+    # Every incident kind, as the part that raises it declares it: the report
+    # (which imports no TensorFlow) draws each in its colour.
+    "kinds": {k.name: {"text": k.text, "colour": k.colour} for k in kinds.declared().values()},
   }
   storage.write(path, json.dumps(data, indent=2, default=str))
 

@@ -29,17 +29,28 @@ import dataclasses
 import math
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from safetrain.core import compat, variables
+from safetrain.core import compat, kinds, variables
 from safetrain.diagnosis.replay import fmt
 from safetrain.step import guard
 from safetrain.step.loss_watch import SpikeDetector
 from safetrain.training import data as data_lib
 
 _RELU = ("relu", "relu6")
+
+# The kinds the host finds between loops, never inside the step: declared
+# here, where they are checked (the loop's params_finite is the first).
+KINDS = kinds.declare(
+  kinds.Kind(
+    "nonfinite_params",
+    "a model or optimizer variable became non-finite after an update.",
+    "#e7298a",
+  ),
+  kinds.Kind("stalled", "the run stopped learning: the loss stays far above its best.", "#525252"),
+  kinds.Kind("dead_units", "ReLU units died: a layer outputs zero for every example.", "#01665e"),
+)
 
 
 class HealthState(tf.Module):
@@ -217,15 +228,6 @@ class Health:
       + f"; {self.describe_lr()}. A learning rate this high pushes ReLU units below zero for "
       "every input in the first steps, where no gradient brings them back.",
     )
-
-
-def dead_fractions_text(found) -> str:
-  """ "hidden0 0%, hidden1 41%" for logs and tests."""
-  return ", ".join(f"{layer.name} {100 * f:.0f}%" for layer, f in found)
-
-
-def as_array(found) -> np.ndarray:
-  return np.array([f for _, f in found])
 
 
 def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> Health:

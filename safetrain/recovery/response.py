@@ -17,8 +17,9 @@ from safetrain.core.errors import BadInputError
 from safetrain.diagnosis import forensics
 from safetrain.diagnosis import replay as replay_lib
 from safetrain.records import incidents, quarantine
-from safetrain.recovery import health, triage
+from safetrain.recovery import health, policy, triage
 from safetrain.recovery import rollback as recovery
+from safetrain.step import registry
 from safetrain.step.loop_state import STOP_DATA_END, STOP_RAISE, STOP_ROLLBACK, LoopOutput
 from safetrain.training import state
 
@@ -36,13 +37,12 @@ class Response:
   """Decides and carries out what a loop's incidents call for.
 
   Args:
-    bad_inputs: `guard.bad_inputs`.
     run, recovery_state: the run's and recovery's variables.
     incidents, quarantine_log: the run's incident and quarantine records.
     actions: the recovery mechanics (rollback, budget, bad-batch rate).
     forensics_ctx, stash: the replay context and the stashed batch (or None).
     health: the stall and dead-unit checks.
-    leaf_names: the names of the batch's float leaves.
+    pieces: the run's guard pieces (each says what its incidents were).
     train_steps: `train.steps`.
     step: returns the run's applied steps.
     save: saves a checkpoint if the state is healthy.
@@ -51,7 +51,6 @@ class Response:
   def __init__(
     self,
     *,
-    bad_inputs: str,
     run: state.RunState,
     recovery_state: recovery.RecoveryState,
     incidents: incidents.IncidentLog,
@@ -60,12 +59,11 @@ class Response:
     forensics_ctx: replay_lib.Context,
     stash: forensics.Stash | None,
     health: health.Health,
-    leaf_names: list[str],
+    pieces: registry.Pieces,
     train_steps: int,
     step: Callable[[], int],
     save: Callable[[], None],
   ):
-    self._bad_inputs = bad_inputs
     self._run = run
     self._recovery = recovery_state
     self._incidents = incidents
@@ -74,7 +72,7 @@ class Response:
     self._forensics = forensics_ctx
     self._stash = stash
     self._health = health
-    self._leaf_names = leaf_names
+    self._pieces = pieces
     self._train_steps = train_steps
     self._step = step
     self._save = save
@@ -122,8 +120,7 @@ class Response:
     lr_scale = float(variables.number(self._recovery.lr_scale))
     quarantined = self._incidents.add_loop(
       out,
-      leaf_names=self._leaf_names,
-      bad_inputs=self._bad_inputs,
+      pieces=self._pieces,
       lr_scale=lr_scale,
       open_bad_batch=open_bad,
       bad_batch_diagnosis=self._describe_bad_batches(out),
@@ -141,38 +138,57 @@ class Response:
     skipped = int(out.attempts) - int(out.applied)
     if skipped:
       r.skipped_total.assign_add(skipped)
-    if int(out.dropped_examples):
-      r.examples_dropped_total.assign_add(int(out.dropped_examples))
+    dropped_examples = int(out.sums["dropped_examples"])
+    if dropped_examples:
+      r.examples_dropped_total.assign_add(dropped_examples)
     frequent = self._actions.note_bad_batches(quarantined, int(out.attempts))
     if int(out.stop) == STOP_RAISE:
       self._save()
       raise BadInputError(
         f"non-finite input at step {self._step() + 1}: "
-        f"{incidents.bad_leaves(out, self._leaf_names)} (guard.bad_inputs=raise). "
+        f"{self._bad_inputs_where(out)} (guard.bad_inputs=raise). "
         "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
         "skip_batch to train past it."
       )
+    findings = []
+
+    def unhealthy():
+      findings.append(self._health.check(int(out.applied), float(out.sums["norm"])))
+      return findings[0].kind if findings[0] is not None else None
+
+    decision = policy.decide(
+      policy.Evidence(
+        params_finite=params_ok,
+        open_run=stopped,
+        open_run_bad_batches=open_bad,
+        frequent_bad_batches=frequent,
+        last_kind=kind,
+      ),
+      unhealthy=unhealthy,
+    )
+    self._carry_out(decision, verdict, findings[0] if findings else None)
+    self._actions.refill_budget()
+    return decision.rollback, quarantined
+
+  def _carry_out(self, decision: policy.Decision, verdict, finding) -> None:
+    """Rolls back as `decision` says, with the why and diagnosis its cause has."""
     roll_back = self._actions.roll_back
-    if not params_ok:
+    if decision.cause == "nonfinite_params":
       roll_back("nonfinite_params", why="a variable is non-finite after an update")
-    elif stopped and not open_bad:
-      roll_back(kind, why=verdict.why if verdict else "", diagnosis=verdict.diagnosis or None)
-    elif frequent:
+    elif decision.cause == "diverging_state":
+      roll_back(
+        decision.kind, why=verdict.why if verdict else "", diagnosis=verdict.diagnosis or None
+      )
+    elif decision.cause == "frequent_bad_batches":
       why = self._actions.frequent_bad_batches_text()
-      r.bad_batch_rate.assign(0.0)
-      roll_back(kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
-    else:
-      finding = self._health.check(int(out.applied), float(out.norm_sum))
-      if finding is None:
-        self._actions.refill_budget()
-        return False, quarantined
+      self._recovery.bad_batch_rate.assign(0.0)
+      roll_back(decision.kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
+    elif decision.cause == "not_learning":
       roll_back(
         finding.kind,
         why="the run stopped learning without a non-finite value",
         diagnosis=finding.diagnosis,
       )
-    self._actions.refill_budget()
-    return True, quarantined
 
   def _describe_bad_batches(self, out: LoopOutput) -> str:
     """What the replay of a quarantined batch found: once per process, on the
@@ -180,9 +196,7 @@ class Response:
     if self._bad_batch_diagnosis or self._stash is None:
       return self._bad_batch_diagnosis
     kind = incidents.last_divergence(out)
-    if kinds.KINDS.index(kind) not in kinds.BATCH_BOUND or not any(
-      int(out.kind_counts[k]) for k in kinds.BATCH_BOUND
-    ):
+    if kind not in registry.BATCH_BOUND or not any(out.count(k) for k in registry.BATCH_BOUND):
       return ""
     batch = self._stash.batch()
     if batch is None:
@@ -191,6 +205,10 @@ class Response:
       self._forensics, kind=kind, batch=batch, step=self._step() + 1
     )
     return self._bad_batch_diagnosis
+
+  def _bad_inputs_where(self, out: LoopOutput) -> str:
+    inputs = self._pieces.get("inputs")
+    return inputs.where(out) if inputs is not None else "the inputs"
 
   def stop_reason(self, out: LoopOutput, *, signaled: bool) -> str:
     """Why fit() stops after this loop: "completed" (not yet) unless the data
@@ -208,7 +226,7 @@ class Response:
       raise BadInputError(
         f"no usable batch in {int(out.attempts)} consecutive batches after step "
         f"{self._step()}: every one had non-finite inputs "
-        f"({incidents.bad_leaves(out, self._leaf_names)}); clean the data or check the "
+        f"({self._bad_inputs_where(out)}); clean the data or check the "
         "input pipeline"
       )
     return "preempted" if signaled else "completed"

@@ -1,13 +1,13 @@
 """Recovery: what happens when the guarded loop hands over a divergence.
 
-The policy lives here and nowhere else: roll back a diverging state to a
-healthy one with a lower learning rate (or further back when the run keeps
-failing from the same state), spend and refill the rollback budget, count bad
-batches and treat them as a diverging state once they are frequent, and stop
-with `DivergenceError` when the budget or the learning rate is spent. The
-compiled step never decides any of this; it only says that recovery is
-needed. Which cause a failure had (bad batch or diverging state) is
-`safetrain.triage`'s verdict.
+The mechanics of recovery, once `recovery.policy` has decided on a rollback:
+roll back to a healthy state with a lower learning rate (or further back when
+the run keeps failing from the same state), spend and refill the rollback
+budget, count bad batches (whether they are frequent is evidence for the
+policy), and stop with `DivergenceError` when the budget or the learning rate
+is spent. `Policy` here is the recovery settings (`config.recovery`), not the
+decision. Which cause a failure had (bad batch or diverging state) is
+`recovery.triage`'s verdict.
 
 Rollback targets are the in-memory snapshots (`safetrain.snapshots`) and the
 disk checkpoints, newest first; a snapshot of the same step is preferred (it

@@ -135,9 +135,6 @@ class SnapshotRing:
     """Forgets snapshots of states after `step` (a timeline rolled back from)."""
     self.slots = [s if s is not None and s.step <= step else None for s in self.slots]
 
-  def clear(self) -> None:
-    self.slots = [None] * len(self.slots)
-
 
 def _read(v) -> tf.Tensor:
   """The variable's current value, as a tensor no later update changes."""

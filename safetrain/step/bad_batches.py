@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from safetrain.core import kinds
 from safetrain.step import per_example as examples
+from safetrain.step import piece
 
 SLOTS = 32
 # info columns: kind, skipped (1) or dropped examples (0), bad examples (-1:
@@ -68,6 +69,8 @@ class Entry(NamedTuple):
 
 def entries(buf) -> list[Entry]:
   """The entries of a buffer (as numpy), in attempt order."""
+  from safetrain.step import registry  # noqa: PLC0415 (the registry imports this module)
+
   out = []
   for (a, step), row in zip(buf.attempt, buf.info):
     if a < 0:
@@ -78,10 +81,49 @@ def entries(buf) -> list[Entry]:
       Entry(
         attempt=int(a),
         step=int(step),
-        kind=kinds.KINDS[int(row[0])],
+        kind=registry.KINDS[int(row[0])],
         skipped=bool(row[1]),
         bad_examples=None if bad < 0 else bad,
         rows=rows if bad >= 0 and rows else None,
       )
     )
   return sorted(out)
+
+
+class BadBatchesPiece(piece.Piece):
+  """The loop's buffer of bad batches (a divergence of a batch-bound kind)
+  and of steps that dropped examples, for quarantine.jsonl."""
+
+  name = "bad_batches"
+  order = 70
+
+  @classmethod
+  def build(cls, config, ctx):
+    return cls()
+
+  def outcome(self, step):
+    from safetrain.step import registry  # noqa: PLC0415 (the registry imports this module)
+
+    bound = [registry.code(k) for k in registry.BATCH_BOUND]
+    bad_batch = (step.step_class == kinds.DIVERGENCE) & tf.reduce_any(
+      tf.equal(step.kind, tf.constant(bound, tf.int32))
+    )
+    masked = step.findings.get("per_example")
+    if masked is not None:
+      dropped = tf.where(step.step_class == kinds.GOOD, masked.dropped, 0.0) > 0
+      rows, n = masked.rows, tf.size(masked.ok) - tf.reduce_sum(tf.cast(masked.ok, tf.int32))
+    else:
+      dropped, rows, n = tf.constant(False), tf.fill([examples.MAX_ROWS], -1), tf.constant(-1)
+    fallback = registry.code("nonfinite_loss")
+    info = entry(tf.where(bad_batch, step.kind, fallback), bad_batch, n, rows)
+    return bad_batch | dropped, info
+
+  def carry(self):
+    return empty()
+
+  def fold(self, carried, outcome, core):
+    hit, info = outcome
+    return record(carried, hit, core.attempt, core.step, info)
+
+  def report(self, carried):
+    return carried

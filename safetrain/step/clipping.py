@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from safetrain.step import piece
+
 _EPS = 1e-6
 
 
@@ -120,3 +122,50 @@ class GradientClip(tf.Module):
       tf.where(warming, w_sq, warm_sq),
     )
     return tuple(tf.where(good, b, a_) for b, a_ in zip(new, state))
+
+
+def clip(grads: list, norm: tf.Tensor, max_norm: tf.Tensor) -> list:
+  """Scales gradients whose global `norm` (finite) exceeds `max_norm` > 0.
+
+  Unlike `tf.clip_by_global_norm`, it is only called with a finite norm, so
+  it never turns finite gradients into NaN.
+  """
+  factor = tf.minimum(1.0, max_norm / tf.maximum(norm, 1e-30))
+  return [g * factor for g in grads]
+
+
+class ClipPiece(piece.Piece):
+  """Clipping in the step: the threshold of each good step (fixed, or from
+  the adaptive statistics carried through the loop), applied to the
+  gradients in the update with the NaN-safe `clip`."""
+
+  name = "clip"
+  order = 60
+  config_keys = ("clip",)
+
+  def __init__(self, clip: GradientClip):
+    self.gradient_clip = clip
+
+  @classmethod
+  def build(cls, config, ctx):
+    return cls(ctx.clip) if ctx.clip.active else None
+
+  def apply_args(self, step):
+    limit = self.gradient_clip.threshold(step.carried[self.name], step.norm)
+    step.findings["clip_limit"] = limit
+    return limit
+
+  def outcome(self, step):
+    return step.findings["clip_limit"]
+
+  def clip(self, grads, norm, limit):
+    return clip(grads, norm, limit)
+
+  def carry(self):
+    return self.gradient_clip.read()
+
+  def fold(self, carried, outcome, core):
+    return self.gradient_clip.observe(carried, core.norm_good, outcome, core.good)
+
+  def write(self, carried):
+    self.gradient_clip.write(carried)

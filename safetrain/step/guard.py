@@ -1,8 +1,9 @@
-"""In-graph guards: the input check and its policy, the gradient norm, the
-step's classification.
+"""In-graph guards: the input check and its policy (`InputPiece`), the
+finiteness of the loss and gradients (`FinitePiece`), the gradient norm, and
+the batch helpers they share with the diagnosis.
 
 Everything here runs inside the compiled inner loop, in replica context
-unless said otherwise. The classes and kinds it reports are in `kinds`.
+unless said otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from safetrain.core import kinds
+from safetrain.core import kinds as kinds_lib
+from safetrain.step import piece
 
 
 def flatten_with_names(structure, prefix: str = "") -> list[tuple[str, object]]:
@@ -116,7 +118,7 @@ def keep_rows(batch, row_ok, any_kept):
 
 
 class InputCheck(NamedTuple):
-  """What the input guard decided about one replica's batch."""
+  """What the input check decided about one replica's batch."""
 
   batch: Any  # what the model sees: bad rows dropped under drop_rows
   weight: tf.Tensor | None  # this replica's share of the global loss; None on one replica
@@ -126,46 +128,98 @@ class InputCheck(NamedTuple):
   cols: tf.Tensor  # int32[L]: first bad column per float leaf, or -1
 
 
-class InputGuard:
+class InputPiece(piece.Piece):
   """Finds non-finite rows in a batch and applies `guard.bad_inputs`.
 
   A clean batch costs one finiteness reduction per floating leaf; the per-row
   and per-column work runs only when something is bad. With several replicas
   every decision is taken on counts summed over all of them, so one replica's
-  bad rows are a decision for all.
+  bad rows are a decision for all. Its loop-carried state is, per floating
+  leaf, the bad rows seen and the first bad column (for the message).
 
   Args:
-    enabled: `guard.check_inputs`.
     policy: `guard.bad_inputs`: drop_rows, skip_batch or raise.
-    leaf_count: the number of floating-point leaves of a batch.
+    leaf_names: the names of the batch's floating-point leaves.
   """
 
-  def __init__(self, *, enabled: bool, policy: str, leaf_count: int):
-    self.enabled = enabled and leaf_count > 0
+  name = "inputs"
+  order = 10
+  kinds = kinds_lib.declare(
+    kinds_lib.Kind(
+      "nonfinite_inputs", "non-finite values in the input batch.", "#7b3294", diverges=False
+    )
+  )
+  config_keys = ("guard.check_inputs", "guard.bad_inputs")
+  sums = ("dropped_rows",)
+
+  def __init__(self, *, policy: str, leaf_names: tuple[str, ...]):
+    self.policy = policy
     self.drop = policy == "drop_rows"
-    self.leaf_count = leaf_count
+    self.leaf_names = tuple(leaf_names)
+    self.leaf_count = len(self.leaf_names)
 
   @classmethod
-  def from_config(cls, config, leaf_count: int) -> InputGuard:
-    """The guard `config.guard.check_inputs` and `guard.bad_inputs` ask for."""
+  def build(cls, config, ctx: piece.BuildContext) -> InputPiece | None:
     g = config.guard
-    return cls(enabled=g.check_inputs, policy=g.bad_inputs, leaf_count=leaf_count)
+    if not g.check_inputs or not ctx.leaf_names:
+      return None
+    return cls(policy=g.bad_inputs, leaf_names=ctx.leaf_names)
 
-  def __call__(self, batch, ctx: tf.distribute.ReplicaContext) -> InputCheck:
-    n_rep = ctx.num_replicas_in_sync
+  # in graph
+  def inputs(self, step: piece.Step) -> None:
     no_bad = tf.zeros([self.leaf_count], tf.int32)
     no_cols = tf.fill([self.leaf_count], -1)
-    if not self.enabled:
-      weight = None
-      if n_rep > 1:
-        # Unchecked, each replica's mean still counts by its rows.
-        rows = tf.shape(tf.nest.flatten(batch)[0])[0]
-        total = tf.cast(ctx.all_reduce("sum", rows), tf.float32)
-        weight = tf.cast(rows, tf.float32) / tf.maximum(total, 1.0)
-      return InputCheck(batch, weight, tf.constant(False), tf.constant(0), no_bad, no_cols)
-    if n_rep == 1:
-      return self._one_replica(batch, no_bad, no_cols)
-    return self._replicas(batch, ctx, n_rep, no_cols)
+    if step.replicas == 1:
+      checked = self._one_replica(step.batch, no_bad, no_cols)
+    else:
+      checked = self._replicas(step.batch, step.ctx, step.replicas, no_cols)
+    step.batch, step.weight, step.skip = checked.batch, checked.weight, checked.skip
+    step.findings["inputs"] = checked
+
+  def conditions(self, step):
+    return [piece.Condition(self.order, kinds_lib.SKIPPED_BATCH, "nonfinite_inputs", step.skip)]
+
+  def occurred(self, step):
+    return {"nonfinite_inputs": step.findings["inputs"].dropped > 0}
+
+  def step_sums(self, step):
+    return {"dropped_rows": tf.cast(step.findings["inputs"].dropped, tf.float32)}
+
+  def outcome(self, step):
+    checked = step.findings["inputs"]
+    return tf.stack([checked.leaf_bad, checked.cols])
+
+  def carry(self):
+    return tf.stack([tf.zeros([self.leaf_count], tf.int32), tf.fill([self.leaf_count], -1)])
+
+  def fold(self, carried, outcome, core):
+    return tf.stack([carried[0] + outcome[0], tf.where(carried[1] < 0, outcome[1], carried[1])])
+
+  def report(self, carried):
+    return carried
+
+  # host
+  def action(self, kind, out) -> str:
+    dropped = int(out.sums["dropped_rows"])
+    skipped = int(out.counts[kinds_lib.SKIPPED_BATCH])
+    return "dropped_rows" if self.drop and (dropped or not skipped) else "skipped_batch"
+
+  def explain(self, kind, out) -> str:
+    dropped = int(out.sums["dropped_rows"])
+    skipped = int(out.counts[kinds_lib.SKIPPED_BATCH])
+    return (
+      f"non-finite values in {self.where(out)}; {dropped} rows dropped, {skipped} batches skipped"
+    )
+
+  def where(self, out) -> str:
+    """Where the non-finite inputs of a loop were: "x[:, 1] (3 rows)"."""
+    leaf_bad, cols = out.pieces[self.name]
+    parts = []
+    for name, bad, col in zip(self.leaf_names, leaf_bad, cols):
+      if bad:
+        where = f"{name}[:, {int(col)}]" if col >= 0 else name
+        parts.append(f"{where} ({int(bad)} rows)")
+    return ", ".join(parts) or "the inputs"
 
   def _one_replica(self, batch, no_bad, no_cols) -> InputCheck:
     oks = [tf.reduce_all(tf.math.is_finite(t)) for _, t in float_leaves(batch)]
@@ -243,68 +297,40 @@ def finite_and_norm(grads: list) -> tuple[tf.Tensor, tf.Tensor]:
   return tf.cond(tf.math.is_finite(norm), lambda: (tf.constant(True), norm), slow)
 
 
-def clip(grads: list, norm: tf.Tensor, max_norm: float) -> list:
-  """Scales gradients whose global `norm` (finite) exceeds `max_norm` > 0.
+class FinitePiece(piece.Piece):
+  """A non-finite loss, or finite loss with non-finite gradients (float32 and
+  bfloat16; under mixed_float16 the loss scale's piece classes gradients)."""
 
-  Unlike `tf.clip_by_global_norm`, it is only called with a finite norm, so
-  it never turns finite gradients into NaN.
-  """
-  factor = tf.minimum(1.0, max_norm / tf.maximum(norm, 1e-30))
-  return [g * factor for g in grads]
-
-
-# classify()'s conditions in priority order (inputs skipped, loss, gradients at
-# the floor or outside float16, float16 overflow, spike, growth, good) and
-# their class.
-_CLASS = (kinds.SKIPPED_BATCH, kinds.DIVERGENCE, kinds.DIVERGENCE, kinds.OVERFLOW)
-_CLASS += (kinds.DIVERGENCE, kinds.DIVERGENCE, kinds.GOOD)
-
-
-def classify(
-  *,
-  input_skip: tf.Tensor,
-  loss_finite: tf.Tensor,
-  grads_finite: tf.Tensor,
-  spike: tf.Tensor,
-  fp16: bool,
-  growth: tf.Tensor | None = None,
-  at_floor: tf.Tensor | None = None,
-) -> tuple[tf.Tensor, tf.Tensor]:
-  """(step class, incident kind) of an attempted step, as int32 codes.
-
-  In priority order: inputs the guard skipped; a non-finite loss; non-finite
-  gradients, which under mixed_float16 are a routine overflow unless the loss
-  scale is at its floor; a loss spike; a finite blow-up of the loss (growth);
-  else good (kind NO_KIND). Computed as a handful of vector ops: this runs on
-  every step.
-  """
-  grads_kind = kinds.LOSS_SCALE_FLOOR if fp16 else kinds.NONFINITE_GRADS
-  table_kind = tf.constant(
-    [
-      kinds.NONFINITE_INPUTS,
-      kinds.NONFINITE_LOSS,
-      grads_kind,
-      kinds.NO_KIND,
-      kinds.LOSS_SPIKE,
-      kinds.LOSS_GROWTH,
-      kinds.NO_KIND,
-    ]
+  name = "finite"
+  order = 20
+  kinds = kinds_lib.declare(
+    kinds_lib.Kind("nonfinite_loss", "the loss was not finite.", "#d7191c", batch_bound=True),
+    kinds_lib.Kind(
+      "nonfinite_grads",
+      "the loss was finite but some gradients were not.",
+      "#fdae61",
+      batch_bound=True,
+    ),
   )
-  bad_grads = tf.logical_not(grads_finite)
-  hard = tf.logical_and(bad_grads, at_floor) if fp16 else bad_grads
-  conditions = tf.stack(
-    [
-      input_skip,
-      tf.logical_not(loss_finite),
-      hard,
-      bad_grads,
-      spike,
-      tf.constant(False) if growth is None else growth,
-      tf.constant(True),
+
+  def __init__(self, *, fp16: bool):
+    self.fp16 = fp16
+
+  @classmethod
+  def build(cls, config, ctx):
+    return cls(fp16=ctx.fp16)
+
+  def conditions(self, step):
+    rows = [
+      piece.Condition(
+        self.order, kinds_lib.DIVERGENCE, "nonfinite_loss", ~tf.math.is_finite(step.loss)
+      )
     ]
-  )
-  first = tf.argmax(tf.cast(conditions, tf.int32), output_type=tf.int32)
-  return tf.gather(tf.constant(_CLASS), first), tf.gather(table_kind, first)
+    if not self.fp16:
+      rows.append(
+        piece.Condition(self.order + 1, kinds_lib.DIVERGENCE, "nonfinite_grads", ~step.grads_finite)
+      )
+    return rows
 
 
 def dense_float32(g) -> tf.Tensor:

@@ -1,11 +1,13 @@
 """What the compiled loop carries from one attempt to the next, and reports.
 
 The loop's own bookkeeping (counters, tallies per step class and incident
-kind, sums, the steps where each kind was first and last seen) is carried as
-a few packed vectors and moved by one fused update per attempt (`fold`):
-every loop-carried tensor costs executor nodes on every iteration, and twenty
-scalars cost more than the step's own arithmetic on a small model. `output`
-unpacks them once per loop into `LoopOutput`, the named tuple the host reads.
+kind, the named sums of `registry.SUMS`, the steps where each kind was first
+and last seen) is carried as a few packed vectors and moved by one fused
+update per attempt (`fold`): every loop-carried tensor costs executor nodes
+on every iteration, and twenty scalars cost more than the step's own
+arithmetic on a small model. Each guard piece carries its own state by name
+(`LoopState.pieces`), moved by its own `fold`. `output` unpacks them once per
+loop into `LoopOutput`, the named tuple the host reads.
 
 Everything here is a pure function of tensors, testable without a model.
 """
@@ -17,15 +19,14 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from safetrain.core import kinds
-from safetrain.step import bad_batches
+from safetrain.step import piece as piece_lib
+from safetrain.step import registry
 
 # Why a loop ended before its `n` updates.
 STOP_NONE, STOP_ROLLBACK, STOP_DATA_END, STOP_RAISE = range(4)
 NUM_CLASSES = len(kinds.CLASSES)
-NUM_KINDS = kinds.IN_GRAPH
-# Step sums: dropped input rows, loss and pre-clip norm of good steps,
-# dropped examples, attempts that dropped examples.
-NUM_SUMS = 5
+NUM_KINDS = len(registry.KINDS)
+NUM_SUMS = len(registry.SUMS)
 # `LoopState.counters`, in order.
 RUN_STEP, RUN_ATTEMPT, APPLIED, ATTEMPTS, BAD_RUN, LAST_GOOD, STOP = range(7)
 # `LoopState.tallies`: class counts, then kind counts, then the sums.
@@ -40,24 +41,21 @@ class LoopOutput(NamedTuple):
     applied: good steps, i.e. updates applied.
     attempts: steps attempted, skipped ones included.
     counts: int64[4], attempts per step class (`kinds.CLASSES`).
-    kind_counts: int64[K], attempts per incident kind (`kinds.KINDS`).
+    kind_counts: int64[K], attempts per incident kind (`registry.KINDS`).
     kind_first, kind_last: int64[K], the step number (applied + 1 at the
       time) of each kind's first and last occurrence, or -1.
-    loss_sum, norm_sum: sums over good steps of the loss and pre-clip norm.
+    sums: {name: float32} over the loop, by `registry.SUMS`: "loss" and
+      "norm" (of good steps, the norm before clipping) and each piece's.
     norm_max: the largest pre-clip norm of a good step.
     last_loss: the loss of the last attempt (NaN if it was not finite).
-    dropped: input rows dropped by the input guard.
     stop: STOP_NONE, or why the loop ended early.
     lr: the learning rate of the last update.
-    leaf_bad, cols: int32[L], bad rows and first bad column per float leaf.
     metric_sums: {name: sum over good steps} of compute_loss's metrics.
-    dropped_examples: examples dropped from per-example losses, and
-      dropped_example_steps: the attempts that dropped some.
     last_good: the run's attempt number of the loop's last good step, or -1.
     open_kinds: int64[K], per kind, the divergent attempts since the last
       good one (the open run that may end the loop for recovery).
-    quarantine: the last bad-batch and dropped-example attempts
-      (`bad_batches.Buffer` as numpy).
+    pieces: {piece name: what its `report` gives} (the input check's bad
+      rows and columns, the bad-batch buffer, ...).
     params_finite: whether every model and optimizer variable was finite
       when the loop ended (the host's health check, computed in the graph).
   """
@@ -68,22 +66,20 @@ class LoopOutput(NamedTuple):
   kind_counts: Any
   kind_first: Any
   kind_last: Any
-  loss_sum: Any
-  norm_sum: Any
+  sums: Any
   norm_max: Any
   last_loss: Any
-  dropped: Any
   stop: Any
   lr: Any
-  leaf_bad: Any
-  cols: Any
   metric_sums: Any
-  dropped_examples: Any = 0
-  dropped_example_steps: Any = 0
   last_good: Any = -1
   open_kinds: Any = None
-  quarantine: Any = None
+  pieces: Any = None
   params_finite: Any = True
+
+  def count(self, kind: str) -> int:
+    """Attempts of `kind` in the loop."""
+    return int(self.kind_counts[registry.code(kind)])
 
 
 class LoopVariables(NamedTuple):
@@ -99,27 +95,22 @@ class Outcome(NamedTuple):
   """What one attempt decided, from the replica step (replica 0's copy).
 
   Attributes:
-    step_class: int32, `kinds.CLASSES` index.
+    step_class: int32, `kinds.CLASSES` index; kind: int32 code or NO_KIND.
     tally: float32[4 + K + NUM_SUMS], the attempt's class one-hot, kind
-      one-hot (rows dropped add nonfinite_inputs) and sums, added to
+      one-hot (with the kinds pieces say occurred) and sums, added to
       `LoopState.tallies` in one op.
-    loss: the attempt's loss; norm_good / limit: the pre-clip norm of a good
-      step (else 0) and the clipping threshold used.
-    leaf_bad, cols: the input guard's per-leaf findings.
+    loss: the attempt's loss; norm_good: the pre-clip norm of a good step.
     metrics: {name: metric of a good step, else 0}.
-    q_hit, q_info: whether the attempt is a quarantine entry, and the entry.
+    pieces: {piece name: its `outcome`}.
   """
 
   step_class: tf.Tensor
+  kind: tf.Tensor
   tally: tf.Tensor
   loss: tf.Tensor
   norm_good: tf.Tensor
-  limit: tf.Tensor
-  leaf_bad: tf.Tensor
-  cols: tf.Tensor
   metrics: dict
-  q_hit: tf.Tensor
-  q_info: tf.Tensor
+  pieces: dict
 
 
 class LoopState(NamedTuple):
@@ -130,15 +121,13 @@ class LoopState(NamedTuple):
   open_kinds: tf.Tensor  # float32[K]: divergent attempts per kind since the last good
   kind_steps: tf.Tensor  # int64[2, K]: first and last step of each kind, or -1
   extremes: tf.Tensor  # float32[2]: largest good norm, last loss
-  inputs: tf.Tensor  # int32[2, L]: bad rows and first bad column per float leaf
   metrics: dict
-  spike: tf.Tensor  # float32[5], SpikeDetector.read()
-  clip: tuple
-  quarantine: bad_batches.Buffer
+  pieces: dict  # {piece name: its carried state}
 
 
-def initial(variables: LoopVariables, *, leaves: int, metric_names, spike, clip) -> LoopState:
-  """The state at the start of a loop, from the run's variables."""
+def initial(variables: LoopVariables, *, metric_names, pieces: dict) -> LoopState:
+  """The state at the start of a loop, from the run's variables and each
+  piece's `carry()` (`pieces`: {name: carried})."""
   zero = tf.constant(0, tf.int64)
   return LoopState(
     counters=tf.stack(
@@ -156,36 +145,35 @@ def initial(variables: LoopVariables, *, leaves: int, metric_names, spike, clip)
     open_kinds=tf.zeros([NUM_KINDS]),
     kind_steps=tf.fill([2, NUM_KINDS], tf.constant(-1, tf.int64)),
     extremes=tf.constant([0.0, float("nan")]),
-    inputs=tf.stack([tf.zeros([leaves], tf.int32), tf.fill([leaves], -1)]),
     metrics={k: tf.constant(0.0) for k in metric_names},
-    spike=spike,
-    clip=clip,
-    quarantine=bad_batches.empty(),
+    pieces=dict(pieces),
   )
 
 
-def tally(step_class, kind, dropped_rows, sums) -> tf.Tensor:
+def tally(step_class, kind, occurred: dict, sums: dict) -> tf.Tensor:
   """An attempt's `Outcome.tally`: class and kind one-hots, and its sums.
 
-  Rows dropped are a nonfinite_inputs occurrence whatever the step became.
-  (one_hot of NO_KIND, -1, is all zeros.)
+  `occurred` ({kind name: bool}) are kinds counted whatever the step became
+  (rows dropped are a nonfinite_inputs occurrence); `sums` ({name: float32})
+  are placed by `registry.SUMS`, missing ones 0. (one_hot of NO_KIND, -1, is
+  all zeros.)
   """
-  extra_inputs = (dropped_rows > 0) & (kind != kinds.NONFINITE_INPUTS)
-  kind_hot = tf.one_hot(kind, NUM_KINDS) + tf.one_hot(
-    tf.where(extra_inputs, kinds.NONFINITE_INPUTS, -1), NUM_KINDS
-  )
-  return tf.concat([tf.one_hot(step_class, NUM_CLASSES), kind_hot, sums], 0)
+  kind_hot = tf.one_hot(kind, NUM_KINDS)
+  for name, hit in occurred.items():
+    c = registry.code(name)
+    kind_hot += tf.one_hot(tf.where(hit & (kind != c), c, -1), NUM_KINDS)
+  zero = tf.constant(0.0)
+  vec = tf.stack([tf.cast(sums.get(name, zero), tf.float32) for name in registry.SUMS])
+  return tf.concat([tf.one_hot(step_class, NUM_CLASSES), kind_hot, vec], 0)
 
 
 def fold(
   s: LoopState,
   o: Outcome,
   *,
+  pieces,
   rollback_after: int,
   raise_on_bad_inputs: bool,
-  spike,
-  clip,
-  track_inputs: bool,
 ) -> LoopState:
   """The state after one attempt.
 
@@ -208,6 +196,15 @@ def fold(
   kind_hot = o.tally[_KINDS_AT:_SUMS_AT]
   hit = kind_hot > 0
   first_seen = hit & (s.kind_steps[0] < 0)
+  core = piece_lib.Core(
+    good=good,
+    step_class=o.step_class,
+    kind=o.kind,
+    loss=o.loss,
+    norm_good=o.norm_good,
+    attempt=attempt_now,
+    step=step_now,
+  )
   return LoopState(
     counters=tf.stack(
       [
@@ -224,15 +221,11 @@ def fold(
     open_kinds=tf.where(good, tf.zeros_like(s.open_kinds), s.open_kinds + kind_hot),
     kind_steps=tf.where(tf.stack([first_seen, hit]), step_now, s.kind_steps),
     extremes=tf.stack([tf.maximum(s.extremes[0], o.norm_good), o.loss]),
-    inputs=(
-      tf.stack([s.inputs[0] + o.leaf_bad, tf.where(s.inputs[1] < 0, o.cols, s.inputs[1])])
-      if track_inputs
-      else s.inputs
-    ),
     metrics={k: v + o.metrics[k] for k, v in s.metrics.items()},
-    spike=spike.observe(s.spike, o.loss, good),
-    clip=clip.observe(s.clip, o.norm_good, o.limit, good),
-    quarantine=bad_batches.record(s.quarantine, o.q_hit, attempt_now, step_now, o.q_info),
+    pieces={
+      name: pieces.get(name).fold(carried, o.pieces.get(name), core)
+      for name, carried in s.pieces.items()
+    },
   )
 
 
@@ -254,10 +247,11 @@ def with_stop(s: LoopState, why: int) -> LoopState:
   return s._replace(counters=tf.tensor_scatter_nd_update(s.counters, [[STOP]], [why]))
 
 
-def output(s: LoopState, *, lr: tf.Tensor, params_finite: tf.Tensor) -> LoopOutput:
+def output(s: LoopState, *, lr: tf.Tensor, params_finite: tf.Tensor, pieces) -> LoopOutput:
   """The loop's report, unpacked from its final state."""
   c, t = s.counters, s.tallies
-  sums = t[_SUMS_AT:]
+  sums = tf.unstack(t[_SUMS_AT:], num=NUM_SUMS)
+  reports = {p.name: p.report(s.pieces[p.name]) for p in pieces if p.name in s.pieces}
   return LoopOutput(
     applied=c[APPLIED],
     attempts=c[ATTEMPTS],
@@ -265,20 +259,14 @@ def output(s: LoopState, *, lr: tf.Tensor, params_finite: tf.Tensor) -> LoopOutp
     kind_counts=tf.cast(t[_KINDS_AT:_SUMS_AT], tf.int64),
     kind_first=s.kind_steps[0],
     kind_last=s.kind_steps[1],
-    loss_sum=sums[1],
-    norm_sum=sums[2],
+    sums=dict(zip(registry.SUMS, sums)),
     norm_max=s.extremes[0],
     last_loss=s.extremes[1],
-    dropped=tf.cast(sums[0], tf.int64),
     stop=tf.cast(c[STOP], tf.int32),
     lr=lr,
-    leaf_bad=s.inputs[0],
-    cols=s.inputs[1],
     metric_sums=s.metrics,
-    dropped_examples=tf.cast(sums[3], tf.int64),
-    dropped_example_steps=tf.cast(sums[4], tf.int64),
     last_good=c[LAST_GOOD],
     open_kinds=tf.cast(s.open_kinds, tf.int64),
-    quarantine=s.quarantine,
+    pieces={k: v for k, v in reports.items() if v is not None},
     params_finite=params_finite,
   )

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from safetrain.core import kinds as kinds_lib
+from safetrain.step import piece
+
 
 class DynamicLossScale(tf.Module):
   """A loss scale with growth, hysteresis, a floor and a cap.
@@ -109,3 +112,50 @@ class DynamicLossScale(tf.Module):
       return tf.cond(left <= 0, drop, lambda: tf.constant(False))
 
     tf.cond(grads_finite, on_good, on_overflow)
+
+
+class LossScalePiece(piece.Piece):
+  """The loss scale in the step (mixed_float16 only): the loss is scaled
+  before the backward pass and the gradients unscaled after it; non-finite
+  gradients are a routine overflow (the step skipped, the scale lowered),
+  unless the scale is at its floor (`loss_scale_floor`, a divergence)."""
+
+  name = "loss_scale"
+  order = 22
+  kinds = kinds_lib.declare(
+    kinds_lib.Kind(
+      "loss_scale_floor",
+      "float16 gradients overflowed with the loss scale at loss_scale.min_scale.",
+      "#8c510a",
+    )
+  )
+  config_keys = ("precision.policy", "loss_scale")
+
+  def __init__(self, scale: DynamicLossScale):
+    self.scale = scale
+
+  @classmethod
+  def build(cls, config, ctx):
+    return cls(ctx.loss_scale) if ctx.fp16 else None
+
+  def inputs(self, step):
+    step.scale = self.scale.scale.value()
+
+  def conditions(self, step):
+    overflow = ~step.grads_finite
+    return [
+      piece.Condition(
+        self.order, kinds_lib.DIVERGENCE, "loss_scale_floor", overflow & self.scale.at_floor()
+      ),
+      piece.Condition(self.order + 0.5, kinds_lib.OVERFLOW, None, overflow),
+    ]
+
+  def on_apply(self):
+    self.scale.update(tf.constant(True))
+
+  def on_skip(self, step_class):
+    tf.cond(
+      step_class == kinds_lib.OVERFLOW,
+      lambda: self.scale.update(tf.constant(False)),
+      lambda: None,
+    )

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from safetrain.core import kinds as kinds_lib
 from safetrain.core import variables
+from safetrain.step import piece
 
 
 class SpikeDetector(tf.Module):
@@ -171,3 +173,59 @@ def _fields(stats: tf.Tensor) -> list:
   the first loss was a blow-up (tests/step/test_guard.py attacks it in a graph).
   """
   return [stats[i] for i in range(5)]
+
+
+class LossWatchPiece(piece.Piece):
+  """The loss watch in the step: a spike against the running statistics, a
+  finite blow-up (`loss_growth`) against the best running mean; both are
+  divergences. The statistics are carried through the loop as one vector."""
+
+  name = "loss_watch"
+  order = 40
+  kinds = kinds_lib.declare(
+    kinds_lib.Kind("loss_spike", "the loss jumped far above its running mean.", "#1a9641"),
+    kinds_lib.Kind(
+      "loss_growth",
+      "the loss grew by orders of magnitude above its best (a finite blow-up).",
+      "#2c7bb6",
+    ),
+  )
+  config_keys = (
+    "guard.spike_detection",
+    "guard.spike_warmup_steps",
+    "guard.spike_threshold",
+    "guard.spike_rel_floor",
+    "guard.spike_decay",
+    "guard.spike_first_loss_fraction",
+    "guard.growth_factor",
+  )
+
+  def __init__(self, detector: SpikeDetector):
+    self.detector = detector
+
+  @classmethod
+  def build(cls, config, ctx):
+    return cls(ctx.spike) if ctx.spike.keeps_stats else None
+
+  def conditions(self, step):
+    stats = step.carried[self.name]
+    return [
+      piece.Condition(
+        self.order, kinds_lib.DIVERGENCE, "loss_spike", self.detector.is_spike(stats, step.loss)
+      ),
+      piece.Condition(
+        self.order + 1,
+        kinds_lib.DIVERGENCE,
+        "loss_growth",
+        self.detector.is_growth(stats, step.loss),
+      ),
+    ]
+
+  def carry(self):
+    return self.detector.read()
+
+  def fold(self, carried, outcome, core):
+    return self.detector.observe(carried, core.loss, core.good)
+
+  def write(self, carried):
+    self.detector.write(carried)

@@ -20,6 +20,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from safetrain.core import kinds as kinds_lib
+from safetrain.step import piece
+
 # How many dropped rows a step names (for quarantine.jsonl).
 MAX_ROWS = 16
 
@@ -107,3 +110,82 @@ def _first_rows(bad: tf.Tensor) -> tf.Tensor:
 def masked_batch(batch, ok: tf.Tensor):
   """The rows of `batch` whose example is kept."""
   return tf.nest.map_structure(lambda t: tf.boolean_mask(t, ok), batch)
+
+
+class PerExamplePiece(piece.Piece):
+  """`guard.drop_examples`: with per-example losses, the non-finite examples
+  are left out of the mean and the step's gradients redone on the rest."""
+
+  name = "per_example"
+  order = 30
+  config_keys = ("guard.drop_examples", "guard.max_dropped_examples")
+  sums = ("dropped_examples", "dropped_example_steps")
+
+  def __init__(self, *, max_fraction: float):
+    self.max_fraction = float(max_fraction)
+
+  @classmethod
+  def build(cls, config, ctx):
+    g = config.guard
+    return cls(max_fraction=g.max_dropped_examples) if g.drop_examples else None
+
+  def reduce_loss(self, step, losses):
+    masked = masked_mean(
+      losses,
+      valid=None if step.weight is None else step.weight > 0,
+      ctx=step.ctx,
+      max_fraction=self.max_fraction,
+      name_rows=step.replicas == 1,
+    )
+    # A batch the input guard skips drops no examples either.
+    masked = masked._replace(
+      dropped=tf.where(step.skip, 0.0, masked.dropped),
+      rerun=masked.rerun & tf.logical_not(step.skip),
+    )
+    step.findings[self.name] = masked
+    return masked.loss
+
+  def gradients(self, step):
+    masked = step.findings.get(self.name)
+    if masked is None or not step.grads:
+      return
+    # Dropped examples still poison the gradient through their own ops:
+    # recompute it on the rows kept.
+    grads = step.grads
+    kept = lambda: tf.cond(  # noqa: E731
+      masked.any_ok,
+      lambda: step.regrad(masked_batch(step.batch, masked.ok), masked.total_ok),
+      lambda: [tf.zeros_like(g) for g in grads],
+    )
+    step.grads = tf.cond(masked.rerun, kept, lambda: grads)
+
+  def step_sums(self, step):
+    masked = step.findings.get(self.name)
+    if masked is None:
+      return {}
+    # Examples count as dropped when the rest of their batch trained.
+    dropped = tf.where(step.step_class == kinds_lib.GOOD, masked.dropped, 0.0)
+    return {"dropped_examples": dropped, "dropped_example_steps": tf.cast(dropped > 0, tf.float32)}
+
+  def records(self, out, *, bad_batch_diagnosis):
+    count = int(out.sums["dropped_examples"])
+    if not count:
+      return []
+    from safetrain.step import bad_batches  # noqa: PLC0415 (a piece beside this one)
+
+    steps = int(out.sums["dropped_example_steps"])
+    where = [e.step for e in bad_batches.entries(out.pieces["bad_batches"]) if not e.skipped]
+    return [
+      dict(
+        step=min(where, default=-1),
+        last_step=max(where, default=-1),
+        kind="nonfinite_loss",
+        action="dropped_examples",
+        count=steps,
+        examples=count,
+        diagnosis=f"{count} examples with a non-finite loss were left out "
+        f"of the mean in {steps} steps (per-example loss); the rest of each batch trained."
+        + (f" {bad_batch_diagnosis}" if bad_batch_diagnosis else ""),
+        cause=kinds_lib.BAD_BATCH,
+      )
+    ]

@@ -1,4 +1,6 @@
-"""The run's own variables, checkpointed with it.
+"""The run's own variables, checkpointed with it, and the declaration of the
+run's whole state (`Declaration`: what rolls back, what is carried, what is
+snapshotted, under which checkpoint key).
 
 `RunState` rolls back with the model; `DataState` (the data position and what
 the data looked like) rolls back only with `recovery.data=replay`. What the run
@@ -6,6 +8,9 @@ learns about itself and never rolls back is `recovery.RecoveryState`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import tensorflow as tf
 from absl import logging
@@ -101,3 +106,61 @@ class DataState(tf.Module):
       )
     self.describe(data)
     return iterator
+
+
+def variable_key(*path: str) -> str:
+  """The checkpoint key of a variable reached by `path` from the root
+  (`variable_key("data", "position")`), as tf.train.Checkpoint writes it."""
+  return "/".join(path) + "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One piece of the run's state, and what happens to it.
+
+  Attributes:
+    key: its name in the checkpoint (`tf.train.Checkpoint(key=obj)`).
+    obj: the trackable object (a module, a Keras object, a list of variables).
+    rolls_back: a rollback restores it (else it is carried across rollbacks,
+      persisted by the rollback itself).
+    snapshot: what the in-memory snapshot ring copies of it (None: nothing;
+      the ring copies variables, so an optimizer is snapshotted by its list).
+    checkpointed: saved in the run's checkpoints.
+  """
+
+  key: str
+  obj: Any
+  rolls_back: bool
+  snapshot: Any = None
+  checkpointed: bool = True
+
+
+class Declaration:
+  """The run's state, declared once (`Trainer.build` makes it): the rollback
+  list, the carried list, the snapshot list and checkpoint keys are derived."""
+
+  def __init__(self, entries: list[Entry]):
+    keys = [e.key for e in entries]
+    if len(keys) != len(set(keys)):
+      raise ValueError(f"a state key is declared twice: {keys}")
+    self.entries = list(entries)
+
+  def rolled_back(self) -> dict:
+    """{key: object} a rollback restores."""
+    return {e.key: e.obj for e in self.entries if e.checkpointed and e.rolls_back}
+
+  def carried(self) -> dict:
+    """{key: object} checkpointed but kept across rollbacks."""
+    return {e.key: e.obj for e in self.entries if e.checkpointed and not e.rolls_back}
+
+  def snapshotted(self) -> list:
+    """What the snapshot ring copies, in declaration order."""
+    return [e.snapshot for e in self.entries if e.snapshot is not None]
+
+  def key_of(self, variable) -> str:
+    """The checkpoint key of a variable that is an attribute of an entry."""
+    for e in self.entries:
+      for name, value in vars(e.obj).items() if hasattr(e.obj, "__dict__") else ():
+        if value is variable:
+          return variable_key(e.key, name)
+    raise KeyError(f"{getattr(variable, 'name', variable)} is not an attribute of the run's state")

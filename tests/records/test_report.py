@@ -9,7 +9,7 @@ from common import TinyTrainer, tiny_config
 
 import safetrain
 from safetrain.core import kinds
-from safetrain.records import report, report_plot
+from safetrain.records import report
 
 
 @pytest.fixture(scope="module")
@@ -102,5 +102,15 @@ def test_the_data_behind_the_picture_and_the_summary_need_no_matplotlib(run_dir,
   assert "last abort (step 21)" in report.summary_text(data, run_dir, None)
 
 
-def test_every_incident_kind_has_its_colour():
-  assert set(report_plot.KIND_COLORS) == set(kinds.KINDS)
+def test_every_incident_kind_has_its_colour_from_its_declaration(tmp_path):
+  """The report draws each kind in the colour its piece or check declares,
+  read from config.json (the report imports no TensorFlow)."""
+  from safetrain.records import run_log
+  from safetrain.recovery import health
+  from safetrain.step import registry
+
+  run_log.write_config(str(tmp_path), safetrain.default_config(), "T", None)
+  colours = report.kind_colours(str(tmp_path))
+  expected = set(registry.KINDS) | {k.name for k in health.KINDS}
+  assert set(colours) == expected and len(set(colours.values())) == len(expected)
+  assert all(colours[k] == kinds.declared()[k].colour for k in expected)

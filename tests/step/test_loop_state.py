@@ -4,11 +4,18 @@ import numpy as np
 import tensorflow as tf
 
 from safetrain.core import kinds
-from safetrain.step import bad_batches, clipping, loop_state
+from safetrain.step import bad_batches, guard, loop_state, registry
 from safetrain.step import per_example as examples
-from safetrain.step.loss_watch import SpikeDetector
 
 K = loop_state.NUM_KINDS
+LOSS, GRADS, SPIKE, INPUTS = (
+  registry.code(k) for k in ("nonfinite_loss", "nonfinite_grads", "loss_spike", "nonfinite_inputs")
+)
+# The two pieces whose state these tests follow: the input check (one float
+# leaf) and the bad-batch buffer.
+PIECES = registry.Pieces(
+  [guard.InputPiece(policy="drop_rows", leaf_names=("x",)), bad_batches.BadBatchesPiece()]
+)
 
 
 def _variables(step=10, attempts=12, bad=0):
@@ -22,42 +29,48 @@ def _variables(step=10, attempts=12, bad=0):
 
 def _outcome(step_class, kind, *, loss=1.0, norm=2.0, dropped_rows=0, leaf_bad=(0,), cols=(-1,)):
   good = step_class == kinds.GOOD
-  sums = tf.constant([float(dropped_rows), loss if good else 0.0, norm if good else 0.0, 0.0, 0.0])
+  sums = {
+    "dropped_rows": float(dropped_rows),
+    "loss": loss if good else 0.0,
+    "norm": norm if good else 0.0,
+  }
   return loop_state.Outcome(
     step_class=tf.constant(step_class),
+    kind=tf.constant(kind),
     tally=loop_state.tally(
-      tf.constant(step_class), tf.constant(kind), tf.constant(float(dropped_rows)), sums
+      tf.constant(step_class),
+      tf.constant(kind),
+      {"nonfinite_inputs": tf.constant(dropped_rows > 0)},
+      sums,
     ),
     loss=tf.constant(loss),
     norm_good=tf.constant(norm if good else 0.0),
-    limit=tf.constant(1.0),
-    leaf_bad=tf.constant(leaf_bad, tf.int32),
-    cols=tf.constant(cols, tf.int32),
     metrics={},
-    q_hit=tf.constant(not good),
-    q_info=bad_batches.entry(
-      tf.constant(kind), tf.constant(False), tf.constant(1), tf.fill([examples.MAX_ROWS], -1)
-    ),
+    pieces={
+      "inputs": tf.constant([leaf_bad, cols], tf.int32),
+      "bad_batches": (
+        tf.constant(not good),
+        bad_batches.entry(
+          tf.constant(kind), tf.constant(False), tf.constant(1), tf.fill([examples.MAX_ROWS], -1)
+        ),
+      ),
+    },
   )
 
 
 def _run(outcomes, *, rollback_after=3, raise_on_bad_inputs=False, bad=0):
-  spike = SpikeDetector(enabled=False, growth_factor=0.0)
-  clip = clipping.GradientClip(mode="fixed", global_norm=1.0)
   s = loop_state.initial(
-    _variables(bad=bad), leaves=1, metric_names=[], spike=tf.zeros([0]), clip=()
+    _variables(bad=bad), metric_names=[], pieces={p.name: p.carry() for p in PIECES}
   )
   for o in outcomes:
     s = loop_state.fold(
       s,
       o,
+      pieces=PIECES,
       rollback_after=rollback_after,
       raise_on_bad_inputs=raise_on_bad_inputs,
-      spike=spike,
-      clip=clip,
-      track_inputs=True,
     )
-  out = loop_state.output(s, lr=tf.constant(0.1), params_finite=tf.constant(True))
+  out = loop_state.output(s, lr=tf.constant(0.1), params_finite=tf.constant(True), pieces=PIECES)
   return s, tf.nest.map_structure(lambda t: t.numpy(), out)
 
 
@@ -67,48 +80,50 @@ def test_good_steps_move_the_run_and_sum_loss_and_norm():
   assert c[loop_state.RUN_STEP] == 13 and c[loop_state.RUN_ATTEMPT] == 15
   assert out.applied == 3 and out.attempts == 3 and out.last_good == 15
   assert list(out.counts) == [3, 0, 0, 0]
-  assert out.loss_sum == 3.0 and out.norm_sum == 6.0 and out.norm_max == 2.0
+  assert out.sums["loss"] == 3.0 and out.sums["norm"] == 6.0 and out.norm_max == 2.0
   assert list(out.kind_counts) == [0] * K and list(out.kind_first) == [-1] * K
-  assert out.stop == loop_state.STOP_NONE and out.quarantine.n == 0
+  assert out.stop == loop_state.STOP_NONE and out.pieces["bad_batches"].n == 0
 
 
 def test_divergences_count_per_kind_and_a_run_of_them_stops_the_loop():
   good = _outcome(kinds.GOOD, kinds.NO_KIND)
-  nan = _outcome(kinds.DIVERGENCE, kinds.NONFINITE_LOSS, loss=float("nan"))
-  spike = _outcome(kinds.DIVERGENCE, kinds.LOSS_SPIKE, loss=50.0)
+  nan = _outcome(kinds.DIVERGENCE, LOSS, loss=float("nan"))
+  spike = _outcome(kinds.DIVERGENCE, SPIKE, loss=50.0)
   s, out = _run([good, nan, good, spike, nan, nan], rollback_after=3)
   assert out.applied == 2 and out.attempts == 6
   assert list(out.counts) == [2, 0, 4, 0]
-  assert out.kind_counts[kinds.NONFINITE_LOSS] == 3 and out.kind_counts[kinds.LOSS_SPIKE] == 1
+  assert out.kind_counts[LOSS] == 3 and out.kind_counts[SPIKE] == 1
   # Steps are the run's applied steps + 1 at the time (the run started at 10).
-  assert out.kind_first[kinds.NONFINITE_LOSS] == 12 and out.kind_last[kinds.NONFINITE_LOSS] == 13
-  assert out.kind_first[kinds.LOSS_SPIKE] == 13
-  assert out.open_kinds[kinds.NONFINITE_LOSS] == 2 and out.open_kinds[kinds.LOSS_SPIKE] == 1
+  assert out.kind_first[LOSS] == 12 and out.kind_last[LOSS] == 13
+  assert out.kind_first[SPIKE] == 13
+  assert out.open_kinds[LOSS] == 2 and out.open_kinds[SPIKE] == 1
   assert out.stop == loop_state.STOP_ROLLBACK
   assert s.counters.numpy()[loop_state.BAD_RUN] == 3
-  assert np.isnan(out.last_loss) and out.quarantine.n == 4
+  assert np.isnan(out.last_loss) and out.pieces["bad_batches"].n == 4
   assert out.last_good == 12 + 3  # the run's attempt number of the second good step
 
 
 def test_a_run_of_divergences_goes_on_across_loops():
-  nan = _outcome(kinds.DIVERGENCE, kinds.NONFINITE_GRADS)
+  nan = _outcome(kinds.DIVERGENCE, GRADS)
   _, out = _run([nan], rollback_after=3, bad=2)
   assert out.stop == loop_state.STOP_ROLLBACK
 
 
 def test_dropped_rows_are_an_inputs_occurrence_and_a_skipped_batch_can_raise():
   dropped = _outcome(kinds.GOOD, kinds.NO_KIND, dropped_rows=2, leaf_bad=(2,), cols=(5,))
-  skipped = _outcome(kinds.SKIPPED_BATCH, kinds.NONFINITE_INPUTS, leaf_bad=(16,), cols=(1,))
+  skipped = _outcome(kinds.SKIPPED_BATCH, INPUTS, leaf_bad=(16,), cols=(1,))
   _, out = _run([dropped, skipped])
-  assert out.kind_counts[kinds.NONFINITE_INPUTS] == 2 and out.dropped == 2
-  assert list(out.leaf_bad) == [18] and list(out.cols) == [5]  # the first bad column stays
+  assert out.kind_counts[INPUTS] == 2 and out.sums["dropped_rows"] == 2
+  assert list(out.pieces["inputs"][0]) == [18] and list(out.pieces["inputs"][1]) == [
+    5
+  ]  # the first bad column stays
   assert out.stop == loop_state.STOP_NONE
   _, out = _run([dropped, skipped], raise_on_bad_inputs=True)
   assert out.stop == loop_state.STOP_RAISE
 
 
 def test_the_loop_goes_on_until_n_applied_attempts_run_out_or_a_stop():
-  s = loop_state.initial(_variables(), leaves=0, metric_names=[], spike=tf.zeros([0]), clip=())
+  s = loop_state.initial(_variables(), metric_names=[], pieces={})
   assert bool(loop_state.running(s, tf.constant(1, tf.int64), tf.constant(5, tf.int64)))
   assert not bool(loop_state.running(s, tf.constant(0, tf.int64), tf.constant(5, tf.int64)))
   stopped = loop_state.with_stop(s, loop_state.STOP_DATA_END)
