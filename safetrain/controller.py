@@ -22,11 +22,11 @@ from absl import logging
 from safetrain import results
 from safetrain.checkpoint import resume
 from safetrain.checkpoint import store as checkpointing
-from safetrain.core import distribute, preemption, variables
+from safetrain.core import boundary, distribute, errors, preemption, variables
 from safetrain.core.errors import BadInputError, DivergenceError
 from safetrain.diagnosis import forensics, preflight
 from safetrain.diagnosis import replay as replay_lib
-from safetrain.records import incidents, quarantine
+from safetrain.records import incidents, logs, quarantine
 from safetrain.records import run_log as metrics
 from safetrain.recovery import health, response
 from safetrain.recovery import rollback as recovery
@@ -220,7 +220,6 @@ class Controller:
 
   def _start(self) -> None:
     """Opens the run's records, restores or starts the run, writes config.json."""
-    self._log = metrics.RunLog(self.workdir, enabled=self._is_chief)
     self._incidents = incidents.IncidentLog(
       os.path.join(self.workdir, "incidents.jsonl"),
       enabled=self._is_chief,
@@ -263,6 +262,9 @@ class Controller:
       save=self._save_checkpoint,
     )
     resumed = self._restore_latest()
+    # The workdir is this run's (a refused one has raised): now it is written.
+    logs.accept_workdir()
+    self._log = metrics.RunLog(self.workdir, enabled=self._is_chief)
     self.started = True
     if resumed is not None:
       self.iterator = resume.reposition(
@@ -309,7 +311,18 @@ class Controller:
     except tf.errors.OpError as e:
       cause = data_lib.pipeline_failure(e)
       if cause is None:
-        raise
+        if errors.io_fault(e) is not None:
+          raise  # a file error: the command's I/O policy names the path
+        # Not a numerical incident (the guard sees those without an error):
+        # the loop's updates are in the variables but not in the counters,
+        # nothing of it is saved, the last checkpoint is the resume point.
+        raise boundary.LoopError(
+          e,
+          first_step=step0 + 1,
+          last_step=step0 + int(n),
+          position=int(variables.number(self._data.position)),
+          checkpoint_step=self._checkpoints.latest_step(),
+        ) from e
       # The loop's updates are in the variables but not in the counters:
       # nothing of it is saved, the last checkpoint stays the resume point.
       raise BadInputError(

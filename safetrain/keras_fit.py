@@ -720,6 +720,9 @@ class _FitTrainer(Trainer):
   """The Trainer `safetrain.fit` runs: the user's model and data, Keras's
   loss and metrics."""
 
+  # A compiled optimizer's clipnorm still clips, as docs/keras_fit.md says.
+  _optimizer_may_clip = True
+
   def __init__(
     self,
     config,

@@ -21,8 +21,8 @@ from absl import logging
 
 from safetrain import controller as controller_lib
 from safetrain.checkpoint import store as checkpointing
+from safetrain.core import boundary, distribute
 from safetrain.core import config as config_lib
-from safetrain.core import distribute
 from safetrain.diagnosis import forensics
 from safetrain.diagnosis import replay as replay_lib
 from safetrain.hooks import TrainerHooks
@@ -39,7 +39,7 @@ from safetrain.storage import files as storage
 from safetrain.storage import lock as workdir_lib
 from safetrain.training import callbacks as callbacks_lib
 from safetrain.training import data as data_lib
-from safetrain.training import evaluation, losses, state
+from safetrain.training import evaluation, hook_checks, losses, state
 from safetrain.training import export as export_lib
 from safetrain.training import metrics as stateful_metrics
 from safetrain.training import optimizers as optimizers_lib
@@ -60,6 +60,10 @@ class Trainer(TrainerHooks):
     workdir: directory for checkpoints, summaries and records. Running again
       on the same workdir resumes.
   """
+
+  # safetrain.fit keeps a compiled optimizer's clipnorm (docs/keras_fit.md);
+  # a Trainer's build_optimizer must not clip (hook_checks.check_optimizer).
+  _optimizer_may_clip = False
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_lib.validate(config)
@@ -122,6 +126,9 @@ class Trainer(TrainerHooks):
   def _build_in_scope(self) -> None:
     c = self.config
     name = type(self).__qualname__
+    # Every user hook through the boundary: what it raises is a HookError
+    # naming it (exit 2), never a traceback.
+    hook = functools.partial(boundary.wrap, trainer=name)
     self._run = state.RunState(c.precision.policy)
     self._recovery = recovery.RecoveryState()
     self._loss_scale = DynamicLossScale.from_config(c)
@@ -130,7 +137,7 @@ class Trainer(TrainerHooks):
     self._health_state = health.HealthState()
 
     self._train_data = data_lib.TrainData(
-      self.build_train_dataset,
+      hook("build_train_dataset", self.build_train_dataset),
       repeat=c.train.repeat_data,
       strategy=self._strategy,
       class_weight=config_lib.class_weights(c.class_weight),
@@ -151,21 +158,26 @@ class Trainer(TrainerHooks):
     # compute_loss normalised (see losses.call_per_example), for the
     # compiled step, evaluation and forensics.
     default = None
+    compute_loss = hook("compute_loss", hook_checks.checking_loss(self.compute_loss, trainer=name))
     if type(self).compute_loss is Trainer.compute_loss:
       default = functools.partial(losses.default_loss, self._loss_fn, self.regularization_loss)
+      compute_loss = self.compute_loss  # safetrain's own: its errors are about the data
     self._call_compute_loss_per_example, self._call_compute_loss = losses.normalised(
-      self.compute_loss, default, trainer=name
+      compute_loss, default, trainer=name
     )
     sample_loss = functools.partial(
       losses.sample_loss, self._call_compute_loss, trainer=type(self).__name__
     )
 
-    self.model = self.build_model()
+    self.model = hook("build_model", self.build_model)()
     if not isinstance(self.model, keras.Model):
       raise TypeError(f"build_model() returned {type(self.model).__name__}, not a keras.Model")
     if not self.model.built:
       sample_loss(self.model, self._first_batch, self._element_spec)  # builds the variables
-    self.optimizer = self.build_optimizer()
+    hook_checks.check_model(self.model, trainer=name)
+    self.optimizer = hook("build_optimizer", self.build_optimizer)()
+    if not self._optimizer_may_clip:
+      hook_checks.check_optimizer(self.optimizer, trainer=name)
     self._lr_factor = optimizers_lib.LearningRateFactor()
     own = type(self).build_optimizer is Trainer.build_optimizer
     optimizers_lib.wrap_from_config(self.optimizer, c, self._recovery, self._lr_factor, own=own)
@@ -183,7 +195,7 @@ class Trainer(TrainerHooks):
     )
     _, sample_metrics = sample_loss(self.model, self._first_batch, self._element_spec)
     self._train_metrics, self._eval_metrics = stateful_metrics.build_sets(
-      self.build_metrics,
+      hook("build_metrics", self.build_metrics),
       name,
       taken=set(sample_metrics),
       first_batch=self._first_batch,
@@ -266,7 +278,7 @@ class Trainer(TrainerHooks):
     self._all_finite_fn = tf.function(self._loop.params_finite)
     self._evaluator = evaluation.Evaluator(
       strategy=self._strategy,
-      build_dataset=self.build_eval_dataset,
+      build_dataset=hook("build_eval_dataset", self.build_eval_dataset),
       compute_loss=lambda batch: self._call_compute_loss(self.model, batch, False, with_pred),
       steps=c.eval.steps,
       metrics=self._eval_metrics or None,
@@ -318,8 +330,8 @@ class Trainer(TrainerHooks):
           modules=self.state.snapshotted(),
         ),
         actions=callbacks_lib.make_actions(
-          self.actions,
-          self.callbacks,
+          hook("actions", self.actions),
+          hook("callbacks", self.callbacks),
           trainer=name,
           model=self.model,
           optimizer=self.optimizer,

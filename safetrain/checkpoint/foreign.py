@@ -4,7 +4,7 @@ Resuming in a workdir that another experiment wrote would fail deep inside
 TensorFlow with a shape error, or worse, restore into a model of the same
 shapes without a word. `check` compares the checkpoint's model variables with
 the model's before the restore and names both trainers (the one WORKDIR/
-config.json records, and this one): a different model is a WorkdirError
+config.json records, and this one): a different model is a RefusedWorkdirError
 (exit 2), the same model under another trainer name a warning.
 """
 
@@ -15,7 +15,7 @@ import os
 import re
 
 from safetrain.checkpoint.repair import Notes
-from safetrain.core.errors import WorkdirError
+from safetrain.core.errors import RefusedWorkdirError
 from safetrain.storage import files as storage
 
 _MODEL_KEY = re.compile(r"^model_variables/\d+/\.ATTRIBUTES/VARIABLE_VALUE$")
@@ -85,7 +85,7 @@ def check(
     return
   missing = _multiset_minus(our_shapes, saved_shapes)[:3]
   extra = _multiset_minus(saved_shapes, our_shapes)[:3]
-  raise WorkdirError(
+  raise RefusedWorkdirError(
     f"the checkpoint {path} was written for a different model{note}: it holds "
     f"{len(saved_shapes)} model variables, this model has {len(our_shapes)}"
     f" (shapes only in this model: {missing}; only in the checkpoint: {extra})."

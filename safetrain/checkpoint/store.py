@@ -43,7 +43,7 @@ from safetrain.checkpoint.files import (
 )
 from safetrain.checkpoint.repair import Notes, Repair
 from safetrain.checkpoint.rollback_state import RollbackState, read_pointer
-from safetrain.core.errors import WorkdirError
+from safetrain.core.errors import RefusedWorkdirError
 
 # Re-exported: what tests, benchmarks and the command use from this module.
 __all__ = [
@@ -363,21 +363,44 @@ class CheckpointStore:
         verify(path)
       except Exception as damage:  # noqa: BLE001
         return describe(damage)
-      if self.iterator_restored and "DeserializeIterator" in str(e):
-        # The input pipeline's definition changed since the save: everything
-        # else restores, and the trainer finds the data again by position.
-        rest = {k: v for k, v in self.objects.items() if k != "iterator"}
-        tf.train.Checkpoint(**rest).restore(path).expect_partial()
-        self.iterator_restored = False
-      else:
-        raise WorkdirError(
-          f"the checkpoint {path} does not fit this trainer"
-          f"{foreign.owner_note(workdir, self.owner)}: {describe(e)}. "
-          "Use a new --workdir, or the experiment that wrote this one."
-        ) from e
+      self._restore_without_iterator(path, saved, e, workdir)
     if healthy is not None and not healthy():
       return "it restores non-finite values"
     return None
+
+  def _restore_without_iterator(self, path: str, saved: list, error: Exception, workdir: str):
+    """After a full restore of `path` failed (`error`) on a checkpoint that
+    reads back whole: matched object by object, not by the error's text.
+
+    The model, the optimizer and the run's state must all match (else the
+    workdir is another experiment's: RefusedWorkdirError). The data iterator
+    may not: the checkpoint was saved without one (another strategy or
+    replica count, a pipeline that could not be saved) or with one of
+    another pipeline's definition; then everything else is restored and the
+    trainer finds the data again by its position, with a warning
+    (`DataState.resume`).
+    """
+    rest = {k: v for k, v in self.objects.items() if k != "iterator"}
+    try:
+      if len(rest) == len(self.objects):
+        raise error  # no iterator to leave out: the run's own objects differ
+      tf.train.Checkpoint(**rest).restore(path).assert_existing_objects_matched()
+    except Exception as e:  # noqa: BLE001 - any mismatch of the run's own objects
+      raise RefusedWorkdirError(
+        f"the checkpoint {path} does not fit this trainer"
+        f"{foreign.owner_note(workdir, self.owner)}: {describe(e)}. "
+        "Use a new --workdir, or the experiment that wrote this one."
+      ) from e
+    saved_iterator = any(key.startswith("iterator/") for key, _ in saved)
+    logging.info(
+      "The checkpoint %s %s: the rest is restored and the data is found again by position.",
+      path,
+      "holds an iterator of another input pipeline"
+      if saved_iterator
+      else "was saved without the data iterator (another strategy, or a pipeline that "
+      "could not be saved then)",
+    )
+    self.iterator_restored = False
 
   # ----------------------------------------------------------- rollbacks
 

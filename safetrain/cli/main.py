@@ -11,12 +11,14 @@ The terminal shows a short line per incident, each cause's diagnosis once,
 the progress, warnings and the summary; every log line (absl's format) goes
 to WORKDIR/log.txt, and to the terminal as well with -v or --alsologtostderr.
 
-Exit codes:
+Exit codes (docs/errors.md):
   0    trained to train.steps (or the data ended, with train.repeat_data=False).
-  2    bad flags, config, experiment file or data; a workdir that another run
-       holds, that was written for another model, or that cannot be written
-       (disk full, read-only, path too long): one message on stderr naming
-       the problem, no traceback, nothing committed lost.
+  1    a bug in safetrain: one line saying so; the traceback is in log.txt.
+  2    bad flags, config, experiment file or data; a user hook that raised;
+       an op error inside the compiled loop; any OSError (disk full,
+       read-only, path too long); a workdir that another run holds or that
+       was written for another model: one message on stderr naming the
+       problem, no traceback (it goes to log.txt), nothing committed lost.
   3    diverged with recovery spent; the diagnosis is printed and the last
        healthy checkpoint is intact.
   143  stopped by SIGTERM or SIGINT (preemption, Ctrl-C): the current inner
@@ -46,9 +48,9 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from safetrain.core import errors
+from safetrain.core import boundary, errors
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 2, 3, 143
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 1, 2, 3, 143
 
 _CONFIG_ARG = re.compile(r"^--?config(?:=(.*))?$")
 _OVERRIDE_ARG = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -134,38 +136,28 @@ def _run(argv: list[str], module, file_config, arg, native: str) -> int:
     safetrain.validate(config)
     trainer_cls = experiment.resolve_trainer(config.trainer, module)
     _check_workdir(workdir)
-    chief = workdir_lib.is_chief_process(config.distribute.strategy)
-    with logs.command_logging(
-      workdir if chief else None,
-      verbose=verbose_flag.value or also_flag.value,
-      quiet_filter=_quiet_library_info,
-      preamble=native,
-    ):
+  except (safetrain.ConfigError, safetrain.WorkdirError) as e:
+    raise UsageError(str(e)) from None
+  chief = workdir_lib.is_chief_process(config.distribute.strategy)
+  with logs.command_logging(
+    workdir if chief else None,
+    verbose=verbose_flag.value or also_flag.value,
+    quiet_filter=_quiet_library_info,
+    preamble=native,
+  ) as run_logging:
+    try:
       trainer = trainer_cls(config, workdir)
       # For `safetrain export` (config.json): the experiment file and its :ARG.
       trainer.set_experiment(os.path.abspath(module.__file__), arg or None)
       result = trainer.fit()
-  except safetrain.DivergenceError as e:
-    print(f"safetrain: diverged: {e.diagnosis}", file=sys.stderr)
-    return EXIT_DIVERGED
-  except (
-    safetrain.ConfigError,
-    safetrain.BadInputError,
-    safetrain.PreflightError,
-    safetrain.WorkdirError,
-  ) as e:
-    raise UsageError(str(e)) from None
-  except (OSError, tf.errors.OpError) as e:
-    # A full disk, a read-only or vanished workdir, a path too long: one line,
-    # and nothing committed is lost (saves commit by rename, records are
-    # whole lines), so the same command resumes once the cause is fixed.
-    fault = errors.io_fault(e)
-    if fault is None:
-      raise
-    raise UsageError(
-      f"I/O error on {fault[0]}: {fault[1]}. Nothing committed was lost"
-      f"{_last_checkpoint_note(workdir)}; fix the cause and run the same command to resume."
-    ) from None
+    except Exception as e:  # noqa: BLE001 - every failure, by boundary.outcome's policy
+      code, line = boundary.outcome(e, workdir=workdir)
+      if boundary.refused(e):
+        run_logging.discard()  # a refused workdir is not written, log.txt neither
+      elif not isinstance(e, safetrain.DivergenceError):
+        run_logging.failed(f"safetrain: {line}\n{boundary.traceback_text(e)}")
+      print(f"safetrain: {line}", file=sys.stderr)
+      return code
   # No loop ran when the workdir was already at train.steps: no loss to show.
   loss = f", final loss {result.loss:.4g}" if math.isfinite(result.loss) else ""
   print(trainer.summary_line(result) + loss)
@@ -316,20 +308,6 @@ def _check_workdir(workdir: str) -> None:
       f"{deepest - len(os.fspath(workdir))} characters below it, over this system's path "
       f"limit of {limit} (PATH_MAX); use a shorter --workdir"
     )
-
-
-def _last_checkpoint_note(workdir: str) -> str:
-  """ ": the last committed checkpoint (PATH) is intact", or "" if none."""
-  try:
-    from safetrain.checkpoint import store as checkpointing  # noqa: PLC0415
-
-    latest = checkpointing.scan(os.path.join(workdir, "checkpoints")).latest
-  except Exception:  # noqa: BLE001 - the note must not hide the error itself
-    return ""
-  if latest is None:
-    return ""
-  path = checkpointing.path_of(os.path.join(workdir, "checkpoints"), latest)
-  return f": the last committed checkpoint ({path}) is intact"
 
 
 def _quiet_library_info(record) -> bool:

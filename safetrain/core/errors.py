@@ -13,6 +13,7 @@ __all__ = [
   "ConfigError",
   "DivergenceError",
   "PreflightError",
+  "RefusedWorkdirError",
   "WorkdirError",
 ]
 
@@ -58,8 +59,14 @@ class WorkdirError(ValueError):
   checkpoint is intact and the same command resumes once the cause is fixed."""
 
 
-# What the OS says when a write fails for a reason outside the program: a
-# full disk, a read-only or vanished filesystem, permissions, a path too long.
+class RefusedWorkdirError(WorkdirError):
+  """The workdir is not this run's to write (exit code 2): another run holds
+  it, or another experiment wrote it. A refused run writes nothing into it:
+  no log.txt lines, no event files, no records."""
+
+
+# What TensorFlow's file errors say when a write fails for a reason outside
+# the program: a full disk, a read-only or vanished filesystem, permissions, a path too long.
 _IO_ERRNOS = {
   errno.ENOSPC,
   errno.EDQUOT,
@@ -78,11 +85,12 @@ _IO_TEXTS = tuple(os.strerror(n) for n in sorted(_IO_ERRNOS))
 
 
 def io_fault(e: BaseException) -> tuple[str, str] | None:
-  """(path, cause) when `e` is an I/O fault (an OSError, or a TensorFlow
-  error that wraps one, as SaveV2 does on a full disk), else None."""
+  """(path, cause) when `e` is an I/O fault (any OSError, or a TensorFlow
+  error that wraps one of the errnos below, as SaveV2 does on a full disk),
+  else None."""
   if isinstance(e, OSError):
-    if e.errno not in _IO_ERRNOS:
-      return None
+    # Any OSError: the OS refused something outside the program, whatever
+    # its errno (a file where a directory must be, EEXIST, ELOOP, ...).
     path = e.filename if e.filename is not None else "?"
     return os.fspath(path), e.strerror or type(e).__name__
   message = getattr(e, "message", None)

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from safetrain.core import compat
+from safetrain.core import boundary, compat
 from safetrain.step import guard
 from safetrain.step.loss_scale import DynamicLossScale
 from safetrain.step.loss_watch import SpikeDetector
@@ -325,7 +325,8 @@ def replay(
         norm = float(tf.norm(tf.where(tf.math.is_finite(g), g, 0.0)).numpy())
         rep.grads.append((var_path(var), norm, ok))
   except Exception as e:  # noqa: BLE001 - a replay failure is reported, not raised
-    rep.error = str(e)
+    # The op's own message, not the hook boundary's one line about it.
+    rep.error = str(e.error if isinstance(e, boundary.HookError) and e.error else e)
     rep.error_layers = recorder.error_layers or []
   finally:
     if check_numerics:

@@ -177,20 +177,96 @@ class NativeStartup:
     self._file.close()
 
 
-class _LogFile(std_logging.Handler):
-  """Appends each record to log.txt through the storage layer: never through
-  a link (a local file is opened with O_NOFOLLOW), and on any tf.io.gfile
-  path (on an object store, each record rewrites the object)."""
+class WorkdirLog(std_logging.Handler):
+  """`WORKDIR/log.txt`, opened only once the run may write the workdir.
 
-  def __init__(self, path: str):
-    super().__init__()
+  Until `accept()` (the controller calls `accept_workdir()` once the workdir
+  is known to be this run's: the lock taken, the checkpoints this model's),
+  lines are held in memory: a refused run (another run holds the workdir,
+  another experiment wrote it) writes nothing into it, and a run that fails
+  before that writes them with its traceback (`failed`).
+  """
+
+  def __init__(self, path: str, preamble: str = ""):
+    super().__init__(std_logging.INFO)
     self.path = path
+    self._held: list[str] = [preamble if preamble.endswith("\n") else preamble + "\n"]
+    if not preamble:
+      self._held = []
+    self._accepted = False
+    self._discarded = False
 
   def emit(self, record) -> None:
     try:
-      storage.append(self.path, self.format(record) + "\n", durable=False)
-    except Exception:  # noqa: BLE001 - logging must not raise (as FileHandler)
+      text = self.format(record) + "\n"
+    except Exception:  # noqa: BLE001 - logging's own contract: never raise from emit
       self.handleError(record)
+      return
+    if self._accepted:
+      try:
+        self._write(text)
+      except Exception:  # noqa: BLE001 - as FileHandler: never raise from emit
+        self.handleError(record)
+    elif not self._discarded:
+      self._held.append(text)
+
+  def accept(self) -> None:
+    """The workdir is this run's: the held lines are written, then every line."""
+    if self._accepted or self._discarded:
+      return
+    self._write("".join(self._held))
+    self._accepted = True
+    self._held = []
+
+  def _write(self, text: str) -> None:
+    # Through the storage layer: never through a link (O_NOFOLLOW locally),
+    # and on any tf.io.gfile path (an object store rewrites the object).
+    storage.append(self.path, text, durable=False)
+
+  def discard(self) -> None:
+    """The workdir was refused: nothing is written into it."""
+    self._held = []
+    self._discarded = True
+
+  def failed(self, text: str) -> None:
+    """The run failed (not a refusal): its lines and `text` (the traceback)
+    go to log.txt. Never raises: the failure's message matters more."""
+    with contextlib.suppress(OSError, ValueError):
+      self.accept()
+      if self._accepted:
+        self._write(text if text.endswith("\n") else text + "\n")
+
+  def close(self) -> None:
+    self._accepted = False
+    super().close()
+
+
+# The WorkdirLog of the command's run in progress (None outside the command).
+_active: list[WorkdirLog] = []
+
+
+def accept_workdir() -> None:
+  """The run may write its workdir: the command's log.txt opens (a no-op
+  outside the command, and for a non-chief worker, which writes none)."""
+  for handler in _active:
+    handler.accept()
+
+
+class _RunLogging:
+  """What `command_logging` yields: log.txt's fate when the run fails."""
+
+  def __init__(self, log: WorkdirLog | None):
+    self._log = log
+
+  def failed(self, text: str) -> None:
+    """Writes the held lines and `text` to log.txt (no-op without one)."""
+    if self._log is not None:
+      self._log.failed(text)
+
+  def discard(self) -> None:
+    """A refused run: log.txt is not written."""
+    if self._log is not None:
+      self._log.discard()
 
 
 @contextlib.contextmanager
@@ -204,23 +280,23 @@ def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None, pr
     preamble: TensorFlow's start-up lines held back from the terminal
       (`NativeStartup.text`): written to log.txt first, and with -v to the
       terminal (without a log file, to the terminal).
+
+  Yields:
+    A `_RunLogging`: `failed(traceback)` or `discard()` when the run fails.
   """
   root = std_logging.getLogger()
   absl_handler = logging.get_absl_handler()
   added: list[std_logging.Handler] = []
   if preamble and (verbose or workdir is None):
     sys.stderr.write(preamble if preamble.endswith("\n") else preamble + "\n")
+  file_handler = None
   if workdir is not None:
-    if preamble:
-      storage.append(
-        os.path.join(workdir, LOG_FILE), preamble if preamble.endswith("\n") else preamble + "\n"
-      )
-    file_handler = _LogFile(os.path.join(workdir, LOG_FILE))
+    file_handler = WorkdirLog(os.path.join(workdir, LOG_FILE), preamble)
     file_handler.setFormatter(logging.PythonFormatter())
-    file_handler.setLevel(std_logging.INFO)
     if quiet_filter is not None:
       file_handler.addFilter(quiet_filter)
     added.append(file_handler)
+    _active.append(file_handler)
   # Without a log file (a non-chief worker) nothing may be left out: every
   # line on the terminal, as with -v.
   terminal_filter = _Nothing() if verbose or workdir is None else _TerminalFilter()
@@ -238,8 +314,14 @@ def command_logging(workdir: str | None, *, verbose: bool, quiet_filter=None, pr
   for handler in added:
     root.addHandler(handler)
   try:
-    yield
+    yield _RunLogging(file_handler)
   finally:
+    if file_handler is not None:
+      _active.remove(file_handler)
+      # A run that ended before the controller accepted the workdir (a
+      # signal at start-up), not refused: its lines are kept.
+      with contextlib.suppress(OSError, ValueError):
+        file_handler.accept()
     for handler in added:
       root.removeHandler(handler)
       handler.close()

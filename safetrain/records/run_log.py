@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from safetrain.core import kinds
+from safetrain.core import boundary, kinds
 from safetrain.records.summaries import Summaries
 from safetrain.step.loop_state import LoopOutput
 from safetrain.storage import files as storage
@@ -117,7 +117,9 @@ def write_config(
     # (which imports no TensorFlow) draws each in its colour.
     "kinds": {k.name: {"text": k.text, "colour": k.colour} for k in kinds.declared().values()},
   }
-  storage.write(path, json.dumps(data, indent=2, default=str))
+  # A failed write names no file at times: the boundary names this one.
+  with boundary.working_on(path):
+    storage.write(path, json.dumps(data, indent=2, default=str))
 
 
 class Progress:

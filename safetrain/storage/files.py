@@ -30,7 +30,7 @@ import shutil
 import stat as stat_lib
 import uuid
 
-from safetrain.core.errors import WorkdirError
+from safetrain.core.errors import RefusedWorkdirError
 
 STORE_ENV = "SAFETRAIN_STORE"
 
@@ -114,22 +114,22 @@ def basename(path: str) -> str:
   return os.path.basename(os.fspath(path).rstrip("/"))
 
 
-def link_error(path: str) -> WorkdirError:
+def link_error(path: str) -> RefusedWorkdirError:
   """The one-line refusal of a workdir entry that is a symbolic link."""
   try:
     target = os.readlink(_local(path))
   except OSError:
     target = "?"
-  return WorkdirError(
+  return RefusedWorkdirError(
     f"{path} is a symbolic link (to {target}): safetrain never writes through a link. "
     "Remove the link, or use another --workdir."
   )
 
 
-def wrong_type_error(path: str, want: str) -> WorkdirError:
+def wrong_type_error(path: str, want: str) -> RefusedWorkdirError:
   """The one-line refusal of a path that exists with the wrong type."""
   have = "a directory" if want == "file" else "a file"
-  return WorkdirError(
+  return RefusedWorkdirError(
     f"{path} is {have} where safetrain keeps a {want}: move it away, or use another "
     "--workdir. Nothing was changed."
   )

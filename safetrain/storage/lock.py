@@ -42,7 +42,7 @@ import uuid
 
 from absl import logging
 
-from safetrain.core.errors import WorkdirError
+from safetrain.core.errors import RefusedWorkdirError, WorkdirError
 from safetrain.storage import files as storage
 
 LOCK_FILE = ".lock"
@@ -68,7 +68,7 @@ ENTRIES = {
 }
 
 
-class WorkdirInUseError(WorkdirError):
+class WorkdirInUseError(RefusedWorkdirError):
   """Another process holds the workdir's lock (exit code 2).
 
   Attributes:

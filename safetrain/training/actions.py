@@ -17,6 +17,8 @@ from collections.abc import Callable
 import keras
 from absl import logging
 
+from safetrain.core import boundary
+
 
 @dataclasses.dataclass
 class LoopRecord:
@@ -67,6 +69,8 @@ class Actions:
     callbacks: the Keras callbacks adapter (runs after the actions), or None.
     model: the trainer's model; its `stop_training` attribute is reset when
       training begins and honoured after every loop.
+    trainer: the Trainer class's name, for the message when an action or a
+      callback raises (`boundary.HookError`).
   """
 
   def __init__(
@@ -74,7 +78,9 @@ class Actions:
     actions: list[Callable[[LoopRecord], object]],
     callbacks=None,
     model: keras.Model | None = None,
+    trainer: str | None = None,
   ):
+    self._trainer = trainer
     self._actions = list(actions)
     self._callbacks = callbacks
     self._model = model
@@ -90,12 +96,12 @@ class Actions:
     if self._model is not None:
       self._model.stop_training = False
     if self._callbacks is not None:
-      self._callbacks.begin(step)
+      boundary.call("callbacks", self._callbacks.begin, step, trainer=self._trainer)
 
   def before_loop(self, step: int) -> None:
     """An inner loop is about to start at `step`."""
     if self._callbacks is not None:
-      self._callbacks.before_loop(step)
+      boundary.call("callbacks", self._callbacks.before_loop, step, trainer=self._trainer)
 
   def after_loop(
     self,
@@ -146,12 +152,12 @@ class Actions:
   def end(self) -> None:
     """fit() returns (finished, stopped or preempted; not on an exception)."""
     if self._callbacks is not None:
-      self._callbacks.end()
+      boundary.call("callbacks", self._callbacks.end, trainer=self._trainer)
 
   def _run(self, loop: LoopRecord) -> None:
     for action in self._actions:
-      action(loop)
+      boundary.call("actions", action, loop, trainer=self._trainer)
     if self._callbacks is not None:
-      self._callbacks(loop)
+      boundary.call("callbacks", self._callbacks, loop, trainer=self._trainer)
     if self._model is not None and getattr(self._model, "stop_training", False):
       loop.stop("model.stop_training was set")

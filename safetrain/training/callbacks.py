@@ -239,4 +239,4 @@ def make_actions(actions, callbacks, *, trainer: str, model, optimizer, config) 
       eval_every=config.eval.every_steps,
       train_steps=config.train.steps,
     )
-  return Actions(list(user_actions), keras_callbacks, model=model)
+  return Actions(list(user_actions), keras_callbacks, model=model, trainer=trainer)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from safetrain.core import compat
+from safetrain.core import boundary, compat
 from safetrain.core.config import ConfigError
 from safetrain.core.errors import BadInputError
 from safetrain.step import per_example as examples
@@ -169,11 +169,16 @@ def sample_loss(mean_loss: Callable, model, batch, element_spec, *, trainer: str
   that does not fit the model or the loss fails here, as a BadInputError
   naming what the dataset yields (`element_spec`), not later inside the
   compiled step."""
+  misfit = (ValueError, TypeError, KeyError, IndexError, tf.errors.OpError)
   try:
     return mean_loss(model, batch, False)
-  except (ValueError, TypeError, KeyError, IndexError, tf.errors.OpError) as e:
+  except (*misfit, boundary.HookError) as e:
     if isinstance(e, BadInputError):
       raise
+    if isinstance(e, boundary.HookError):
+      if not isinstance(e.error, misfit):
+        raise
+      e = e.error  # an override's compute_loss that the batch does not fit
     first = (str(e).strip().splitlines() or [""])[0][:300]
     raise BadInputError(
       f"the first training batch does not fit {trainer}'s model and "
