@@ -308,7 +308,7 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run, monkeypatc
   second.build()
   assert second._controller._restore_latest() == os.path.join(d, "ckpt-20")
   assert second._recovery.snapshot() == {k: v for k, v in state.items() if k != "position"}
-  assert int(second._data.position.numpy()) == state["position"]
+  assert int(second.state["data"].position.numpy()) == state["position"]
   assert state["lr_scale"] == 0.25 and state["rollbacks_used"] == 2
   assert 25 not in checkpointing.scan(d).listed  # the retirement was finished
   assert not os.path.exists(os.path.join(d, checkpointing.CORRUPT_DIR))
