@@ -8,12 +8,15 @@ module only turns it into panels, lines, colours and labels.
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
 import matplotlib
 from matplotlib import ticker
 from matplotlib.lines import Line2D
+
+from safetrain.storage import files as storage
 
 
 def draw(data: dict[str, Any], path: str, title: str) -> None:
@@ -169,7 +172,11 @@ def draw(data: dict[str, Any], path: str, title: str) -> None:
     )
     ax["loss_scale"].yaxis.set_minor_formatter(ticker.NullFormatter())
   fig.suptitle(title, fontsize=11)
-  fig.savefig(path, dpi=110)
+  # Into memory first: the workdir may be any tf.io.gfile path, and the
+  # file is then written atomically (a reader never sees half a PNG).
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
+  storage.write(path, buffer.getvalue())
   plt.close(fig)
 
 
