@@ -79,27 +79,45 @@ class Policy:
     return cls(**{f.name: recovery[f.name] for f in dataclasses.fields(cls)})
 
 
-def rollback_target(checkpoints: list[tuple[int, object]], last_restored: int):
-  """The checkpoint to roll back to: the newest one, or, when the run has not
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where a rollback goes: an in-memory snapshot slot or a checkpoint path."""
+
+  step: int
+  slot: int | None = None
+  path: str | None = None
+
+  @property
+  def in_memory(self) -> bool:
+    return self.slot is not None
+
+  @property
+  def name(self) -> str:
+    """As the incident's `checkpoint` field names it."""
+    return f"memory snapshot of step {self.step}" if self.in_memory else os.path.basename(self.path)
+
+
+def rollback_target(candidates: list[Target], last_restored: int) -> Target | None:
+  """The target to roll back to: the newest one, or, when the run has not
   got past the state the previous rollback restored (a new incident from the
   same state), the newest one before that state (escalation).
 
   Args:
-    checkpoints: (step, target) of the kept checkpoints (paths) and
-      snapshots, oldest first; at equal steps the preferred one last.
+    candidates: the kept checkpoints and usable snapshots, oldest first; at
+      equal steps the preferred one last.
     last_restored: the step the previous rollback restored, or -1.
   """
-  if not checkpoints:
+  if not candidates:
     return None
-  newest_step, target = checkpoints[-1]
-  if last_restored >= 0 and newest_step <= last_restored:
-    older = [path for step, path in checkpoints if step < last_restored]
+  target = candidates[-1]
+  if last_restored >= 0 and target.step <= last_restored:
+    older = [t for t in candidates if t.step < last_restored]
     if older:
       target = older[-1]
   return target
 
 
-def _with_snapshots(checkpoints: list[tuple[int, str]], snapshots: list[tuple[int, int]]):
+def candidates(checkpoints: list[tuple[int, str]], snapshots: list[tuple[int, int]]):
   """The rollback candidates: the checkpoints, and the snapshots that are
   either a checkpoint's state (the same step: restored from memory, recorded
   on the checkpoint, exactly as a disk rollback) or newer than every
@@ -111,9 +129,9 @@ def _with_snapshots(checkpoints: list[tuple[int, str]], snapshots: list[tuple[in
   disk = {step for step, _ in checkpoints}
   newest = max(disk, default=-1)
   usable = [(step, k) for step, k in snapshots if step in disk or step > newest]
-  merged = [(step, 0, path) for step, path in checkpoints] + [(step, 1, k) for step, k in usable]
-  merged.sort(key=lambda c: (c[0], c[1]))
-  return [(step, what) for step, _, what in merged]
+  merged = [Target(step, path=path) for step, path in checkpoints]
+  merged += [Target(step, slot=k) for step, k in usable]
+  return sorted(merged, key=lambda t: (t.step, t.in_memory))
 
 
 class Recovery:
@@ -223,15 +241,15 @@ class Recovery:
       diagnosis=diagnosis,
       cause=cause,
       why=why,
-      checkpoint=target if target.startswith("memory") else os.path.basename(target),
+      checkpoint=target.name,
     )
     # Persist the lowered learning rate, spent budget and data position at
     # once, so a kill right after this rollback resumes with them, as the
     # uninterrupted run goes on: a small side state committed atomically on
     # the checkpoint restored (never a rewrite of it); after a rollback to a
     # snapshot newer than every checkpoint, a full save of the restored state.
-    if not target.startswith("memory"):
-      self.checkpoints.record_rollback(target, generation=int(s.rollbacks_total.numpy()))
+    if not target.in_memory:
+      self.checkpoints.record_rollback(target.path, generation=int(s.rollbacks_total.numpy()))
     elif restored_step in self._disk_steps():
       path = dict(self.checkpoints.checkpoints())[restored_step]
       self.checkpoints.record_rollback(path, generation=int(s.rollbacks_total.numpy()))
@@ -284,7 +302,7 @@ class Recovery:
     return None
 
   def _restore_target(self, kind: str, at_step: int, diagnosis: str, lr: float):
-    """Restores the rollback target; returns (its name or path, the data
+    """Restores the rollback target; returns (the `Target`, the data
     position it was taken at).
 
     The chief picks a target that reads back whole (a damaged one is set
@@ -292,26 +310,28 @@ class Recovery:
     values is set aside too, and the next one tried.
     """
     while True:
-      target = self.agree(self._readable_target(kind) if self.is_chief else None)
-      if target is None:
+      # Workers agree on the chief's path (several workers have no snapshots).
+      chosen = self._readable_target(kind) if self.is_chief else None
+      if chosen is not None and chosen.in_memory:
+        slot = self.snapshots.restore(chosen.slot)
+        return chosen, slot.position
+      path = self.agree(chosen.path if chosen is not None else None)
+      if path is None:
         corrupt = os.path.join(self.checkpoints.directory, CORRUPT_DIR)
         reason = f"no checkpoint is left to roll back to (unusable ones were moved to {corrupt})"
         self.abort(kind, at_step, diagnosis, reason, lr)
-      if isinstance(target, int):  # a snapshot slot
-        slot = self.snapshots.restore(target)
-        return f"memory snapshot of step {slot.step}", slot.position
       data = self.replay_objects() if self.policy.data == "replay" else None
-      self.checkpoints.restore_rollback(target, self.rollback_objects, data=data)
+      self.checkpoints.restore_rollback(path, self.rollback_objects, data=data)
       if self.healthy():
         if self.snapshots is not None:
-          self.snapshots.drop_after(step_of(target))
-        return target, self.checkpoints.position_of(target)
+          self.snapshots.drop_after(step_of(path))
+        return Target(step_of(path), path=path), self.checkpoints.position_of(path)
       if self.is_chief:
-        self.checkpoints.set_aside(target, "it restores non-finite values")
+        self.checkpoints.set_aside(path, "it restores non-finite values")
 
-  def _readable_target(self, kind: str) -> str | int | None:
-    """`rollback_target` among the snapshots (slot numbers) and the
-    checkpoints that read back whole (paths).
+  def _readable_target(self, kind: str) -> Target | None:
+    """`rollback_target` among the snapshots and the checkpoints that read
+    back whole.
 
     A run that stopped learning (`stalled`, `dead_units`) goes to disk: the
     collapse builds up over loops, so the newest snapshots, taken after a
@@ -320,16 +340,14 @@ class Recovery:
     last_restored = int(self.state.last_restored_step.numpy())
     memory = kind not in ("stalled", "dead_units")
     while True:
-      candidates = [(step, path) for step, path in self.checkpoints.checkpoints()]
-      if self.snapshots is not None and memory:
-        candidates = _with_snapshots(candidates, self.snapshots.targets())
-      target = rollback_target(candidates, last_restored)
-      if target is None or isinstance(target, int):
+      snaps = self.snapshots.targets() if self.snapshots is not None and memory else []
+      target = rollback_target(candidates(self.checkpoints.checkpoints(), snaps), last_restored)
+      if target is None or target.in_memory:
         return target
-      problem = self.checkpoints.check_readable(target)
+      problem = self.checkpoints.check_readable(target.path)
       if problem is None:
         return target
-      self.checkpoints.set_aside(target, problem)
+      self.checkpoints.set_aside(target.path, problem)
 
   def refill_budget(self) -> None:
     """Refills the rollback budget after `budget_reset_steps` healthy steps."""

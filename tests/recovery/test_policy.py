@@ -2,7 +2,7 @@
 
 import pytest
 
-from safetrain.recovery import policy
+from safetrain.recovery import policy, rollback
 
 E = policy.Evidence
 TABLE = [
@@ -60,3 +60,32 @@ def test_each_cause_gets_its_action(case):
   assert (d.rollback, d.kind, d.cause) == (rollback, kind, cause)
   # The health probe costs a forward pass: asked only when nothing else decided.
   assert bool(calls) == asked
+
+
+def _ckpt(step):
+  return rollback.Target(step, path=f"/w/checkpoints/ckpt-{step}")
+
+
+TARGETS = [
+  # (case, checkpoints, snapshots (step, slot), last restored) -> (step, in memory)
+  ("none", [], [], -1, None),
+  ("newest checkpoint", [10, 20], [], -1, (20, False)),
+  ("a snapshot at the newest checkpoint's step is preferred", [10, 20], [(20, 3)], -1, (20, True)),
+  ("a snapshot newer than every checkpoint", [10, 20], [(25, 1)], -1, (25, True)),
+  ("a snapshot between checkpoints is left out", [10, 20], [(15, 0)], 20, (10, False)),
+  ("the same state failed again: escalate to disk", [10, 20], [(20, 3)], 20, (10, False)),
+  ("the oldest is all there is", [10], [], 10, (10, False)),
+]
+
+
+@pytest.mark.parametrize("case", TARGETS, ids=[t[0] for t in TARGETS])
+def test_the_rollback_target(case):
+  _, ckpts, snaps, last, want = case
+  found = rollback.rollback_target(
+    rollback.candidates([(s, _ckpt(s).path) for s in ckpts], snaps), last
+  )
+  assert (None if found is None else (found.step, found.in_memory)) == want
+  if found is not None:
+    assert found.name == (
+      f"memory snapshot of step {found.step}" if found.in_memory else f"ckpt-{found.step}"
+    )
