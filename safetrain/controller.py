@@ -70,6 +70,27 @@ class Parts:
   train_metrics: object = None  # stateful_metrics.MetricSet of build_metrics(), or None
 
 
+@dataclasses.dataclass
+class _FitState:
+  """What one fit() carries from loop to loop on the host."""
+
+  progress: metrics.Progress
+  eval_metrics: dict = dataclasses.field(default_factory=dict)
+  last_loss: float = float("nan")
+  # step -> the loss of the loop that ended there (only states that were kept)
+  kept: dict = dataclasses.field(default_factory=dict)
+  stopped: str = "completed"
+  stop_reason: str = ""
+
+  def keep_loss(self, step: int, loss: float | None) -> None:
+    """The loss of the state that was kept: an undone loop's is not, and a
+    rollback takes the run back to the state some earlier loop ended at."""
+    self.kept = {k: v for k, v in self.kept.items() if k <= step}
+    if loss is not None:
+      self.kept[step] = loss
+    self.last_loss = self.kept.get(step, float("nan"))
+
+
 class Controller:
   """Runs `fit()` on the parts a trainer built.
 
@@ -114,89 +135,94 @@ class Controller:
 
   def fit(self) -> FitResult:
     """Trains to train.steps updates (see Trainer.fit)."""
-    c = self.config
     self._start()
-    progress = metrics.Progress(c.train.steps, c.train.log_every_steps)
-    eval_metrics: dict = {}
-    last_loss = float("nan")
-    kept_loss: dict[int, float] = {}  # step -> the loss of the loop that ended there
-    stopped, stop_reason = "completed", ""
+    run = _FitState(
+      progress=metrics.Progress(self.config.train.steps, self.config.train.log_every_steps)
+    )
     self._actions.begin(self._step())
     with preemption.SignalCatcher() as signals:
-      while self._step() < c.train.steps:
-        before = (
-          int(variables.number(self._data.position)),
-          int(variables.number(self._recovery.attempts)),
-        )
-        incidents_before = len(self._incidents.records)
-        step_before = self._step()
-        self._actions.before_loop(self._step())
-        if self._train_metrics is not None:
-          self._train_metrics.reset()
-        out, seconds = self._run_inner_loop()
-        self._finite = bool(out.params_finite)
-        record = metrics.loop_record(out, seconds=seconds, **self._state_fields())
-        if self._train_metrics is not None:
-          shown = self._train_metrics.results() if int(out.applied) else {}
-          record.update({k: shown.get(k) for k in self._train_metrics.names})
-        try:
-          rolled_back, quarantined = self._response.handle(out, before)
-        except DivergenceError:
-          # The abort's incident (with its diagnosis) is in TensorBoard too.
-          attempts = int(self._recovery.attempts.numpy())
-          self._log.summaries.incidents(attempts, self._incidents.records[incidents_before:])
-          self._log.flush()
-          raise
-        record["quarantined"] = quarantined
-        if rolled_back:
-          self._finite = None
-          # The state fields of a rollback's record are those the run goes on
-          # from (the restored step, the lowered learning-rate scale); its
-          # measurements (loss, grad_norm, lr, counts) are the undone loop's.
-          record.update(rollback=True, **self._state_fields())
-        else:
-          self._take_snapshot()
-        # The loss of the state that was kept: an undone loop's is not, and a
-        # rollback takes the run back to the state some earlier loop ended at.
-        step = self._step()
-        kept_loss = {k: v for k, v in kept_loss.items() if k <= step}
-        if not rolled_back and out.applied:
-          kept_loss[step] = record["loss"]
-        last_loss = kept_loss.get(step, float("nan"))
-        evaluated = None
-        if self._eval_due() and not rolled_back:
-          eval_metrics = evaluated = self._evaluate()
-          record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-        self._log.write(record, self._incidents.records[incidents_before:])
-        if not rolled_back:
-          self._maybe_histograms(step_before, record["attempts"])
-        progress.update(
-          self._step(),
-          seconds,
-          int(out.applied),
-          record["loss"],
-          {k: record[k] for k in self._train_metrics.names} if self._train_metrics else None,
-        )
-        # Before the save, so what an action changed (a lowered base rate) is in it.
-        stop_request = self._actions.after_loop(
-          record=record,
-          incidents=self._incidents.records[incidents_before:],
-          eval_metrics=evaluated,
-          rolled_back=rolled_back,
-        )
-        if self._actions.active:
-          self._finite = None  # an action or callback may have set weights
-        if self._num_workers > 1 and self._actions.active:
-          stop_request = self._agreed_stop(stop_request)
-        if self._step() % c.checkpoint.every_steps == 0 or signals.received:
-          self._save_checkpoint()
-        stopped = self._response.stop_reason(out, signaled=bool(signals.received))
-        if stopped == "completed" and stop_request and self._step() < c.train.steps:
-          stopped, stop_reason = "action", stop_request
-        if stopped != "completed":
+      while self._step() < self.config.train.steps:
+        self._one_loop(run, signals)
+        if run.stopped != "completed":
           break
-    progress.close()
-    if stopped != "preempted":
+    run.progress.close()
+    return self._finish(run)
+
+  def _one_loop(self, run: _FitState, signals) -> None:
+    """One inner loop and what follows it on the host, in order: the
+    response to its incidents, a snapshot, an evaluation when due, the
+    records, the progress line, the user's actions, a checkpoint when due,
+    and whether fit() stops."""
+    c = self.config
+    before = (
+      int(variables.number(self._data.position)),
+      int(variables.number(self._recovery.attempts)),
+    )
+    incidents_before = len(self._incidents.records)
+    step_before = self._step()
+    self._actions.before_loop(step_before)
+    if self._train_metrics is not None:
+      self._train_metrics.reset()
+    out, seconds = self._run_inner_loop()
+    self._finite = bool(out.params_finite)
+    record = metrics.loop_record(out, seconds=seconds, **self._state_fields())
+    if self._train_metrics is not None:
+      shown = self._train_metrics.results() if int(out.applied) else {}
+      record.update({k: shown.get(k) for k in self._train_metrics.names})
+    rolled_back, record["quarantined"] = self._respond(out, before, incidents_before)
+    if rolled_back:
+      self._finite = None
+      # The state fields of a rollback's record are those the run goes on
+      # from (the restored step, the lowered learning-rate scale); its
+      # measurements (loss, grad_norm, lr, counts) are the undone loop's.
+      record.update(rollback=True, **self._state_fields())
+    else:
+      self._take_snapshot()
+    run.keep_loss(self._step(), None if rolled_back or not out.applied else record["loss"])
+    evaluated = None
+    if self._eval_due() and not rolled_back:
+      run.eval_metrics = evaluated = self._evaluate()
+      record.update({f"eval_{k}": v for k, v in evaluated.items()})
+    new_incidents = self._incidents.records[incidents_before:]
+    self._log.write(record, new_incidents)
+    if not rolled_back:
+      self._maybe_histograms(step_before, record["attempts"])
+    names = self._train_metrics.names if self._train_metrics else None
+    run.progress.update(
+      self._step(),
+      seconds,
+      int(out.applied),
+      record["loss"],
+      {k: record[k] for k in names} if names else None,
+    )
+    # Before the save, so what an action changed (a lowered base rate) is in it.
+    stop_request = self._actions.after_loop(
+      record=record, incidents=new_incidents, eval_metrics=evaluated, rolled_back=rolled_back
+    )
+    if self._actions.active:
+      self._finite = None  # an action or callback may have set weights
+    if self._num_workers > 1 and self._actions.active:
+      stop_request = self._agreed_stop(stop_request)
+    if self._step() % c.checkpoint.every_steps == 0 or signals.received:
+      self._save_checkpoint()
+    run.stopped = self._response.stop_reason(out, signaled=bool(signals.received))
+    if run.stopped == "completed" and stop_request and self._step() < c.train.steps:
+      run.stopped, run.stop_reason = "action", stop_request
+
+  def _respond(self, out, before, incidents_before: int) -> tuple[bool, int]:
+    try:
+      return self._response.handle(out, before)
+    except DivergenceError:
+      # The abort's incident (with its diagnosis) is in TensorBoard too.
+      attempts = int(self._recovery.attempts.numpy())
+      self._log.summaries.incidents(attempts, self._incidents.records[incidents_before:])
+      self._log.flush()
+      raise
+
+  def _finish(self, run: _FitState) -> FitResult:
+    """The final save, evaluation and records of a fit, and its result."""
+    eval_metrics = run.eval_metrics
+    if run.stopped != "preempted":
       self._save_checkpoint()
       final_eval = self._evaluate()
       eval_metrics = final_eval or eval_metrics
@@ -207,12 +233,12 @@ class Controller:
     result = results.from_state(
       self._recovery,
       step=self._step(),
-      loss=last_loss,
+      loss=run.last_loss,
       incidents=self._incidents.all(),
       loss_scale=float(self._loss_scale.scale.numpy()),
       eval_metrics=eval_metrics,
-      stopped=stopped,
-      stop_reason=stop_reason,
+      stopped=run.stopped,
+      stop_reason=run.stop_reason,
     )
     self._actions.end()
     logging.info("%s", summary_line(result))

@@ -123,11 +123,15 @@ class Trainer(TrainerHooks):
     return self._strategy
 
   def _build_in_scope(self) -> None:
-    c = self.config
+    """Builds every part, in order, under the strategy's scope: the run's
+    variables, the data, the model and optimizer with compute_loss and the
+    metrics, the state's declaration and the checkpoints, the compiled loop,
+    then the host's parts and the controller."""
     name = type(self).__qualname__
     # Every user hook through the boundary: what it raises is a HookError
     # naming it (exit 2), never a traceback.
     hook = functools.partial(boundary.wrap, trainer=name)
+    c = self.config
     self._run = state.RunState(c.precision.policy)
     self._recovery = recovery.RecoveryState()
     self._loss_scale = DynamicLossScale.from_config(c)
@@ -135,6 +139,15 @@ class Trainer(TrainerHooks):
     self._clip = clipping.GradientClip.from_config(c)
     self._health_state = health.HealthState()
 
+    iterator, iterator_in_checkpoint = self._build_data(hook)
+    replica_state, sample_metrics = self._build_model(hook, name)
+    self._declare_state(iterator, iterator_in_checkpoint, name)
+    self._build_loop(replica_state, sample_metrics)
+    self._build_host(hook, name, iterator, iterator_in_checkpoint)
+
+  def _build_data(self, hook) -> tuple:
+    """The training data and its iterator; whether the iterator is checkpointed."""
+    c = self.config
     self._train_data = data_lib.TrainData(
       hook("build_train_dataset", self.build_train_dataset),
       repeat=c.train.repeat_data,
@@ -153,7 +166,12 @@ class Trainer(TrainerHooks):
     self._data = state.DataState(self._train_data)
     # A drill that cannot fire on this data is a config error, not a no-op.
     self._drill.check(self._element_spec, self._strategy.num_replicas_in_sync)
+    return iterator, iterator_in_checkpoint
 
+  def _build_model(self, hook, name: str) -> tuple[list, dict]:
+    """compute_loss, the model, the optimizer and the metrics, each checked;
+    returns the replica-local state and the metrics compute_loss returns."""
+    c = self.config
     # compute_loss normalised (see losses.call_per_example), for the
     # compiled step, evaluation and forensics.
     default = None
@@ -203,8 +221,11 @@ class Trainer(TrainerHooks):
         self.model, self._first_batch, False, with_pred=True
       ),
     )
-    with_pred = bool(self._train_metrics)
+    return replica_state, sample_metrics
 
+  def _declare_state(self, iterator, iterator_in_checkpoint: bool, name: str) -> None:
+    """The run's state, declared once, and the checkpoint store derived from it."""
+    c = self.config
     E = state.Entry  # noqa: N806
     self.state = state.Declaration(
       [
@@ -237,6 +258,11 @@ class Trainer(TrainerHooks):
       position_key=self.state.key_of(self._data.position),
       generation_key=self.state.key_of(self._recovery.rollbacks_total),
     )
+
+  def _build_loop(self, replica_state: list, sample_metrics: dict) -> None:
+    """The guard pieces and the compiled loop."""
+    c = self.config
+    with_pred = bool(self._train_metrics)
     self._pieces = registry.build(
       c,
       piece_lib.BuildContext(
@@ -275,6 +301,11 @@ class Trainer(TrainerHooks):
     )
     self._train_loop_fn = self._loop.function
     self._all_finite_fn = tf.function(self._loop.params_finite)
+
+  def _build_host(self, hook, name: str, iterator, iterator_in_checkpoint: bool) -> None:
+    """The evaluator, the replay context and the controller with its parts."""
+    c = self.config
+    with_pred = bool(self._train_metrics)
     self._evaluator = evaluation.Evaluator(
       strategy=self._strategy,
       build_dataset=hook("build_eval_dataset", self.build_eval_dataset),

@@ -84,63 +84,19 @@ class Response:
   def handle(self, out: LoopOutput, before: tuple[int, int]) -> tuple[bool, int]:
     """Records the loop's incidents and runs recovery.
 
-    Returns (whether it rolled back, the batches it quarantined). The action
-    follows the cause: a bad batch is quarantined; a diverging state (the
-    guard's open run of failures, judged by `triage`; non-finite variables;
-    frequent bad batches; a stall or dead units) is rolled back.
+    Returns (whether it rolled back, the batches it quarantined). In order:
+    triage judges the open run of failures that ended the loop, if any; the
+    records (incidents, quarantine, counters); the evidence goes to
+    `policy.decide`, and the decision is carried out.
     """
     params_ok = bool(out.params_finite)
     stopped = int(out.stop) == STOP_ROLLBACK
     kind = incidents.last_divergence(out)
-    verdict = None
     if int(out.applied):
       self._stuck_loops = 0
-    if stopped and params_ok:
-      verdict = triage.open_run(
-        self._forensics,
-        kind=kind,
-        batch=self._stash.batch() if self._stash is not None else None,
-        step=self._step() + 1,
-        count=int(variables.number(self._run.consecutive_bad)),
-      )
-      # Bad data is bad batches among good ones: when a loop trained on
-      # nothing, after another such, no batch from this state trains at all.
-      self._stuck_loops += int(verdict.bad_batch and not int(out.applied))
-      if verdict.bad_batch and self._stuck_loops >= 2:
-        self._stuck_loops = 0
-        verdict = triage.diverging(
-          f"{2 * int(self._run.consecutive_bad.numpy())} batches in a row failed, each with "
-          "some rows non-finite, and no batch trained: the state, not the data, is suspect",
-          verdict.diagnosis,
-        )
-      if verdict.bad_batch:
-        self._run.consecutive_bad.assign(0)
-        self._bad_batch_diagnosis = self._bad_batch_diagnosis or verdict.diagnosis
+    verdict = self._judge_open_run(out, kind) if stopped and params_ok else None
     open_bad = verdict is not None and verdict.bad_batch
-    lr_scale = float(variables.number(self._recovery.lr_scale))
-    quarantined = self._incidents.add_loop(
-      out,
-      pieces=self._pieces,
-      lr_scale=lr_scale,
-      open_bad_batch=open_bad,
-      bad_batch_diagnosis=self._describe_bad_batches(out),
-    )
-    self._quarantine.write_loop(
-      out,
-      before,
-      stopped=stopped,
-      open_bad=open_bad,
-      rows=verdict.rows if open_bad else None,
-      diagnosis=self._bad_batch_diagnosis,
-    )
-    r = self._recovery
-    # A clean loop adds nothing: no eager op for it (the host's time per loop).
-    skipped = int(out.attempts) - int(out.applied)
-    if skipped:
-      r.skipped_total.assign_add(skipped)
-    dropped_examples = int(out.sums["dropped_examples"])
-    if dropped_examples:
-      r.examples_dropped_total.assign_add(dropped_examples)
+    quarantined = self._record(out, before, stopped=stopped, verdict=verdict)
     frequent = self._actions.note_bad_batches(quarantined, int(out.attempts))
     if int(out.stop) == STOP_RAISE:
       self._save()
@@ -169,6 +125,59 @@ class Response:
     self._carry_out(decision, verdict, findings[0] if findings else None)
     self._actions.refill_budget()
     return decision.rollback, quarantined
+
+  def _judge_open_run(self, out: LoopOutput, kind: str) -> triage.Verdict:
+    """Triage's verdict on the run of failures that ended the loop."""
+    verdict = triage.open_run(
+      self._forensics,
+      kind=kind,
+      batch=self._stash.batch() if self._stash is not None else None,
+      step=self._step() + 1,
+      count=int(variables.number(self._run.consecutive_bad)),
+    )
+    # Bad data is bad batches among good ones: when a loop trained on
+    # nothing, after another such, no batch from this state trains at all.
+    self._stuck_loops += int(verdict.bad_batch and not int(out.applied))
+    if verdict.bad_batch and self._stuck_loops >= 2:
+      self._stuck_loops = 0
+      verdict = triage.diverging(
+        f"{2 * int(self._run.consecutive_bad.numpy())} batches in a row failed, each with "
+        "some rows non-finite, and no batch trained: the state, not the data, is suspect",
+        verdict.diagnosis,
+      )
+    if verdict.bad_batch:
+      self._run.consecutive_bad.assign(0)
+      self._bad_batch_diagnosis = self._bad_batch_diagnosis or verdict.diagnosis
+    return verdict
+
+  def _record(self, out: LoopOutput, before, *, stopped: bool, verdict) -> int:
+    """The loop's incidents, quarantine records and counters; returns the
+    batches quarantined."""
+    open_bad = verdict is not None and verdict.bad_batch
+    quarantined = self._incidents.add_loop(
+      out,
+      pieces=self._pieces,
+      lr_scale=float(variables.number(self._recovery.lr_scale)),
+      open_bad_batch=open_bad,
+      bad_batch_diagnosis=self._describe_bad_batches(out),
+    )
+    self._quarantine.write_loop(
+      out,
+      before,
+      stopped=stopped,
+      open_bad=open_bad,
+      rows=verdict.rows if open_bad else None,
+      diagnosis=self._bad_batch_diagnosis,
+    )
+    r = self._recovery
+    # A clean loop adds nothing: no eager op for it (the host's time per loop).
+    skipped = int(out.attempts) - int(out.applied)
+    if skipped:
+      r.skipped_total.assign_add(skipped)
+    dropped_examples = int(out.sums["dropped_examples"])
+    if dropped_examples:
+      r.examples_dropped_total.assign_add(dropped_examples)
+    return quarantined
 
   def _carry_out(self, decision: policy.Decision, verdict, finding) -> None:
     """Rolls back as `decision` says, with the why and diagnosis its cause has."""
