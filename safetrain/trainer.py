@@ -35,6 +35,7 @@ from safetrain.step import loss_watch as spike_lib
 from safetrain.step import piece as piece_lib
 from safetrain.step.drill import Drill
 from safetrain.step.loss_scale import DynamicLossScale
+from safetrain.storage import files as storage
 from safetrain.storage import lock as workdir_lib
 from safetrain.training import callbacks as callbacks_lib
 from safetrain.training import data as data_lib
@@ -97,7 +98,7 @@ class Trainer(TrainerHooks):
     self._is_chief = distribute.is_chief(self._strategy)
     self._num_workers = distribute.num_workers(self._strategy)
     keras.utils.set_random_seed(c.seed)
-    os.makedirs(self.workdir, exist_ok=True)
+    storage.makedirs(self.workdir)
     self._loss_fn = losses.make_loss(c.loss)
     self._drill = Drill(**c.drill)
     previous_policy = keras.mixed_precision.global_policy()
@@ -470,7 +471,8 @@ class Trainer(TrainerHooks):
       if self._built
       else workdir_lib.is_chief_process(self.config.distribute.strategy)
     )
-    with workdir_lib.WorkdirLock(self.workdir) if chief else contextlib.nullcontext():
+    lock = workdir_lib.WorkdirLock.from_config(self.workdir, self.config)
+    with lock if chief else contextlib.nullcontext():
       self.build()
       result = self._controller.fit()
       if result.stopped != "preempted" and self._is_chief:

@@ -32,6 +32,7 @@ from safetrain.checkpoint import rollback_state
 from safetrain.checkpoint import store as checkpointing
 from safetrain.cli import main as cli
 from safetrain.recovery import rollback as recovery
+from safetrain.storage import files as storage_files
 from safetrain.storage import lock as workdir
 
 GOOD = drill.EXPERIMENT
@@ -307,7 +308,7 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run, monkeypatc
   second.build()
   assert second._controller._restore_latest() == os.path.join(d, "ckpt-20")
   assert second._recovery.snapshot() == {k: v for k, v in state.items() if k != "position"}
-  assert int(second._data.position.numpy()) == state["position"]
+  assert int(second.state["data"].position.numpy()) == state["position"]
   assert state["lr_scale"] == 0.25 and state["rollbacks_used"] == 2
   assert 25 not in checkpointing.scan(d).listed  # the retirement was finished
   assert not os.path.exists(os.path.join(d, checkpointing.CORRUPT_DIR))
@@ -534,22 +535,33 @@ def test_a_full_disk_at_a_save_exits_2_with_one_line_and_the_rerun_resumes(
 
 
 @pytest.mark.parametrize("fault", ["metrics_is_a_directory", "metrics_on_a_full_device"])
-def test_a_record_that_cannot_be_written_exits_2_and_the_rerun_resumes(tmp_path, capsys, fault):
+def test_a_record_that_cannot_be_written_exits_2_and_the_rerun_resumes(
+  tmp_path, capsys, monkeypatch, fault
+):
   work = tmp_path / "run"
   argv = [f"--config={GOOD}", f"--workdir={work}", "--config.train.steps=10"]
   os.makedirs(work)
   metrics = work / "metrics.jsonl"
-  if fault == "metrics_is_a_directory":
+  if fault == "metrics_is_a_directory":  # refused before anything is written
     os.makedirs(metrics)
-    cause = os.strerror(errno.EISDIR)
-  else:
-    os.symlink("/dev/full", metrics)  # the kernel answers ENOSPC to every write
-    cause = os.strerror(errno.ENOSPC)
+    expected = f"{metrics} is a directory where safetrain keeps a file"
+  else:  # every write of the record fails with ENOSPC (as /dev/full answers)
+    real = storage_files._write_all
+
+    def full(fd, data, path):
+      if path.endswith("metrics.jsonl"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+      return real(fd, data, path)
+
+    monkeypatch.setattr(storage_files, "_write_all", full)
+    expected = f"I/O error on {metrics}: {os.strerror(errno.ENOSPC)}"
   code, _, err = _cli(argv, capsys)
-  line = _one_error_line(code, err, f"I/O error on {metrics}: {cause}")
+  line = _one_error_line(code, err, expected)
   if fault == "metrics_on_a_full_device":
     assert "ckpt-0) is intact" in line  # the initial state was committed first
-  os.remove(metrics) if metrics.is_symlink() else os.rmdir(metrics)
+  monkeypatch.undo()
+  if metrics.is_dir():
+    os.rmdir(metrics)
   code, _, err = _cli(argv, capsys)
   assert code == 0, err[-3000:]
   assert [r["step"] for r in drill.check_records(str(work)) if "loss" in r] == [5, 10]

@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
-import uuid
 from typing import NoReturn
 
 import tensorflow as tf
 from absl import logging
 
 from safetrain.core.errors import WorkdirError, io_fault
+from safetrain.storage import files as storage
 
 CHECKPOINT_NAME = "ckpt"  # CheckpointManager's checkpoint_name
 STATE_FILE = "checkpoint"
@@ -134,7 +133,7 @@ def scan(directory: str) -> Scan:
   files: dict[int, list[str]] = {}
   side: dict[int, list[str]] = {}
   leftovers = []
-  names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  names = storage.listdir(directory)
   for name in names:
     m = _FILE.match(name)
     if m:
@@ -143,7 +142,7 @@ def scan(directory: str) -> Scan:
       leftovers.append(name)
     elif m := _SIDE.match(name):
       side.setdefault(int(m.group(1)), []).append(name)
-  damaged = state is None and os.path.exists(os.path.join(directory, STATE_FILE))
+  damaged = state is None and storage.exists(storage.join(directory, STATE_FILE))
   problem = "does not parse"
   if latest is not None and latest not in files:
     # It parses but lies: rebuilt from the files present, as a garbled one is.
@@ -169,7 +168,7 @@ def verify(path: str) -> None:
   truncated file, changed bytes). Independent of any model, so it tells a
   corrupt checkpoint from one written for a different model.
   """
-  reader = tf.train.load_checkpoint(path)
+  reader = open_reader(path)
   dtypes = reader.get_variable_to_dtype_map()
   names = sorted(dtypes)
   with tf.device("CPU:0"):
@@ -181,14 +180,33 @@ def verify(path: str) -> None:
     )
 
 
+def open_reader(path: str):
+  """A reader of the checkpoint `path` (a prefix). Not `tf.train.load_checkpoint`,
+  which first asks whether `path` is a directory: on `ram://` every prefix of
+  a file name is one, and the checkpoint is then looked for inside it."""
+  return tf.compat.v1.train.NewCheckpointReader(path)
+
+
+def list_variables(path: str) -> list[tuple[str, list[int]]]:
+  """(key, shape) of every variable in checkpoint `path`, sorted, as
+  `tf.train.list_variables` returns them."""
+  shapes = open_reader(path).get_variable_to_shape_map()
+  return [(k, shapes[k]) for k in sorted(shapes)]
+
+
+def load_variable(path: str, key: str):
+  """The value of `key` in checkpoint `path` (`tf.train.load_variable`)."""
+  return open_reader(path).get_tensor(key)
+
+
 def index_readable(path: str) -> bool:
   """The index of checkpoint `path` exists and parses. TensorFlow writes it
   last, straight to its final name, after the data file is renamed into
   place: a save killed before it finished has none, or one cut short."""
-  if not os.path.exists(path + ".index"):
+  if not storage.exists(path + ".index"):
     return False
   try:
-    tf.train.list_variables(path)
+    list_variables(path)
   except Exception:  # noqa: BLE001 - any failure to parse it
     return False
   return True
@@ -230,40 +248,16 @@ def raise_io_error(directory: str, what: str, e: BaseException, *, write: bool) 
 
 def remove(path: str) -> None:
   """Removes a file or a directory tree; one already gone is fine."""
-  try:
-    if os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path)
-    else:
-      os.remove(path)
-  except FileNotFoundError:
-    pass
+  storage.remove(path)
 
 
 def fsync_dir(directory: str) -> None:
   """Makes the renames and removals in `directory` durable (best effort)."""
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+  storage.fsync_dir(directory)
 
 
 def atomic_write(path: str, text: str) -> None:
-  """Replaces `path` with `text` by rename: a reader (or a kill) sees the old
-  file or the new one, never part of one."""
-  tmp = f"{path}.tmp{uuid.uuid4().hex}"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    remove(tmp)
-    raise
-  fsync_dir(os.path.dirname(path))
+  """Replaces `path` with `text`: a reader (or a kill) sees the old file or
+  the new one, never part of one (a rename locally, one put on an object
+  store)."""
+  storage.write(path, text)

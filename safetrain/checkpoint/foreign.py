@@ -16,6 +16,7 @@ import re
 
 from safetrain.checkpoint.repair import Notes
 from safetrain.core.errors import RefusedWorkdirError
+from safetrain.storage import files as storage
 
 _MODEL_KEY = re.compile(r"^model_variables/\d+/\.ATTRIBUTES/VARIABLE_VALUE$")
 
@@ -23,8 +24,7 @@ _MODEL_KEY = re.compile(r"^model_variables/\d+/\.ATTRIBUTES/VARIABLE_VALUE$")
 def recorded_trainer(workdir: str) -> str | None:
   """The trainer named in WORKDIR/config.json by the run that wrote it."""
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      owner = json.load(f).get("trainer")
+    owner = json.loads(storage.read_text(os.path.join(workdir, "config.json"))).get("trainer")
   except (OSError, ValueError, AttributeError):
     return None
   return owner if isinstance(owner, str) else None

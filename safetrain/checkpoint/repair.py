@@ -37,6 +37,7 @@ from safetrain.checkpoint.files import (
 )
 from safetrain.core import compat
 from safetrain.core.errors import WorkdirError
+from safetrain.storage import files as storage
 
 
 class Notes:
@@ -228,12 +229,12 @@ class Repair:
     there: `problem`) is rebuilt from the files on disk. An empty one (what
     a power loss leaves) holds nothing; any other is kept as evidence."""
     state = os.path.join(self.directory, STATE_FILE)
-    if os.path.getsize(state) == 0:
+    if storage.size(state) == 0:
       remove(state)
       self.notes.add(f"{state} is empty (a power loss?): rebuilt from the checkpoint files", True)
       return
     target = os.path.join(self.corrupt_dir(), f"{STATE_FILE}-{uuid.uuid4().hex[:8]}")
-    os.replace(state, target)
+    storage.move(state, target)
     self.notes.add(
       f"{state} {problem}: moved to {target}; rebuilt from the checkpoint files", warn=True
     )
@@ -241,7 +242,19 @@ class Repair:
   def corrupt_dir(self) -> str:
     """corrupt/, created if missing: where damage is kept."""
     dest = os.path.join(self.directory, CORRUPT_DIR)
-    os.makedirs(dest, exist_ok=True)
+    if storage.exists(dest) and (storage.islink(dest) or not storage.isdir(dest)):
+      # Not ours as it should be (a file, a link): set aside, never deleted,
+      # then kept inside the new corrupt/ as evidence like the rest.
+      aside = f"{dest}.{uuid.uuid4().hex[:8]}"
+      storage.move(dest, aside)  # a link is moved itself, never followed
+      storage.makedirs(dest)
+      storage.move(aside, os.path.join(dest, f"{CORRUPT_DIR}-entry-{aside[-8:]}"))
+      self.notes.add(
+        f"{dest} was not a directory: moved into {dest}/ as {CORRUPT_DIR}-entry-{aside[-8:]}",
+        warn=True,
+      )
+      return dest
+    storage.makedirs(dest)
     return dest
 
   def quarantine(self, step: int, found: Scan, problem: str, fallback: bool = True) -> None:
@@ -254,13 +267,13 @@ class Repair:
       dest_dir = self.corrupt_dir()
       prefix = os.path.basename(path)
       k = 1
-      while any(n.startswith(prefix + ".") for n in os.listdir(dest_dir)):
+      while any(n.startswith(prefix + ".") for n in storage.listdir(dest_dir)):
         k += 1
         prefix = f"{os.path.basename(path)}_{k}"
       for name in found.files[step]:
         src = os.path.join(self.directory, name)
-        if os.path.exists(src):
-          os.replace(src, os.path.join(dest_dir, prefix + name[len(name.split(".", 1)[0]) :]))
+        if storage.exists(src):
+          storage.move(src, os.path.join(dest_dir, prefix + name[len(name.split(".", 1)[0]) :]))
       where = f"moved to {os.path.join(dest_dir, prefix)}.*"
     message = f"checkpoint {path} is unreadable ({problem}); {where}"
     if fallback:
@@ -293,5 +306,5 @@ class Repair:
 
   def _mtime(self, step: int, found: Scan) -> float:
     names = found.files.get(step, [])
-    times = [os.path.getmtime(os.path.join(self.directory, n)) for n in names]
+    times = [storage.mtime(os.path.join(self.directory, n)) for n in names]
     return max([t for t in times if t], default=0.0)

@@ -28,6 +28,7 @@ from safetrain.checkpoint.files import (
   describe,
   fsync_dir,
   is_side_file,
+  load_variable,
   path_of,
   raise_io_error,
   remove,
@@ -37,6 +38,7 @@ from safetrain.checkpoint.files import (
   verify,
 )
 from safetrain.checkpoint.repair import Repair
+from safetrain.storage import files as storage
 
 
 @dataclasses.dataclass
@@ -54,8 +56,7 @@ class Pointer:
 def read_pointer(directory: str) -> Pointer | None:
   """rollback.json in `directory` as written, or None (missing or unparsable)."""
   try:
-    with open(os.path.join(directory, ROLLBACK_FILE), encoding="utf-8") as f:
-      info = json.load(f)
+    info = json.loads(storage.read_text(os.path.join(directory, ROLLBACK_FILE)))
     return Pointer(
       base=int(info["base"]),
       state=int(info["state"]),
@@ -105,12 +106,12 @@ class RollbackState:
     where = self.directory if self.write else scratch
     prefix = side_path(where, k)
     try:
-      os.makedirs(where, exist_ok=True)
+      storage.makedirs(where)
       tf.train.Checkpoint(**carry).write(prefix)
     except (tf.errors.OpError, OSError) as e:
       if self.write:
         remove(prefix + "_temp")
-        for name in os.listdir(self.directory):
+        for name in storage.listdir(self.directory):
           if name.startswith(os.path.basename(prefix) + "."):
             remove(os.path.join(self.directory, name))
       raise_io_error(
@@ -134,7 +135,7 @@ class RollbackState:
   def drop(self) -> None:
     """Removes rollback.json (first: the commit is undone before its files
     go), then the side states. Called when a full save superseded them."""
-    names = os.listdir(self.directory)
+    names = storage.listdir(self.directory)
     side = [n for n in names if is_side_file(n)]
     if ROLLBACK_FILE not in names and not side:
       return
@@ -207,7 +208,7 @@ class RollbackState:
       return None
     for step in sorted(found.files, reverse=True):
       try:
-        value = int(tf.train.load_variable(path_of(self.directory, step), self.generation_key))
+        value = int(load_variable(path_of(self.directory, step), self.generation_key))
       except Exception:  # noqa: BLE001 - an unreadable one is judged later
         continue
       if value >= pointer.generation and step not in pointer.abandoned:
@@ -267,7 +268,7 @@ class RollbackState:
         names.append(ROLLBACK_FILE)
       for name in names:
         src = os.path.join(self.directory, name)
-        if os.path.exists(src):
-          os.replace(src, os.path.join(dest, f"{tag}-{name}"))
+        if storage.exists(src):
+          storage.move(src, os.path.join(dest, f"{tag}-{name}"))
       message += f"; moved to {dest}/{tag}-*"
     self.repair.notes.add(message + "; resuming without it", warn=True)

@@ -32,6 +32,8 @@ from safetrain.checkpoint.files import (
   ROLLBACK_FILE,
   Scan,
   describe,
+  list_variables,
+  load_variable,
   path_of,
   raise_io_error,
   remove,
@@ -342,7 +344,7 @@ class CheckpointStore:
     Raises WorkdirError when the checkpoint reads back whole but does not fit.
     """
     try:
-      saved = tf.train.list_variables(path)
+      saved = list_variables(path)
     except Exception as e:  # noqa: BLE001 - any failure to read the index is damage
       return describe(e)
     model = self.objects.get("model")
@@ -415,7 +417,7 @@ class CheckpointStore:
 
   def position_of(self, path: str) -> int:
     """The data position saved in the checkpoint at `path`."""
-    return int(tf.train.load_variable(path, self.position_key))
+    return int(load_variable(path, self.position_key))
 
 
 def build(

@@ -27,6 +27,7 @@ import sys
 import ml_collections
 
 from safetrain.core import errors
+from safetrain.storage import files as storage
 from safetrain.training import export as export_lib
 
 
@@ -90,12 +91,11 @@ def _export(trainer, output: str, fmt: str) -> tuple[str, str]:
 def load_trainer(workdir: str):
   """The Trainer that trained `workdir`, built from its config.json (not yet
   restored). Raises ExportError naming what cannot be found."""
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise ExportError(f"no such workdir: {workdir}")
   path = os.path.join(workdir, "config.json")
   try:
-    with open(path) as f:
-      recorded = json.load(f)
+    recorded = json.loads(storage.read_text(path))
   except FileNotFoundError:
     raise ExportError(
       f"{workdir} has no config.json: not a safetrain workdir, or no run has started there"

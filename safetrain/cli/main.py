@@ -283,17 +283,20 @@ def _check_workdir(workdir: str) -> None:
   import socket  # noqa: PLC0415
 
   from safetrain.core.errors import WorkdirError  # noqa: PLC0415
+  from safetrain.storage import files as storage  # noqa: PLC0415
 
-  probe = os.path.join(workdir, f".safetrain-write-test-{os.getpid()}")
+  probe = storage.join(workdir, f".safetrain-write-test-{os.getpid()}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    # Locally os.makedirs, whose error names the cause ("Not a directory").
+    os.makedirs(workdir, exist_ok=True) if storage.is_local(workdir) else storage.makedirs(workdir)
+    storage.write(probe, "ok")
+    storage.remove(probe)
   except OSError as e:
     raise WorkdirError(
       f"--workdir={workdir} is not a writable directory: {e.strerror or e}"
     ) from None
+  if not storage.is_local(workdir):
+    return  # no PATH_MAX on an object store
   try:
     limit = os.pathconf(workdir, "PC_PATH_MAX")
   except (OSError, ValueError):

@@ -21,6 +21,7 @@ BAD_INPUTS = ("drop_rows", "skip_batch", "raise")
 PREFLIGHT = ("off", "warn", "strict")
 RECOVERY_DATA = ("skip", "replay")
 CLIP_MODES = ("fixed", "adaptive")
+LOCKS = ("auto", "flock", "lease")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 DRILL_VALUES = ("nan", "inf")
 
@@ -192,6 +193,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
   c.checkpoint.max_to_keep = 5
+
+  # The workdir's store (see docs/storage.md). locking: "auto" is flock on a
+  # local directory and a lease file on any other store; "lease" forces the
+  # lease (a shared filesystem whose flock cannot be trusted, NFS). A lease
+  # is renewed every lease_seconds / 3 by the running job and taken over
+  # only after lease_seconds without a renewal.
+  c.storage = ml_collections.ConfigDict()
+  c.storage.locking = "auto"
+  c.storage.lease_seconds = 60.0
 
   c.distribute = ml_collections.ConfigDict()
   c.distribute.strategy = "auto"
@@ -379,6 +389,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _num(config, "recovery.snapshots_max_mb", 0.0, 1e9)
   _int(config, "checkpoint.every_steps", 1, MAX_STEPS)
   _int(config, "checkpoint.max_to_keep", 2, 10**4)
+  _choice(config, "storage.locking", LOCKS)
+  _num(config, "storage.lease_seconds", 1.0, 86400.0)
   _choice(config, "distribute.strategy", STRATEGIES)
   _int(config, "distribute.cpu_replicas", 0, 256)
   for f in ("loss_steps", "grad_steps", "input_steps"):

@@ -9,7 +9,6 @@ durably) and to the log. The fields are DESIGN.md's: `step`, `kind`, `action`,
 from __future__ import annotations
 
 import collections
-import os
 import time
 
 import tensorflow as tf
@@ -19,6 +18,7 @@ from safetrain.core import kinds
 from safetrain.step import bad_batches, registry
 from safetrain.step import piece as piece_lib
 from safetrain.step.loop_state import STOP_ROLLBACK, LoopOutput
+from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter, read_jsonl
 
 
@@ -174,7 +174,7 @@ class IncidentLog:
 
   def all(self) -> list[dict]:
     """Every record of the run: the file (resumes included) on the chief."""
-    return read_jsonl(self.path) if self.enabled and os.path.exists(self.path) else self.records
+    return read_jsonl(self.path) if self.enabled and storage.exists(self.path) else self.records
 
 
 def last_divergence(out: LoopOutput) -> str:

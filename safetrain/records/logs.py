@@ -28,6 +28,8 @@ import tempfile
 
 from absl import logging
 
+from safetrain.storage import files as storage
+
 INCIDENT = "safetrain_incident"
 TERMINAL = "safetrain_terminal"
 LOG_FILE = "log.txt"
@@ -191,7 +193,7 @@ class WorkdirLog(std_logging.Handler):
     self._held: list[str] = [preamble if preamble.endswith("\n") else preamble + "\n"]
     if not preamble:
       self._held = []
-    self._file = None
+    self._accepted = False
     self._discarded = False
 
   def emit(self, record) -> None:
@@ -200,20 +202,26 @@ class WorkdirLog(std_logging.Handler):
     except Exception:  # noqa: BLE001 - logging's own contract: never raise from emit
       self.handleError(record)
       return
-    if self._file is not None:
-      self._file.write(text)
-      self._file.flush()
+    if self._accepted:
+      try:
+        self._write(text)
+      except Exception:  # noqa: BLE001 - as FileHandler: never raise from emit
+        self.handleError(record)
     elif not self._discarded:
       self._held.append(text)
 
   def accept(self) -> None:
     """The workdir is this run's: the held lines are written, then every line."""
-    if self._file is not None or self._discarded:
+    if self._accepted or self._discarded:
       return
-    self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
-    self._file.writelines(self._held)
-    self._file.flush()
+    self._write("".join(self._held))
+    self._accepted = True
     self._held = []
+
+  def _write(self, text: str) -> None:
+    # Through the storage layer: never through a link (O_NOFOLLOW locally),
+    # and on any tf.io.gfile path (an object store rewrites the object).
+    storage.append(self.path, text, durable=False)
 
   def discard(self) -> None:
     """The workdir was refused: nothing is written into it."""
@@ -225,15 +233,11 @@ class WorkdirLog(std_logging.Handler):
     go to log.txt. Never raises: the failure's message matters more."""
     with contextlib.suppress(OSError, ValueError):
       self.accept()
-      if self._file is not None:
-        self._file.write(text if text.endswith("\n") else text + "\n")
-        self._file.flush()
+      if self._accepted:
+        self._write(text if text.endswith("\n") else text + "\n")
 
   def close(self) -> None:
-    if self._file is not None:
-      with contextlib.suppress(OSError, ValueError):
-        self._file.close()
-      self._file = None
+    self._accepted = False
     super().close()
 
 

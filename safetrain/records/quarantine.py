@@ -25,6 +25,7 @@ import os
 from absl import logging
 
 from safetrain.step import bad_batches
+from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter
 
 
@@ -97,4 +98,4 @@ class QuarantineLog:
 
   @staticmethod
   def exists(workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, "quarantine.jsonl"))
+    return storage.exists(os.path.join(workdir, "quarantine.jsonl"))

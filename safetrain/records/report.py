@@ -24,6 +24,7 @@ import sys
 import textwrap
 from typing import Any
 
+from safetrain.storage import files as storage
 from safetrain.storage.jsonl import read_jsonl
 
 SERIES = ("loss", "grad_norm", "grad_norm_max", "lr_scale", "loss_scale", "lr", "eval_loss")
@@ -288,8 +289,7 @@ def _read_config(workdir: str) -> dict:
 
 def _read_config_file(workdir: str) -> dict:
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(os.path.join(workdir, "config.json")))
   except (OSError, ValueError):
     return {}
 
@@ -359,10 +359,10 @@ def main(argv: list[str]) -> int:
   except SystemExit as e:
     return 0 if e.code == 0 else 2
   workdir = args.workdir
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     print(f"safetrain report: error: no such workdir: {workdir}", file=sys.stderr)
     return 2
-  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+  if not storage.exists(os.path.join(workdir, "metrics.jsonl")):
     print(
       f"safetrain report: error: {workdir} has no metrics.jsonl: not a safetrain workdir, "
       "or the run stopped before its first loop",
@@ -375,7 +375,7 @@ def main(argv: list[str]) -> int:
     print(f"safetrain report: warning: {note}", file=sys.stderr)
   path = args.output or os.path.join(workdir, "report.png")
   s = data["summary"]
-  name = os.path.basename(os.path.abspath(workdir))
+  name = storage.basename(workdir if not storage.is_local(workdir) else os.path.abspath(workdir))
   loss = "" if s["final_loss"] is None else f", final loss {s['final_loss']:.4g}"
   if s["aborted"]:
     at = data["aborts"][-1]

@@ -8,12 +8,15 @@ module only turns it into panels, lines, colours and labels.
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
 import matplotlib
 from matplotlib import ticker
 from matplotlib.lines import Line2D
+
+from safetrain.storage import files as storage
 
 
 def draw(data: dict[str, Any], path: str, title: str) -> None:
@@ -92,22 +95,7 @@ def draw(data: dict[str, Any], path: str, title: str) -> None:
   # grouped, one collection per kind and action with at most one line per
   # bin of the step axis (report.incident_groups): 150,000 incidents draw
   # in seconds.
-  kinds_seen, actions_seen, counts = [], [], {}
-  for g in data["incident_groups"]:
-    color = data["kind_colours"].get(g["kind"], "black")
-    act = g["action"]
-    style = {
-      "rollback": dict(linestyles="-", linewidths=1.4, alpha=0.9),
-      "abort": dict(linestyles="-", linewidths=3.0, alpha=1.0),
-      "skipped_step": dict(linestyles=":", linewidths=1.0, alpha=0.8),
-    }.get(act, dict(linestyles=[(0, (2, 2))], linewidths=1.2, alpha=0.8))
-    for a in axes:
-      a.vlines(g["steps"], 0, 1, transform=a.get_xaxis_transform(), colors=color, zorder=0, **style)
-    if g["kind"] not in kinds_seen:
-      kinds_seen.append(g["kind"])
-    counts[g["kind"]] = counts.get(g["kind"], 0) + g["records"]
-    if act not in actions_seen:
-      actions_seen.append(act)
+  kinds_seen, actions_seen, counts = _draw_incidents(axes, data)
   top = ax["loss"]
   if "loss" not in s:
     top.text(0.5, 0.5, "no step was applied", transform=top.transAxes, ha="center", color="#777777")
@@ -174,8 +162,33 @@ def draw(data: dict[str, Any], path: str, title: str) -> None:
     )
     ax["loss_scale"].yaxis.set_minor_formatter(ticker.NullFormatter())
   fig.suptitle(title, fontsize=11)
-  fig.savefig(path, dpi=110)
+  # Into memory first: the workdir may be any tf.io.gfile path, and the
+  # file is then written atomically (a reader never sees half a PNG).
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
+  storage.write(path, buffer.getvalue())
   plt.close(fig)
+
+
+def _draw_incidents(axes, data: dict[str, Any]) -> tuple[list, list, dict]:
+  """The incident groups in every panel; (kinds, actions, records per kind)."""
+  kinds_seen, actions_seen, counts = [], [], {}
+  for g in data["incident_groups"]:
+    color = data["kind_colours"].get(g["kind"], "black")
+    act = g["action"]
+    style = {
+      "rollback": dict(linestyles="-", linewidths=1.4, alpha=0.9),
+      "abort": dict(linestyles="-", linewidths=3.0, alpha=1.0),
+      "skipped_step": dict(linestyles=":", linewidths=1.0, alpha=0.8),
+    }.get(act, dict(linestyles=[(0, (2, 2))], linewidths=1.2, alpha=0.8))
+    for a in axes:
+      a.vlines(g["steps"], 0, 1, transform=a.get_xaxis_transform(), colors=color, zorder=0, **style)
+    if g["kind"] not in kinds_seen:
+      kinds_seen.append(g["kind"])
+    counts[g["kind"]] = counts.get(g["kind"], 0) + g["records"]
+    if act not in actions_seen:
+      actions_seen.append(act)
+  return kinds_seen, actions_seen, counts
 
 
 def _short(v: float, _pos=None) -> str:

@@ -15,6 +15,7 @@ from absl import logging
 from safetrain.core import boundary, kinds
 from safetrain.records.summaries import Summaries
 from safetrain.step.loop_state import LoopOutput
+from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter
 
 
@@ -116,11 +117,9 @@ def write_config(
     # (which imports no TensorFlow) draws each in its colour.
     "kinds": {k.name: {"text": k.text, "colour": k.colour} for k in kinds.declared().values()},
   }
-  tmp = path + ".tmp"
-  # A failed flush on close names no file: the boundary names this one.
-  with boundary.working_on(tmp), open(tmp, "w") as f:
-    json.dump(data, f, indent=2, default=str)
-  os.replace(tmp, path)
+  # A failed write names no file at times: the boundary names this one.
+  with boundary.working_on(path):
+    storage.write(path, json.dumps(data, indent=2, default=str))
 
 
 class Progress:

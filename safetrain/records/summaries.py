@@ -44,6 +44,8 @@ import tensorflow as tf
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorflow.core.framework import types_pb2
 
+from safetrain.storage import files as storage
+
 # What tf.summary.scalar attaches to every value (display name and
 # description unset), in TensorFlow's own proto class.
 _SCALAR_METADATA = tf.compat.v1.SummaryMetadata.FromString(
@@ -96,6 +98,10 @@ class Summaries:
   def __init__(self, workdir: str, *, enabled: bool):
     events = os.path.join(workdir, "events")
     if enabled:
+      # Created here, so a file or a link where a run's directory must be is
+      # one line naming it (TensorFlow's own error names no path).
+      for run in ("train", "eval"):
+        storage.makedirs(os.path.join(events, run))
       self._train = tf.summary.create_file_writer(os.path.join(events, "train"))
       self._eval = tf.summary.create_file_writer(os.path.join(events, "eval"))
     else:

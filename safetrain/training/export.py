@@ -24,11 +24,14 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 from absl import logging
+
+from safetrain.storage import files as storage
 
 EXPORT_DIR = "export"
 FORMATS = ("keras", "saved_model")
@@ -48,9 +51,9 @@ def check_target(path: str, fmt: str) -> None:
     raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
   if fmt == "keras" and not path.endswith(".keras"):
     raise ValueError(f"a Keras model file must end with .keras: {path}")
-  if fmt == "saved_model" and os.path.isfile(path):
+  if fmt == "saved_model" and storage.isfile(path):
     raise ValueError(f"a SavedModel is a directory, and {path} is a file")
-  if fmt == "keras" and os.path.isdir(path):
+  if fmt == "keras" and storage.isdir(path):
     raise ValueError(f"{path} is a directory, not a .keras file")
 
 
@@ -68,6 +71,8 @@ def export_model(model: keras.Model, path: str, fmt: str = "keras", input_signat
     ValueError: `path` does not fit `fmt`.
     OSError: the write failed; what was at `path` is untouched.
   """
+  if not storage.is_local(path) or storage.store_for(path).renames is False:
+    return _export_to_objects(model, path, fmt, input_signature)
   path = os.path.abspath(path)
   check_target(path, fmt)
   directory, name = os.path.split(path)
@@ -90,6 +95,34 @@ def export_model(model: keras.Model, path: str, fmt: str = "keras", input_signat
   except BaseException:
     _remove(tmp)
     raise
+  return path
+
+
+def _export_to_objects(model: keras.Model, path: str, fmt: str, input_signature) -> str:
+  """The export on a store without rename (any tf.io.gfile path): written
+  locally first, then stored. A Keras file is one object, stored whole or not
+  at all; a SavedModel is a directory of objects, copied in under a temporary
+  name, then moved into place (on an object store a move is a copy and a
+  delete: a kill mid-move leaves the temporary, which the next export removes)."""
+  check_target(path, fmt)
+  directory, name = storage.dirname(path), storage.basename(path)
+  storage.makedirs(directory)
+  with tempfile.TemporaryDirectory(prefix="safetrain-export-") as local:
+    if fmt == "keras":
+      tmp = os.path.join(local, name)
+      _model_only(model).save(tmp)
+      with open(tmp, "rb") as f:
+        storage.write(path, f.read())
+      return path
+    tmp = os.path.join(local, name)
+    _export_saved_model(model, tmp, input_signature)
+    for old in storage.listdir(directory):
+      if old.startswith(f".{name}.tmp-"):
+        storage.remove(storage.join(directory, old))
+    staged = storage.join(directory, f".{name}.tmp-{os.getpid()}")
+    storage.copy_in(tmp, staged)
+    storage.remove(path)
+    storage.move(staged, path)
   return path
 
 

@@ -145,6 +145,13 @@ class Declaration:
       raise ValueError(f"a state key is declared twice: {keys}")
     self.entries = list(entries)
 
+  def __getitem__(self, key: str):
+    """The object declared under `key` ("run", "spike", "data", ...)."""
+    for e in self.entries:
+      if e.key == key:
+        return e.obj
+    raise KeyError(f"no run state is declared as {key!r}: {[e.key for e in self.entries]}")
+
   def rolled_back(self) -> dict:
     """{key: object} a rollback restores."""
     return {e.key: e.obj for e in self.entries if e.checkpointed and e.rolls_back}

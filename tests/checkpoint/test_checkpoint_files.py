@@ -100,7 +100,9 @@ def test_atomic_write_replaces_the_file_and_leaves_nothing_when_it_fails(tmp_pat
   files.atomic_write(path, "two\n")
   assert open(path).read() == "two\n" and os.listdir(tmp_path) == ["rollback.json"]
   os.makedirs(tmp_path / "sub" / "rollback.json")  # a directory where the file goes
-  with pytest.raises(OSError):
+  with pytest.raises(
+    WorkdirError, match="rollback.json is a directory where safetrain keeps a file"
+  ):
     files.atomic_write(str(tmp_path / "sub" / "rollback.json"), "three\n")
   assert os.listdir(tmp_path / "sub") == ["rollback.json"]  # no temporary file left
 

@@ -180,7 +180,7 @@ def test_a_changed_pipeline_resumes_by_position_instead_of_failing(tmp_path, cap
   assert trainer.fit().step == 14
   (said,) = _messages(caplog, "definition changed since the checkpoint")
   assert "re-created from build_train_dataset() at batch 10" in said
-  assert int(trainer._data.position.numpy()) == 14
+  assert int(trainer.state["data"].position.numpy()) == 14
   caplog.clear()
   NewPipelineTrainer(tiny_config(**{"train.steps": 16}), workdir).fit()  # its own checkpoint
   assert not _messages(caplog, "re-created")

@@ -47,7 +47,7 @@ def test_a_pipeline_that_lost_its_py_function_stage_resumes_by_position(tmp_path
   assert first.step == 10
   trainer, second = _fit(TinyTrainer, workdir, 20)
   assert second.step == 20
-  assert int(trainer._data.position.numpy()) >= 20
+  assert int(trainer.state["data"].position.numpy()) >= 20
   assert "re-created from build_train_dataset() at batch 10" in caplog.text
 
 

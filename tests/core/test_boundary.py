@@ -94,15 +94,20 @@ def test_an_oserror_without_a_path_names_the_file_safetrain_was_writing(
   disk): exit 2 naming the file being written."""
   from safetrain.records import run_log
 
-  def dump(*args, **kwargs):
+  real = run_log.storage.write
+
+  def write(path, data):
+    if not path.endswith("config.json"):
+      return real(path, data)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-  monkeypatch.setattr(run_log.json, "dump", dump)
+  # config.json is written through the storage layer (one atomic write).
+  monkeypatch.setattr(run_log.storage, "write", write)
   workdir = str(tmp_path / "run")
   code, _, err = _cli(capsys, workdir)
   assert code == 2, err[-3000:]
   line = _one_line(err)
-  assert f"I/O error on {workdir}/config.json.tmp: No space left on device" in line, line
+  assert f"I/O error on {workdir}/config.json: No space left on device" in line, line
   assert "OSError" in _log(workdir)
 
 

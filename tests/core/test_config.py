@@ -33,6 +33,9 @@ def test_defaults_validate_and_hold_every_design_group():
 
 
 BAD = [
+  ("storage.locking", "fcntl"),
+  ("storage.lease_seconds", 0.5),
+  ("storage.lease_seconds", float("nan")),
   ("train.steps", 0),
   ("train.steps", -5),
   ("train.batch_size", 0),

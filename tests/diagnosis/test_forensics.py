@@ -180,6 +180,6 @@ def test_never_raises(workdir):
 
 def test_loss_spike_compares_the_replayed_loss_with_the_running_mean(workdir):
   t = built(TinyTrainer, workdir)
-  t._spike.mean.assign(0.01)
+  t.state["spike"].mean.assign(0.01)
   text = diagnose(t, kind="loss_spike")
   assert "x its running mean 0.01" in text and "the largest gradient norms:" in text

@@ -55,7 +55,7 @@ def test_nan_batches_are_quarantined_with_no_lr_cut_and_no_budget_spent(tmp_path
   r = t.fit()
   assert r.step == 12 and r.attempts == 14 and r.skipped_steps == 2
   assert r.quarantined == 2 and r.rollbacks == 0 and r.lr_scale == 1.0
-  assert int(t._recovery.rollbacks_used.numpy()) == 0
+  assert int(t.state["recovery"].rollbacks_used.numpy()) == 0
   # One record per inner loop; attempt 9 is update 8 (one step was skipped).
   assert [(i["kind"], i["action"], i["step"], i["cause"]) for i in r.incidents] == [
     ("nonfinite_loss", "quarantined_batch", 4, "bad_batch"),
@@ -239,11 +239,11 @@ def test_a_state_whose_loss_is_far_above_its_best_is_not_saved_as_healthy(tmp_pa
   t = TinyTrainer(tiny_config(**{"train.steps": 10}), str(tmp_path))
   t.fit()
   ckpt = os.path.join(tmp_path, "checkpoints", "ckpt-11.index")
-  best = float(t._spike.best.numpy())
-  t._run.step.assign(11)
-  t._spike.mean.assign(100 * best)  # finite, but 100x its best (guard.stall_factor 3)
+  best = float(t.state["spike"].best.numpy())
+  t.state["run"].step.assign(11)
+  t.state["spike"].mean.assign(100 * best)  # finite, but 100x its best (guard.stall_factor 3)
   t._controller._save_checkpoint()
   assert not os.path.exists(ckpt)
-  t._spike.mean.assign(best)
+  t.state["spike"].mean.assign(best)
   t._controller._save_checkpoint()
   assert os.path.exists(ckpt)

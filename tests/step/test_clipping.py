@@ -41,7 +41,7 @@ def test_fixed_clipping_is_the_global_norm():
 
 
 def clip_state(t):
-  c = t._clip
+  c = t.state["clip"]
   return [v.numpy() for v in (c.mean, c.var, c.count, c.warm_sum, c.warm_sq)]
 
 
@@ -73,7 +73,7 @@ def test_adaptive_clipping_state_is_carried_across_a_rollback(tmp_path):
   r = t.fit()
   assert r.rollbacks == 1
   # Not rolled back: every good step fed it, including those redone.
-  assert int(t._clip.count.numpy()) == r.attempts - r.skipped_steps
+  assert int(t.state["clip"].count.numpy()) == r.attempts - r.skipped_steps
 
 
 def test_clip_mode_is_checked(tmp_path):

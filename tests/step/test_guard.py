@@ -182,8 +182,8 @@ def test_loss_scale_collapse_ends_as_divergence_not_endless_skips(tmp_path):
   with pytest.raises(safetrain.DivergenceError, match="loss_scale_floor"):
     t.fit()
   kinds = [i["kind"] for i in safetrain.read_jsonl(str(tmp_path / "incidents.jsonl"))]
-  assert kinds[-1] == "loss_scale_floor" and t._step() == 0
-  assert float(t._loss_scale.scale.numpy()) == 1.0 and all_finite(t)
+  assert kinds[-1] == "loss_scale_floor" and int(t.state["run"].step.numpy()) == 0
+  assert float(t.state["loss_scale"].scale.numpy()) == 1.0 and all_finite(t)
 
 
 def test_nonfinite_loss_is_divergence_and_spike_stats_stay_clean(tmp_path):
@@ -193,10 +193,10 @@ def test_nonfinite_loss_is_divergence_and_spike_stats_stay_clean(tmp_path):
   r = t.fit()
   assert r.rollbacks == 0 and r.skipped_steps == 2
   assert [(i["kind"], i["count"]) for i in r.incidents] == [("nonfinite_loss", 2)]
-  assert np.isfinite(t._spike.mean.numpy()) and np.isfinite(t._spike.dev.numpy())
+  assert np.isfinite(t.state["spike"].mean.numpy()) and np.isfinite(t.state["spike"].dev.numpy())
   # The statistics carried through the compiled loop are stored after it, fed
   # by the 10 good steps only.
-  assert int(t._spike.count.numpy()) == 10 and t._spike.mean.numpy() > 0
+  assert int(t.state["spike"].count.numpy()) == 10 and t.state["spike"].mean.numpy() > 0
 
 
 def test_loss_spike_is_detected_after_warmup(tmp_path):
@@ -226,7 +226,7 @@ def test_spike_detection_off_neither_flags_nor_keeps_statistics(tmp_path):
   t = SpikyTrainer(c, str(tmp_path))
   r = t.fit()
   assert r.incidents == [] and r.step == 35 and r.attempts == 35
-  assert int(t._spike.count.numpy()) == 0
+  assert int(t.state["spike"].count.numpy()) == 0
 
 
 def test_healthy_runs_have_no_spikes_or_incidents(tmp_path):
