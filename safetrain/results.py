@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from safetrain.training import evaluation
+from safetrain.training import eval_guard, evaluation
 
 
 @dataclasses.dataclass
@@ -83,7 +83,11 @@ def summary_line(result: FitResult) -> str:
     )
   ev = dict(result.eval_metrics)
   n = ev.pop(evaluation.EXAMPLES, None)
+  dropped = ev.pop(eval_guard.DROPPED, None)
+  left_out = f" ({dropped} rows with NaN or Inf left out)" if dropped else ""
   if n is not None:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(ev.items(), key=lambda kv: kv[0] != "loss"))
-    text += f"; eval on {n} examples: {shown}"
+    text += f"; eval on {n} examples{left_out}: {shown}"
+  elif dropped:
+    text += f"; eval: all {dropped} rows had NaN or Inf, nothing evaluated"
   return text

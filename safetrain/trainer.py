@@ -313,6 +313,8 @@ class Trainer(TrainerHooks):
       compute_loss=lambda batch: self._call_compute_loss(self.model, batch, False, with_pred),
       steps=c.eval.steps,
       metrics=self._eval_metrics or None,
+      check_inputs=c.guard.check_inputs,
+      bad_inputs=c.guard.bad_inputs,
     )
     self._forensics = replay_lib.Context(
       model=self.model,

@@ -66,7 +66,9 @@ class Scan:
   Attributes:
     has_state: the `checkpoint` state file exists and parses.
     state_damaged: the state file exists but does not parse (empty, cut
-      short, garbled).
+      short, garbled), or names as latest a checkpoint with no file on disk
+      (a save commits its files before the state file names it, so that is
+      damage, never an interrupted save); `state_problem` says which.
     listed: step -> save time of every checkpoint the state file lists, in
       save order (the last one is the latest).
     latest: the step the state file calls latest, or None.
@@ -84,6 +86,7 @@ class Scan:
   leftovers: list[str]
   side: dict[int, list[str]] = dataclasses.field(default_factory=dict)
   has_rollback: bool = False
+  state_problem: str = "does not parse"
 
   @property
   def unlisted(self) -> list[int]:
@@ -140,6 +143,11 @@ def scan(directory: str) -> Scan:
     elif m := _SIDE.match(name):
       side.setdefault(int(m.group(1)), []).append(name)
   damaged = state is None and storage.exists(storage.join(directory, STATE_FILE))
+  problem = "does not parse"
+  if latest is not None and latest not in files:
+    # It parses but lies: rebuilt from the files present, as a garbled one is.
+    problem = f"names ckpt-{latest} as the latest, which has no file here"
+    state, damaged, listed, latest = None, True, {}, None
   return Scan(
     state is not None,
     damaged,
@@ -149,6 +157,7 @@ def scan(directory: str) -> Scan:
     leftovers,
     side,
     ROLLBACK_FILE in names,
+    problem,
   )
 
 

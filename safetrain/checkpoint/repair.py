@@ -224,10 +224,10 @@ class Repair:
       self.notes.add(f"removed {full}, left by a save that was interrupted")
       remove(full)
 
-  def set_aside_state_file(self) -> None:
-    """A state file that does not parse is rebuilt from the files on disk.
-    An empty one (what a power loss leaves) holds nothing; any other is
-    kept as evidence."""
+  def set_aside_state_file(self, problem: str = "does not parse") -> None:
+    """A state file that does not parse (or names a checkpoint that is not
+    there: `problem`) is rebuilt from the files on disk. An empty one (what
+    a power loss leaves) holds nothing; any other is kept as evidence."""
     state = os.path.join(self.directory, STATE_FILE)
     if storage.size(state) == 0:
       remove(state)
@@ -236,7 +236,7 @@ class Repair:
     target = os.path.join(self.corrupt_dir(), f"{STATE_FILE}-{uuid.uuid4().hex[:8]}")
     storage.move(state, target)
     self.notes.add(
-      f"{state} does not parse: moved to {target}; rebuilt from the checkpoint files", warn=True
+      f"{state} {problem}: moved to {target}; rebuilt from the checkpoint files", warn=True
     )
 
   def corrupt_dir(self) -> str:

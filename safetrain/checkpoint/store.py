@@ -310,7 +310,7 @@ class CheckpointStore:
     if self.write:
       self._repair.remove_leftovers(found)
       if found.state_damaged:
-        self._repair.set_aside_state_file()
+        self._repair.set_aside_state_file(found.state_problem)
     pointer = self._rollbacks.pending(found)
     if pointer is not None and self._rollbacks.finish_retirement(pointer, found):
       found = scan(self.directory)

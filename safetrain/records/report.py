@@ -179,21 +179,24 @@ def plot_data(workdir: str, skipped: list[str] | None = None) -> dict[str, Any]:
     x_max = max(10, reached * 1.1)  # what happened before it stopped, not the plan
   else:
     x_max = max(total_steps or 0, reached) * 1.02
+  x_max = max(x_max, 1)
+  arrows = [
+    (m["step"], m["lr_scale_before"], m["restored_step"], m["lr_scale_after"])
+    for m in marks
+    if m["action"] == "rollback"
+    and m["restored_step"] is not None
+    and _num(m["lr_scale_before"])
+    and _num(m["lr_scale_after"])
+  ]
   return {
     "log_steps": bool(early) and right >= 100 and max(early) <= 0.05 * right,
-    "x_max": max(x_max, 1),
+    "x_max": x_max,
     "series": series,
     "incidents": marks,
+    "incident_groups": incident_groups(marks, x_max),
     "rollbacks": [(m["step"], m["restored_step"]) for m in marks if m["action"] == "rollback"],
     "aborts": [m["step"] for m in marks if m["action"] == "abort"],
-    "arrows": [
-      (m["step"], m["lr_scale_before"], m["restored_step"], m["lr_scale_after"])
-      for m in marks
-      if m["action"] == "rollback"
-      and m["restored_step"] is not None
-      and _num(m["lr_scale_before"])
-      and _num(m["lr_scale_after"])
-    ],
+    "arrows": arrows[-MAX_ARROWS:],
     "note": _note(marks),
     "summary": summary,
     "fp16": fp16,
@@ -201,6 +204,40 @@ def plot_data(workdir: str, skipped: list[str] | None = None) -> dict[str, Any]:
     "total_steps": total_steps,
     "kind_colours": kind_colours(workdir),
   }
+
+
+# Incidents drawn grouped: at most this many marks per kind and action, one
+# per bin of the step axis (a long run's 150,000 incidents would otherwise
+# be 150,000 vertical lines in every panel; a bin is narrower than a pixel).
+MAX_MARKS = 1500
+# Rollback arrows drawn at most (the last ones: what the run ended with).
+MAX_ARROWS = 200
+
+
+def incident_groups(marks: list[dict], x_max: float) -> list[dict]:
+  """The incidents as drawn: one group per (kind, action), in order of first
+  appearance, with its marks' steps (one per bin of width x_max/MAX_MARKS)
+  and how many incidents (records, and the steps they count) it holds."""
+  width = max(x_max, 1) / MAX_MARKS
+  groups: dict[tuple[str, str], dict] = {}
+  for m in marks:
+    key = (m["kind"], m["action"])
+    g = groups.get(key)
+    if g is None:
+      g = groups[key] = {"kind": key[0], "action": key[1], "bins": {}, "records": 0, "count": 0}
+    g["records"] += 1
+    g["count"] += m["count"]
+    g["bins"].setdefault(int(m["step"] // width), m["step"])
+  return [
+    {
+      "kind": g["kind"],
+      "action": g["action"],
+      "steps": sorted(g["bins"].values()),
+      "records": g["records"],
+      "count": g["count"],
+    }
+    for g in groups.values()
+  ]
 
 
 def _last_stop(marks: list[dict]) -> dict | None:

@@ -210,8 +210,10 @@ class Response:
     batch = self._stash.batch()
     if batch is None:
       return ""
+    # The stash holds the kind's last batch: its own step, not the loop's end.
+    step = int(out.kind_last[registry.code(kind)]) or self._step() + 1
     self._bad_batch_diagnosis = forensics.diagnose(
-      self._forensics, kind=kind, batch=batch, step=self._step() + 1
+      self._forensics, kind=kind, batch=batch, step=step
     )
     return self._bad_batch_diagnosis
 

@@ -2,17 +2,22 @@
 
 Every batch counts by its rows, on one device as on several replicas, so a
 short last batch weighs what its examples weigh and the result equals Keras
-`model.evaluate` on the same data.
+`model.evaluate` on the same data. Evaluation is guarded like training
+(`eval_guard`): rows with NaN or Inf features are left out under
+`guard.bad_inputs` and counted, and a result that is not finite is a warning
+naming the metric.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import tensorflow as tf
 from absl import logging
 
-from safetrain.core.errors import WorkdirError
+from safetrain.core.errors import BadInputError, WorkdirError
+from safetrain.training import eval_guard
 
 EXAMPLES = "examples"
 
@@ -30,6 +35,9 @@ class Evaluator:
     metrics: the stateful Keras metrics of evaluation (`MetricSet`), reset
       at the start of every evaluation, or None; compute_loss then returns
       y_pred as a third element.
+    check_inputs: `guard.check_inputs`: leave out rows with NaN or Inf features.
+    bad_inputs: `guard.bad_inputs`: drop_rows (the bad rows), skip_batch (the
+      batches holding one), raise (BadInputError).
   """
 
   def __init__(
@@ -40,12 +48,16 @@ class Evaluator:
     compute_loss: Callable,
     steps: int,
     metrics=None,
+    check_inputs: bool = True,
+    bad_inputs: str = "drop_rows",
   ):
     self._strategy = strategy
     self._build_dataset = build_dataset
     self._compute_loss = compute_loss
     self._steps = steps
     self._metrics = metrics or None
+    self._check_inputs = check_inputs
+    self._bad_inputs = bad_inputs
     self._dataset = None
     self._built = False
     # A short last batch has another shape: one generic trace, not one per shape.
@@ -66,29 +78,56 @@ class Evaluator:
     if self._dataset is None:
       return {}
     totals: dict[str, float] = {}
-    rows = 0.0
+    rows = dropped = 0.0
     if self._metrics is not None:
       self._metrics.reset()
     for batches, batch in enumerate(self._dataset, 1):
-      sums, n = self._step_fn(batch)
+      sums, n, bad = self._step_fn(batch)
       rows += float(n)
+      dropped += float(bad)
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
       if self._steps and batches >= self._steps:
         break
+    if dropped and self._bad_inputs == "raise":
+      raise BadInputError(
+        f"the eval dataset has {int(dropped)} rows with NaN or Inf features "
+        "(guard.bad_inputs=raise); use guard.bad_inputs=drop_rows or skip_batch to "
+        "evaluate without them"
+      )
+    if dropped:
+      logging.warning(
+        "evaluation: %d rows with NaN or Inf features were left out (guard.bad_inputs=%s).",
+        int(dropped),
+        self._bad_inputs,
+      )
     if not rows:
       logging.warning("The eval dataset yielded no examples; nothing was evaluated.")
-      return {}
+      return {eval_guard.DROPPED: int(dropped)} if dropped else {}
     out = {k: v / rows for k, v in totals.items()}
     if self._metrics is not None:
       out.update(self._metrics.results())
+    for name, value in out.items():
+      if isinstance(value, float) and not math.isfinite(value):
+        logging.warning(
+          "evaluation: %s is %s over %d examples: the model or the metric is not finite "
+          "on the eval set.",
+          name,
+          value,
+          int(rows),
+        )
     out[EXAMPLES] = int(rows)
+    if dropped:
+      out[eval_guard.DROPPED] = int(dropped)
     return out
 
   def _step(self, batch):
     """Sums over the batch of each replica's means times its rows."""
 
     def replica(batch):
+      bad = tf.constant(0)
+      if self._check_inputs:
+        batch, bad = eval_guard.guard_rows(batch, policy=self._bad_inputs)
       rows = tf.shape(tf.nest.flatten(batch)[0])[0]
       loss, metrics, *pred = self._compute_loss(batch)
       if self._metrics is not None:
@@ -96,11 +135,11 @@ class Evaluator:
       w = tf.cast(rows, tf.float32)
       # A replica's shard of a short last batch may be empty, and its mean NaN.
       out = {k: tf.where(rows > 0, v * w, 0.0) for k, v in dict(metrics, loss=loss).items()}
-      return out, w
+      return out, w, tf.cast(bad, tf.float32)
 
-    sums, rows = self._strategy.run(replica, args=(batch,))
+    sums, rows, bad = self._strategy.run(replica, args=(batch,))
     reduce = lambda v: self._strategy.reduce("sum", v, axis=None)  # noqa: E731
-    return {k: reduce(v) for k, v in sums.items()}, reduce(rows)
+    return {k: reduce(v) for k, v in sums.items()}, reduce(rows), reduce(bad)
 
 
 def restore_model(checkpoints, model, healthy: Callable[[], bool]) -> str:
