@@ -36,21 +36,24 @@ class Evidence:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-  """`rollback` True: roll back for `kind`, because of `cause`."""
+  """`rollback` True: roll back for `kind`, because of `cause` (`finding`:
+  what the health check found, for cause not_learning)."""
 
   rollback: bool
   kind: str | None = None
   cause: str = "healthy"
+  finding: object = None
 
 
 CARRY_ON = Decision(rollback=False)
 
 
-def decide(e: Evidence, *, unhealthy: Callable[[], str | None]) -> Decision:
+def decide(e: Evidence, *, unhealthy: Callable[[], object | None]) -> Decision:
   """The action the evidence calls for, in priority order.
 
   `unhealthy` (the stall and dead-unit checks, which cost a probe) is asked
-  only when nothing else calls for a rollback; it returns a kind or None.
+  only when nothing else calls for a rollback; it returns a finding with a
+  `kind`, or None.
   """
   if not e.params_finite:
     return Decision(True, "nonfinite_params", "nonfinite_params")
@@ -58,7 +61,7 @@ def decide(e: Evidence, *, unhealthy: Callable[[], str | None]) -> Decision:
     return Decision(True, e.last_kind, "diverging_state")
   if e.frequent_bad_batches:
     return Decision(True, e.last_kind, "frequent_bad_batches")
-  kind = unhealthy()
-  if kind is not None:
-    return Decision(True, kind, "not_learning")
+  finding = unhealthy()
+  if finding is not None:
+    return Decision(True, finding.kind, "not_learning", finding)
   return CARRY_ON

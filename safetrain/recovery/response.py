@@ -106,12 +106,6 @@ class Response:
         "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
         "skip_batch to train past it."
       )
-    findings = []
-
-    def unhealthy():
-      findings.append(self._health.check(int(out.applied), float(out.sums["norm"])))
-      return findings[0].kind if findings[0] is not None else None
-
     decision = policy.decide(
       policy.Evidence(
         params_finite=params_ok,
@@ -120,9 +114,9 @@ class Response:
         frequent_bad_batches=frequent,
         last_kind=kind,
       ),
-      unhealthy=unhealthy,
+      unhealthy=lambda: self._health.check(int(out.applied), float(out.sums["norm"])),
     )
-    self._carry_out(decision, verdict, findings[0] if findings else None)
+    self._carry_out(decision, verdict)
     self._actions.refill_budget()
     return decision.rollback, quarantined
 
@@ -179,7 +173,7 @@ class Response:
       r.examples_dropped_total.assign_add(dropped_examples)
     return quarantined
 
-  def _carry_out(self, decision: policy.Decision, verdict, finding) -> None:
+  def _carry_out(self, decision: policy.Decision, verdict) -> None:
     """Rolls back as `decision` says, with the why and diagnosis its cause has."""
     roll_back = self._actions.roll_back
     if decision.cause == "nonfinite_params":
@@ -194,9 +188,9 @@ class Response:
       roll_back(decision.kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
     elif decision.cause == "not_learning":
       roll_back(
-        finding.kind,
+        decision.kind,
         why="the run stopped learning without a non-finite value",
-        diagnosis=finding.diagnosis,
+        diagnosis=decision.finding.diagnosis,
       )
 
   def _describe_bad_batches(self, out: LoopOutput) -> str:

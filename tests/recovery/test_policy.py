@@ -2,7 +2,7 @@
 
 import pytest
 
-from safetrain.recovery import policy, rollback
+from safetrain.recovery import health, policy, rollback
 
 E = policy.Evidence
 TABLE = [
@@ -54,10 +54,11 @@ def test_each_cause_gets_its_action(case):
 
   def unhealthy():
     calls.append(1)
-    return health_kind
+    return None if health_kind is None else health.Finding(health_kind, "found")
 
   d = policy.decide(evidence, unhealthy=unhealthy)
   assert (d.rollback, d.kind, d.cause) == (rollback, kind, cause)
+  assert (d.finding is not None) == (cause == "not_learning")
   # The health probe costs a forward pass: asked only when nothing else decided.
   assert bool(calls) == asked
 
