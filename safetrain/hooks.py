@@ -62,7 +62,10 @@ class TrainerHooks:
     """Returns the loss, or `(loss, {name: scalar metric})`.
 
     Traced into the compiled step (inside the graph, in replica context), so
-    it must be graph-safe: no Python side effects, no `.numpy()`. The loss is
+    it must be graph-safe: no Python side effects, no `.numpy()`. An override
+    is converted by AutoGraph (Python `if`/`for` over tensors work, as in a
+    `tf.function`); safetrain's own step code is not, which is what keeps the
+    first trace short. The loss is
     either the mean over the batch it is given (after bad rows are dropped),
     or the per-example losses, a tensor of shape [batch] (or [batch, ...],
     averaged over the other axes): then safetrain takes the mean over the

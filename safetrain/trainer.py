@@ -176,10 +176,13 @@ class Trainer(TrainerHooks):
     # compute_loss normalised (see losses.call_per_example), for the
     # compiled step, evaluation and forensics.
     default = None
-    compute_loss = hook("compute_loss", hook_checks.checking_loss(self.compute_loss, trainer=name))
     if type(self).compute_loss is Trainer.compute_loss:
       default = functools.partial(losses.default_loss, self._loss_fn, self.regularization_loss)
       compute_loss = self.compute_loss  # safetrain's own: its errors are about the data
+    else:
+      compute_loss = hook(
+        "compute_loss", hook_checks.checking_loss(self.compute_loss, trainer=name)
+      )
     self._call_compute_loss_per_example, self._call_compute_loss = losses.normalised(
       compute_loss, default, trainer=name
     )
@@ -301,7 +304,7 @@ class Trainer(TrainerHooks):
       train_metrics=self._train_metrics or None,
     )
     self._train_loop_fn = self._loop.function
-    self._all_finite_fn = tf.function(self._loop.params_finite)
+    self._all_finite_fn = tf.function(self._loop.params_finite, autograph=False)
 
   def _build_host(self, hook, name: str, iterator, iterator_in_checkpoint: bool) -> None:
     """The evaluator, the replay context and the controller with its parts."""

@@ -72,3 +72,16 @@ def test_bench_fit_splits_safetrains_time_between_loop_saves_and_host(capsys):
 def test_bench_distribute_safe_loop_runs(strategy, tmp_path):
   run, _ = bench_distribute.safe_loop(strategy, 2, str(tmp_path))
   assert run() > 0
+
+
+def test_bench_cold_runs_each_contender_in_a_fresh_process():
+  """The cold-start benchmark's children: one fit() each, in a new process,
+  with safetrain's time split into parts that add up to the total."""
+  import bench_cold
+
+  keras_run = bench_cold.run_child("keras", "mlp")
+  safe = bench_cold.run_child("safe", "mlp")
+  assert keras_run["total"] > 0
+  parts = ("build", "trace", "first graph optimisation", "loop runs", "rest")
+  assert all(safe[p] >= 0 for p in parts) and safe["trace"] > 0
+  assert abs(sum(safe[p] for p in parts) - safe["total"]) < 1e-6

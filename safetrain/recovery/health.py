@@ -116,7 +116,7 @@ class DeadUnitProbe:
         dead.append(tf.reduce_mean(tf.cast(peak <= 0.0, tf.float32)))
       return tf.stack(dead)
 
-    self._fn = tf.function(fractions)
+    self._fn = tf.function(fractions, autograph=False)
 
   @property
   def active(self) -> bool:

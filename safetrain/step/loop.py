@@ -94,7 +94,7 @@ class GuardedLoop:
     self.skip_keras_all_reduce = skip_keras_all_reduce
     self.metric_names = list(metric_names)
     self.train_metrics = train_metrics or None
-    self.function = tf.function(self._loop)
+    self.function = tf.function(self._loop, autograph=False)
 
   def __call__(self, iterator, n: int) -> loop_state.LoopOutput:
     """Runs one loop of up to `n` updates; returns its output as numpy."""
@@ -111,15 +111,11 @@ class GuardedLoop:
       metric_names=self.metric_names,
       pieces={k: v for k, v in carried.items() if v is not None},
     )
-    while loop_state.running(s, n, max_attempts):
-      if self.repeat_data:
-        s = self._attempt(s, next(iterator))
-      else:
-        optional = iterator.get_next_as_optional()
-        if optional.has_value():
-          s = self._attempt(s, optional.get_value())
-        else:
-          s = loop_state.with_stop(s, loop_state.STOP_DATA_END)
+    (s,) = tf.while_loop(
+      lambda s: loop_state.running(s, n, max_attempts),
+      lambda s: (self._next(iterator, s),),
+      (s,),
+    )
     v, c = self.variables, tf.unstack(s.counters)
     v.step.assign(c[loop_state.RUN_STEP])
     v.consecutive_bad.assign(c[loop_state.BAD_RUN])
@@ -133,6 +129,17 @@ class GuardedLoop:
     lr = tf.cast(schedule(self.optimizer.iterations - 1), tf.float32)
     # The host's health check, here: one reduction per variable, once a loop.
     return loop_state.output(s, lr=lr, params_finite=self.params_finite(), pieces=self.pieces)
+
+  def _next(self, iterator, s: loop_state.LoopState) -> loop_state.LoopState:
+    """One attempt on the next batch, or the data's end."""
+    if self.repeat_data:
+      return self._attempt(s, next(iterator))
+    optional = iterator.get_next_as_optional()
+    return tf.cond(
+      optional.has_value(),
+      lambda: self._attempt(s, optional.get_value()),
+      lambda: loop_state.with_stop(s, loop_state.STOP_DATA_END),
+    )
 
   def params_finite(self) -> tf.Tensor:
     """Whether every model and optimizer variable is finite: what the loop

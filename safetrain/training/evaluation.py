@@ -61,7 +61,7 @@ class Evaluator:
     self._dataset = None
     self._built = False
     # A short last batch has another shape: one generic trace, not one per shape.
-    self._step_fn = tf.function(self._step, reduce_retracing=True)
+    self._step_fn = tf.function(self._step, reduce_retracing=True, autograph=False)
 
   def __call__(self) -> dict[str, float]:
     """Evaluates once.

@@ -63,10 +63,20 @@ def checking_loss(compute_loss: Callable, *, trainer: str) -> Callable:
   """`compute_loss` (a trainer's override) with its loss checked on every call:
   floating point, and a scalar or one value per example (shape [batch] or
   [batch, ...]). Eagerly (the first-batch try) the batch's rows are known;
-  traced, the check uses the static shapes."""
+  traced, the check uses the static shapes.
+
+  The override is converted by AutoGraph here, once: the compiled step is
+  traced without it (safetrain's code needs none, and converting it was most
+  of a cold start), but user code may rely on it as in any `tf.function`.
+  """
+
+  def user(model, batch, training):
+    return compute_loss(model, batch, training)
+
+  converted = tf.autograph.to_graph(user)
 
   def checked(model, batch, training):
-    out = compute_loss(model, batch, training)
+    out = converted(model, batch, training)
     loss = out[0] if isinstance(out, (tuple, list)) else out
     check_loss(loss, batch, trainer=trainer)
     return out
