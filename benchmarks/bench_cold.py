@@ -39,6 +39,10 @@ MODELS = {
   "conv": (20, 10, 32),
 }
 TARGET = 1.3
+DEVICES = (
+  "import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'; import tensorflow as tf; "
+  "print(', '.join(d.device_type for d in tf.config.list_physical_devices()))"
+)
 
 
 def child(contender: str, model: str) -> dict:
@@ -167,6 +171,10 @@ def main():
   if args.child:
     print(json.dumps(child(args.child, args.model)))
     return
+  devices = subprocess.run(
+    [sys.executable, "-c", DEVICES], capture_output=True, text=True, check=True
+  ).stdout.strip()
+  print(f"devices: {devices}; safetrain's train.jit_compile at its default")
   for model in ("mlp", "conv") if args.model == "both" else (args.model,):
     report(model, args.runs)
 
