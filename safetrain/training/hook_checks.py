@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from safetrain.core import boundary
+from safetrain.training import losses
 
 
 class HookContractError(boundary.HookError):
@@ -65,9 +66,11 @@ def checking_loss(compute_loss: Callable, *, trainer: str) -> Callable:
   [batch, ...]). Eagerly (the first-batch try) the batch's rows are known;
   traced, the check uses the static shapes.
 
-  The override is converted by AutoGraph here, once: the compiled step is
-  traced without it (safetrain's code needs none, and converting it was most
-  of a cold start), but user code may rely on it as in any `tf.function`.
+  Under a mixed policy the override is handed the model's float32 view
+  (`losses.float32_view`), as Keras hands a loss float32 predictions. The
+  override is converted by AutoGraph here, once: the compiled step is traced
+  without it (safetrain's code needs none, and converting it was most of a
+  cold start), but user code may rely on it as in any `tf.function`.
   """
 
   def user(model, batch, training):
@@ -76,7 +79,7 @@ def checking_loss(compute_loss: Callable, *, trainer: str) -> Callable:
   converted = tf.autograph.to_graph(user)
 
   def checked(model, batch, training):
-    out = converted(model, batch, training)
+    out = converted(losses.float32_view(model), batch, training)
     loss = out[0] if isinstance(out, (tuple, list)) else out
     check_loss(loss, batch, trainer=trainer)
     return out

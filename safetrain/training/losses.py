@@ -106,6 +106,38 @@ def float32_predictions(pred):
   return tf.nest.map_structure(one, pred)
 
 
+class Float32Outputs:
+  """The model as a custom `compute_loss` sees it under a mixed policy: its
+  outputs come back in float32 (`float32_predictions`), as Keras's loss
+  wrapper hands a loss function float32 predictions, so a loss copied from a
+  Keras script (a `log(softmax(...))`, a hand-written log-sum-exp) runs in the
+  precision it ran in there. Everything else (variables, layers, `losses`)
+  is the model's own.
+  """
+
+  def __init__(self, model: keras.Model):
+    self._model = model
+
+  # safetrain's code is traced as written; AutoGraph converts only the
+  # user's compute_loss that calls this.
+  @tf.autograph.experimental.do_not_convert
+  def __call__(self, *args, **kwargs):
+    return float32_predictions(self._model(*args, **kwargs))
+
+  def __getattr__(self, name: str):
+    return getattr(self._model, name)
+
+  def __repr__(self) -> str:
+    return f"Float32Outputs({self._model!r})"
+
+
+def float32_view(model: keras.Model):
+  """`model`, or a `Float32Outputs` view of it when it computes in a lower
+  precision (mixed_float16, mixed_bfloat16)."""
+  compute = getattr(model, "compute_dtype", "float32")
+  return model if compute in ("float32", "float64") else Float32Outputs(model)
+
+
 def default_loss(loss_fn: Callable, regularization: Callable, model, batch, training: bool):
   """The default `Trainer.compute_loss`, and the predictions it made (for the
   stateful metrics): `loss_fn` (`make_loss`) per example, plus
