@@ -265,6 +265,7 @@ class Trainer(TrainerHooks):
     c = self.config
     with_pred = bool(self._train_metrics)
     labels, shapes = self._batch_checks()
+    self._label_classes = labels.num_classes if labels is not None else None
     self._pieces = registry.build(
       c,
       piece_lib.BuildContext(
@@ -355,6 +356,7 @@ class Trainer(TrainerHooks):
       metrics=self._eval_metrics or None,
       check_inputs=c.guard.check_inputs,
       bad_inputs=c.guard.bad_inputs,
+      num_classes=self._label_classes,
     )
     self._forensics = replay_lib.Context(
       model=self.model,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from common import ROOT, all_finite
 
+import safetrain
 from safetrain.cli import experiment
 from safetrain.cli import main as cli
 
@@ -165,3 +166,13 @@ def test_bad_labels_on_two_replicas_are_dropped_as_on_one(tmp_path):
   assert [r["diagnosis"] for r in r2.incidents] == [r["diagnosis"] for r in r1.incidents]
   for a, b in zip(one.model.weights, two.model.weights):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_labels_of_the_eval_set_are_left_out_and_counted(workdir):
+  trainer, result = _fit("EvalLabels", workdir, **{"eval.every_steps": 30})
+  ev = result.eval_metrics
+  assert ev["examples"] == 61 and ev["dropped_rows"] == 3 and np.isfinite(ev["loss"]), ev
+  # The same trained workdir evaluated under raise.
+  trainer = _trainer("EvalLabels", workdir, **{"guard.bad_inputs": "raise"})
+  with pytest.raises(safetrain.BadInputError, match=r"3 rows .* class labels outside \[0, 5\)"):
+    trainer.evaluate()
