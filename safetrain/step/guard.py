@@ -238,11 +238,13 @@ class InputPiece(piece.Piece):
     rows = [(NONFINITE, "nonfinite_inputs")]
     rows += [(LABELS, "bad_labels")] if self.labels is not None else []
     rows += [(SHAPES, "bad_shapes")] if self.shapes is not None else []
+    # A skip without a cause (a global batch of no rows) is the inputs', as before.
+    cause = tf.where(checked.cause == CLEAN, NONFINITE, checked.cause)
     return [
       piece.Condition(
-        self.order + i / 10, kinds_lib.SKIPPED_BATCH, kind, checked.skip & (checked.cause == cause)
+        self.order + i / 10, kinds_lib.SKIPPED_BATCH, kind, checked.skip & (cause == code)
       )
-      for i, (cause, kind) in enumerate(rows)
+      for i, (code, kind) in enumerate(rows)
     ]
 
   def occurred(self, step):
@@ -261,7 +263,7 @@ class InputPiece(piece.Piece):
 
   def outcome(self, step):
     checked = step.findings["inputs"]
-    cause = tf.where(checked.skip, checked.cause, -1)
+    cause = tf.where(checked.skip, tf.where(checked.cause == CLEAN, NONFINITE, checked.cause), -1)
     return checked.state._replace(skipped=tf.one_hot(cause, 4, dtype=tf.int32), last=cause)
 
   def carry(self):
