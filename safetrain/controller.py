@@ -287,6 +287,7 @@ class Controller:
       train_steps=self.config.train.steps,
       step=self._step,
       save=self._save_checkpoint,
+      position=lambda: int(variables.number(self._data.position)),
     )
     resumed = self._restore_latest()
     # The workdir is this run's (a refused one has raised): now it is written.

@@ -29,7 +29,7 @@ from safetrain.hooks import TrainerHooks
 from safetrain.recovery import health, snapshots
 from safetrain.recovery import rollback as recovery
 from safetrain.results import FitResult, summary_line
-from safetrain.step import clipping, loop_state, registry
+from safetrain.step import batch_checks, clipping, guard, loop_state, registry
 from safetrain.step import loop as step_lib
 from safetrain.step import loss_watch as spike_lib
 from safetrain.step import piece as piece_lib
@@ -267,6 +267,8 @@ class Trainer(TrainerHooks):
     """The guard pieces and the compiled loop."""
     c = self.config
     with_pred = bool(self._train_metrics)
+    labels, shapes = self._batch_checks()
+    self._label_classes = labels.num_classes if labels is not None else None
     self._pieces = registry.build(
       c,
       piece_lib.BuildContext(
@@ -278,6 +280,8 @@ class Trainer(TrainerHooks):
         spike=self._spike,
         clip=self._clip,
         replica_state=replica_state,
+        labels=labels,
+        shapes=shapes,
       ),
     )
     self._loop = step_lib.GuardedLoop(
@@ -306,6 +310,43 @@ class Trainer(TrainerHooks):
     self._train_loop_fn = self._loop.function
     self._all_finite_fn = tf.function(self._loop.params_finite, autograph=False)
 
+  def _batch_checks(self) -> tuple[batch_checks.Labels | None, batch_checks.Shapes | None]:
+    """What the input check holds batches to beyond finiteness.
+
+    Labels: with the default compute_loss and a sparse categorical
+    `config.loss`, the label `y` against the model's output size (an
+    override's labels may mean anything: not checked). Shapes: the leaves
+    whose element spec leaves a non-batch dimension unknown, against the
+    first batch's, unless the model declares a variable input dimension
+    (a sequence model takes varying lengths) or declares no inputs.
+    """
+    first = self._first_batch
+    labels = None
+    leaf = data_lib.label_leaf(first)
+    if (
+      type(self).compute_loss is Trainer.compute_loss
+      and losses.takes_class_indices(self.config.loss)
+      and leaf is not None
+    ):
+      y = tf.nest.flatten(first)[leaf]
+      x, _, _ = data_lib.unpack_batch(first)
+      n = losses.num_classes(self.model, x)
+      if n is not None and (y.dtype.is_integer or y.dtype.is_floating):
+        name = guard.flatten_with_names(first)[leaf][0]
+        labels = batch_checks.Labels(leaf=leaf, name=name, num_classes=n)
+    shapes = None
+    unknown = batch_checks.unknown_dims(self._element_spec)
+    if unknown and batch_checks.model_takes_any_shape(self.model) is False:
+      names = [name for name, _ in guard.flatten_with_names(self._element_spec)]
+      flat = tf.nest.flatten(first)
+      shapes = batch_checks.Shapes(
+        leaves=tuple(unknown),
+        names=tuple(names[i] for i in unknown),
+        expected=tuple(tuple(int(d) for d in flat[i].shape[1:]) for i in unknown),
+        substitute=batch_checks.sanitised_row(first, labels),
+      )
+    return labels, shapes
+
   def _build_host(self, hook, name: str, iterator, iterator_in_checkpoint: bool) -> None:
     """The evaluator, the replay context and the controller with its parts."""
     c = self.config
@@ -318,6 +359,7 @@ class Trainer(TrainerHooks):
       metrics=self._eval_metrics or None,
       check_inputs=c.guard.check_inputs,
       bad_inputs=c.guard.bad_inputs,
+      num_classes=self._label_classes,
     )
     self._forensics = replay_lib.Context(
       model=self.model,

@@ -45,6 +45,7 @@ class Response:
     pieces: the run's guard pieces (each says what its incidents were).
     train_steps: `train.steps`.
     step: returns the run's applied steps.
+    position: returns the data position (batches consumed).
     save: saves a checkpoint if the state is healthy.
   """
 
@@ -63,6 +64,7 @@ class Response:
     train_steps: int,
     step: Callable[[], int],
     save: Callable[[], None],
+    position: Callable[[], int] = lambda: 0,
   ):
     self._run = run
     self._recovery = recovery_state
@@ -76,6 +78,7 @@ class Response:
     self._train_steps = train_steps
     self._step = step
     self._save = save
+    self._position = position
     # The replay of the first quarantined batch of this process, reused after.
     self._bad_batch_diagnosis = ""
     # Loops in a row that stopped on bad batches without training a step.
@@ -101,8 +104,7 @@ class Response:
     if int(out.stop) == STOP_RAISE:
       self._save()
       raise BadInputError(
-        f"non-finite input at step {self._step() + 1}: "
-        f"{self._bad_inputs_where(out)} (guard.bad_inputs=raise). "
+        f"{self._bad_input(out)} (guard.bad_inputs=raise). "
         "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
         "skip_batch to train past it."
       )
@@ -211,9 +213,28 @@ class Response:
     )
     return self._bad_batch_diagnosis
 
-  def _bad_inputs_where(self, out: LoopOutput) -> str:
+  def _bad_input(self, out: LoopOutput) -> str:
+    """The batch that ended the loop under guard.bad_inputs=raise, in words:
+    what was bad, the step and the batch's data position."""
     inputs = self._pieces.get("inputs")
-    return inputs.where(out) if inputs is not None else "the inputs"
+    step, position = self._step() + 1, self._position() - 1
+    kind = inputs.last_kind(out) if inputs is not None else "nonfinite_inputs"
+    what = {
+      "nonfinite_inputs": "non-finite input",
+      "bad_labels": "bad class labels",
+      "bad_shapes": "a batch of another shape",
+    }[kind]
+    detail = "the inputs" if inputs is None else inputs.where(out)
+    if kind != "nonfinite_inputs":
+      detail = inputs.describe(kind, out)
+    return f"{what} at step {step}: {detail}; the batch at data position {position}"
+
+  def _bad_inputs_what(self, out: LoopOutput) -> str:
+    inputs = self._pieces.get("inputs")
+    if inputs is None:
+      return "the inputs"
+    kinds_seen = [k.name for k in inputs.kinds if out.count(k.name)]
+    return "; ".join(inputs.describe(k, out) for k in kinds_seen) or "the inputs"
 
   def stop_reason(self, out: LoopOutput, *, signaled: bool) -> str:
     """Why fit() stops after this loop: "completed" (not yet) unless the data
@@ -230,8 +251,8 @@ class Response:
       self._save()
       raise BadInputError(
         f"no usable batch in {int(out.attempts)} consecutive batches after step "
-        f"{self._step()}: every one had non-finite inputs "
-        f"({self._bad_inputs_where(out)}); clean the data or check the "
+        f"{self._step()}: every one had bad inputs "
+        f"({self._bad_inputs_what(out)}); clean the data or check the "
         "input pipeline"
       )
     return "preempted" if signaled else "completed"

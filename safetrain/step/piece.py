@@ -133,6 +133,8 @@ class BuildContext:
   spike: Any = None  # the run's SpikeDetector
   clip: Any = None  # the run's GradientClip
   replica_state: list = dataclasses.field(default_factory=list)
+  labels: Any = None  # batch_checks.Labels: the sparse labels to range-check, or None
+  shapes: Any = None  # batch_checks.Shapes: the first batch's shapes to hold to, or None
 
 
 class Piece:

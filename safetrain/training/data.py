@@ -52,6 +52,20 @@ def unpack_batch(batch):
   )
 
 
+def label_leaf(batch) -> int | None:
+  """The position of the label `y` in `tf.nest.flatten(batch)` for the
+  default compute_loss's layouts, or None (no single label tensor)."""
+  try:
+    _, y, _ = unpack_batch(batch)
+  except ValueError:
+    return None
+  flat = tf.nest.flatten(batch)
+  for i, t in enumerate(flat):
+    if t is y:
+      return i
+  return None
+
+
 def class_weighted(dataset: tf.data.Dataset, class_weight: dict[int, float]) -> tf.data.Dataset:
   """`dataset` with each batch's sample weight multiplied by its labels'
   class weights, as Keras `fit(class_weight=...)` turns them into sample

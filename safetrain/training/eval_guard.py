@@ -3,8 +3,9 @@ by the same `guard.bad_inputs` policy as training's.
 
 Training's guard (docs/guard.md) lives in the compiled step; evaluation has
 no step to skip and no update to protect, so this is its smaller form: per
-batch, the rows whose floating-point features are all finite are kept
-(`drop_rows`), or the whole batch is left out when any row is bad
+batch, the rows whose floating-point features are all finite (and, with the
+default compute_loss and a sparse categorical loss, whose class label is in
+[0, num_classes)) are kept (`drop_rows`), or the whole batch is left out when any row is bad
 (`skip_batch`); either way the rows left out are counted, and the result
 says how many (`dropped_rows`). Under `raise` the evaluation fails with a
 BadInputError naming the count.
@@ -36,11 +37,15 @@ def finite_rows(batch) -> tf.Tensor:
   return ok
 
 
-def guard_rows(batch, *, policy: str):
+def guard_rows(batch, *, policy: str, labels=None):
   """(the batch with the bad rows left out, how many were) under `policy`
   (`guard.bad_inputs`: drop_rows, or skip_batch and raise, which leave the
-  whole batch out; raise fails on the host)."""
+  whole batch out; raise fails on the host). A row is bad when a float is
+  not finite, or its label is out of range (`labels`, a
+  `step.batch_checks.Labels`, or None)."""
   ok = finite_rows(batch)
+  if labels is not None:
+    ok = tf.logical_and(ok, labels.rows(batch)[0])
   bad = tf.reduce_sum(tf.cast(~ok, tf.int32))
   if policy != "drop_rows":
     keep_all = tf.equal(bad, 0)

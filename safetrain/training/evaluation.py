@@ -17,6 +17,8 @@ import tensorflow as tf
 from absl import logging
 
 from safetrain.core.errors import BadInputError, WorkdirError
+from safetrain.step import batch_checks
+from safetrain.training import data as data_lib
 from safetrain.training import eval_guard
 
 EXAMPLES = "examples"
@@ -38,6 +40,9 @@ class Evaluator:
     check_inputs: `guard.check_inputs`: leave out rows with NaN or Inf features.
     bad_inputs: `guard.bad_inputs`: drop_rows (the bad rows), skip_batch (the
       batches holding one), raise (BadInputError).
+    num_classes: with the default compute_loss and a sparse categorical loss,
+      the model's output size: a row whose label `y` is outside [0,
+      num_classes) is a bad row too; None: labels are not checked.
   """
 
   def __init__(
@@ -50,6 +55,7 @@ class Evaluator:
     metrics=None,
     check_inputs: bool = True,
     bad_inputs: str = "drop_rows",
+    num_classes: int | None = None,
   ):
     self._strategy = strategy
     self._build_dataset = build_dataset
@@ -58,6 +64,10 @@ class Evaluator:
     self._metrics = metrics or None
     self._check_inputs = check_inputs
     self._bad_inputs = bad_inputs
+    self._num_classes = num_classes
+    self._what = "rows with NaN or Inf features" + (
+      f" or class labels outside [0, {num_classes})" if num_classes is not None else ""
+    )
     self._dataset = None
     self._built = False
     # A short last batch has another shape: one generic trace, not one per shape.
@@ -91,14 +101,15 @@ class Evaluator:
         break
     if dropped and self._bad_inputs == "raise":
       raise BadInputError(
-        f"the eval dataset has {int(dropped)} rows with NaN or Inf features "
+        f"the eval dataset has {int(dropped)} {self._what} "
         "(guard.bad_inputs=raise); use guard.bad_inputs=drop_rows or skip_batch to "
         "evaluate without them"
       )
     if dropped:
       logging.warning(
-        "evaluation: %d rows with NaN or Inf features were left out (guard.bad_inputs=%s).",
+        "evaluation: %d %s were left out (guard.bad_inputs=%s).",
         int(dropped),
+        self._what,
         self._bad_inputs,
       )
     if not rows:
@@ -121,13 +132,24 @@ class Evaluator:
       out[eval_guard.DROPPED] = int(dropped)
     return out
 
+  def _labels(self, batch) -> batch_checks.Labels | None:
+    """The label check of an eval batch (its own layout), or None."""
+    if self._num_classes is None:
+      return None
+    leaf = data_lib.label_leaf(batch)
+    if leaf is None:
+      return None
+    return batch_checks.Labels(leaf=leaf, name="y", num_classes=self._num_classes)
+
   def _step(self, batch):
     """Sums over the batch of each replica's means times its rows."""
 
     def replica(batch):
       bad = tf.constant(0)
       if self._check_inputs:
-        batch, bad = eval_guard.guard_rows(batch, policy=self._bad_inputs)
+        batch, bad = eval_guard.guard_rows(
+          batch, policy=self._bad_inputs, labels=self._labels(batch)
+        )
       rows = tf.shape(tf.nest.flatten(batch)[0])[0]
       loss, metrics, *pred = self._compute_loss(batch)
       if self._metrics is not None:

@@ -66,6 +66,37 @@ def make_loss(name: str) -> Callable:
   return per_example
 
 
+# config.loss names whose labels are class indices: sparse categorical
+# cross-entropy, on probabilities or (softmax_cross_entropy) on logits.
+SPARSE_CATEGORICAL = (
+  "sparse_categorical_crossentropy",
+  "SparseCategoricalCrossentropy",
+  "softmax_cross_entropy",
+)
+
+
+def takes_class_indices(name: str) -> bool:
+  """Whether `config.loss` takes integer class labels in [0, num_classes)
+  (what the input check holds labels to)."""
+  return name in SPARSE_CATEGORICAL
+
+
+def num_classes(model: keras.Model, x) -> int | None:
+  """The last dimension of the model's (single) output: from
+  `model.output_shape`, or from its output on `x` (the first batch's
+  features) when the model declares none. None for several outputs."""
+  try:
+    shape = model.output_shape
+  except (AttributeError, ValueError):
+    shape = None
+  if not (isinstance(shape, tuple) and shape and isinstance(shape[-1], int)):
+    pred = model(x, training=False)
+    if not isinstance(pred, tf.Tensor) or not pred.shape.rank:
+      return None
+    shape = tuple(pred.shape)
+  return int(shape[-1]) if isinstance(shape[-1], int) else None
+
+
 def regularization_loss(model: keras.Model) -> tf.Tensor:
   """The sum of `model.losses` in float32, as Keras `fit` adds it."""
   losses = [tf.reduce_sum(tf.cast(term, tf.float32)) for term in model.losses]

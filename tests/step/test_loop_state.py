@@ -47,7 +47,15 @@ def _outcome(step_class, kind, *, loss=1.0, norm=2.0, dropped_rows=0, leaf_bad=(
     norm_good=tf.constant(norm if good else 0.0),
     metrics={},
     pieces={
-      "inputs": tf.constant([leaf_bad, cols], tf.int32),
+      "inputs": guard.InputState(
+        finite=tf.constant([leaf_bad, cols], tf.int32),
+        labels=tf.constant([0, 0, -1]),
+        shapes=tf.zeros([1], tf.int32),
+        skipped=tf.one_hot(
+          guard.NONFINITE if step_class == kinds.SKIPPED_BATCH else -1, 4, dtype=tf.int32
+        ),
+        last=tf.constant(guard.NONFINITE if step_class == kinds.SKIPPED_BATCH else -1),
+      ),
       "bad_batches": (
         tf.constant(not good),
         bad_batches.entry(
@@ -114,9 +122,9 @@ def test_dropped_rows_are_an_inputs_occurrence_and_a_skipped_batch_can_raise():
   skipped = _outcome(kinds.SKIPPED_BATCH, INPUTS, leaf_bad=(16,), cols=(1,))
   _, out = _run([dropped, skipped])
   assert out.kind_counts[INPUTS] == 2 and out.sums["dropped_rows"] == 2
-  assert list(out.pieces["inputs"][0]) == [18] and list(out.pieces["inputs"][1]) == [
-    5
-  ]  # the first bad column stays
+  finite = out.pieces["inputs"].finite
+  assert list(finite[0]) == [18] and list(finite[1]) == [5]  # the first bad column stays
+  assert list(out.pieces["inputs"].skipped) == [0, 1, 0, 0]
   assert out.stop == loop_state.STOP_NONE
   _, out = _run([dropped, skipped], raise_on_bad_inputs=True)
   assert out.stop == loop_state.STOP_RAISE

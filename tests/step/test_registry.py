@@ -34,7 +34,15 @@ def test_every_piece_is_found_in_its_own_module_and_declares_once():
   # Codes are positions in the derived tuple, every kind once.
   assert len(registry.KINDS) == len(set(registry.KINDS))
   assert [registry.code(k) for k in registry.KINDS] == list(range(len(registry.KINDS)))
-  assert registry.KINDS[:3] == ("nonfinite_inputs", "nonfinite_loss", "nonfinite_grads")
+  # The input check's kinds first (its conditions rank first), then the loss's.
+  assert registry.KINDS[:5] == (
+    "nonfinite_inputs",
+    "bad_labels",
+    "bad_shapes",
+    "nonfinite_loss",
+    "nonfinite_grads",
+  )
+  assert not {"bad_labels", "bad_shapes"} & set(registry.DIVERGING + registry.BATCH_BOUND)
   assert {"nonfinite_loss", "nonfinite_grads"} <= set(registry.BATCH_BOUND)
   assert "nonfinite_inputs" not in registry.DIVERGING
   assert registry.SUMS[:2] == ("loss", "norm") and "dropped_rows" in registry.SUMS
