@@ -31,6 +31,10 @@ class Kind:
       train), so it is quarantined rather than rolled back.
     diverges: the kind is a divergence (its run of failures may call for
       recovery); False for inputs the guard handles by itself.
+    before_update: the failing value is computed from the weights and the
+      batch before any update (the forward or the backward pass), so on the
+      run's first step, from the initial weights, no learning rate could
+      have caused it or can avoid it (recovery stops at once).
   """
 
   name: str
@@ -38,6 +42,7 @@ class Kind:
   colour: str
   batch_bound: bool = False
   diverges: bool = True
+  before_update: bool = False
 
 
 _DECLARED: dict[str, Kind] = {}
@@ -76,3 +81,6 @@ ACTIONS = {
 
 # Why recovery chose its action (the incident's `cause`).
 BAD_BATCH, DIVERGING_STATE = "bad_batch", "diverging_state"
+# The run's first step fails before any update: the initial weights (or the
+# model and loss as built) fail on the data, whatever the learning rate.
+PRESENT_FROM_START = "present_from_start"

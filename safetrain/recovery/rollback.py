@@ -214,6 +214,21 @@ class Recovery:
     if diagnosis is None:
       diagnosis = self.diagnose(kind)
     lr_before = float(s.lr_scale.numpy())
+    declared = kinds.declared().get(kind)
+    if at_step == 1 and declared is not None and declared.before_update:
+      # No update was ever applied: the weights are the initial ones, and
+      # the failing value comes before any update. A rollback would restore
+      # these same weights, and a lower rate changes nothing they compute.
+      self.abort(
+        kind,
+        at_step,
+        diagnosis,
+        "the failure is present from the start: the first step fails before any update, "
+        "from the initial weights, so no learning rate can avoid it (no rollback was spent)",
+        lr_before,
+        why=why,
+        cause=kinds.PRESENT_FROM_START,
+      )
     lr_after = lr_before * p.lr_backoff
     reason = self._why_not(lr_after)
     if reason is not None:
@@ -366,18 +381,34 @@ class Recovery:
       s.rollbacks_used.assign(0)
 
   def abort(
-    self, kind: str, at_step: int, diagnosis: str, reason: str, lr: float, why: str = ""
+    self,
+    kind: str,
+    at_step: int,
+    diagnosis: str,
+    reason: str,
+    lr: float,
+    why: str = "",
+    cause: str = kinds.DIVERGING_STATE,
   ) -> NoReturn:
     """Records the abort and raises DivergenceError with the diagnosis."""
     s = self.state
     last = self.checkpoints.latest_path()
     evidence = f" ({why})" if why else ""
+    if cause == kinds.PRESENT_FROM_START:
+      # The evidence rules the learning rate out: no advice about it.
+      advice = (
+        "Fix what the diagnosis names (the data's scale, the model's initialisation, or the "
+        "loss) and start again."
+      )
+    else:
+      advice = (
+        "Try a lower optimizer.learning_rate, normalized inputs, or a tighter clip.global_norm."
+      )
     text = (
       f"Training diverged at step {at_step} ({kind}{evidence}): {diagnosis} Over this run: "
       f"{self.incidents.tally() or kind}; {int(s.rollbacks_total.numpy())} rollbacks, "
       f"learning-rate scale now {lr:.4g}, {int(s.batches_skipped.numpy())} batches skipped. "
-      f"Stopping because {reason}. The last healthy checkpoint is intact: {last}. Try a lower "
-      "optimizer.learning_rate, normalized inputs, or a tighter clip.global_norm."
+      f"Stopping because {reason}. The last healthy checkpoint is intact: {last}. {advice}"
     )
     self.incidents.add(
       step=at_step,
@@ -386,7 +417,7 @@ class Recovery:
       lr_scale_before=lr,
       lr_scale_after=lr,
       diagnosis=text,
-      cause=kinds.DIVERGING_STATE,
+      cause=cause,
       why=why,
     )
     step = int(self.run.step.numpy())

@@ -530,12 +530,19 @@ class FinitePiece(piece.Piece):
   name = "finite"
   order = 20
   kinds = kinds_lib.declare(
-    kinds_lib.Kind("nonfinite_loss", "the loss was not finite.", "#d7191c", batch_bound=True),
+    kinds_lib.Kind(
+      "nonfinite_loss",
+      "the loss was not finite.",
+      "#d7191c",
+      batch_bound=True,
+      before_update=True,
+    ),
     kinds_lib.Kind(
       "nonfinite_grads",
       "the loss was finite but some gradients were not.",
       "#fdae61",
       batch_bound=True,
+      before_update=True,
     ),
   )
 

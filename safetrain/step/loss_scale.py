@@ -127,6 +127,7 @@ class LossScalePiece(piece.Piece):
       "loss_scale_floor",
       "float16 gradients overflowed with the loss scale at loss_scale.min_scale.",
       "#8c510a",
+      before_update=True,
     )
   )
   config_keys = ("precision.policy", "loss_scale")

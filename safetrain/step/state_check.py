@@ -36,6 +36,7 @@ class StatePiece(piece.Piece):
       "beyond guard.state_max_abs in a batch's forward pass.",
       "#6a3d9a",
       batch_bound=True,
+      before_update=True,
     )
   )
   config_keys = ("guard.check_state", "guard.state_max_abs")
