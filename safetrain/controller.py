@@ -269,6 +269,7 @@ class Controller:
       diagnose=lambda kind: response.diagnose(
         self._forensics, self._stash, kind=kind, step=self._step() + 1
       ),
+      reproduces=lambda: response.reproduces(self._forensics, self._stash),
       snapshots=self._snapshots,
       single_worker=self._num_workers == 1,
     )

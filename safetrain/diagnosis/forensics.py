@@ -211,6 +211,26 @@ def diagnose(ctx, *, kind: str, batch, step: int) -> str:
     return kinds.text(kind)
 
 
+def reproduces(ctx, batch) -> bool:
+  """Whether the eager replay of `batch` from the live state fails as the
+  step did: a non-finite layer output, loss or gradient. The evidence that a
+  failure belongs to this state and this batch, not to an injected or
+  non-deterministic fault. False when the batch was not kept or the replay
+  could not run: unknown is never taken for evidence. Never raises."""
+  if batch is None:
+    return False
+  try:
+    rep = replay(ctx, batch)
+  except Exception as e:  # noqa: BLE001 - a failed replay is no evidence
+    logging.warning("forensics replay failed: %s", e)
+    return False
+  if rep.error is not None:
+    return False
+  forward = any(not r.outputs.finite for r in rep.layers)
+  loss = rep.loss is not None and not np.isfinite(rep.loss)
+  return forward or loss or not rep.grads_finite
+
+
 def _diagnose(ctx, *, kind: str, batch, step: int) -> str:
   base = kinds.text(kind)
   if kind == "nonfinite_params":

@@ -33,6 +33,11 @@ def diagnose(
   return forensics.diagnose(ctx, kind=kind, batch=batch, step=step)
 
 
+def reproduces(ctx: replay_lib.Context, stash: forensics.Stash | None) -> bool:
+  """Whether the stashed offending batch fails again from the live state."""
+  return forensics.reproduces(ctx, stash.batch() if stash is not None else None)
+
+
 class Response:
   """Decides and carries out what a loop's incidents call for.
 

@@ -152,6 +152,8 @@ class Recovery:
     is_chief: whether this process writes and repairs the checkpoints.
     incidents: the incident log.
     diagnose: kind -> the diagnosis of the divergence (forensics).
+    reproduces: whether the offending batch fails again from the live state
+      (the replay): the evidence a failure on the initial weights needs.
     snapshots: the in-memory snapshots, or None (disk checkpoints only).
     single_worker: the run has one worker (an abort then puts the last
       healthy checkpoint back into the live objects).
@@ -173,6 +175,7 @@ class Recovery:
     is_chief: bool,
     incidents: IncidentLog,
     diagnose: Callable[[str], str],
+    reproduces: Callable[[], bool] = lambda: False,
     snapshots: SnapshotRing | None = None,
     single_worker: bool = True,
   ):
@@ -190,6 +193,7 @@ class Recovery:
     self.single_worker = single_worker
     self.incidents = incidents
     self.diagnose = diagnose
+    self.reproduces = reproduces
     self.snapshots = snapshots if snapshots is not None and snapshots.enabled else None
 
   def roll_back(
@@ -215,10 +219,11 @@ class Recovery:
       diagnosis = self.diagnose(kind)
     lr_before = float(s.lr_scale.numpy())
     declared = kinds.declared().get(kind)
-    if at_step == 1 and declared is not None and declared.before_update:
-      # No update was ever applied: the weights are the initial ones, and
-      # the failing value comes before any update. A rollback would restore
-      # these same weights, and a lower rate changes nothing they compute.
+    if at_step == 1 and declared is not None and declared.before_update and self.reproduces():
+      # No update was ever applied: the weights are the initial ones, the
+      # failing value comes before any update, and the replay from them
+      # fails again. A rollback would restore these same weights, and a
+      # lower rate changes nothing they compute.
       self.abort(
         kind,
         at_step,

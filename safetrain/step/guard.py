@@ -194,7 +194,7 @@ class InputPiece(piece.Piece):
     kinds_lib.Kind(
       "bad_shapes",
       "a batch whose shape differs from the first batch's.",
-      "#8c510a",
+      "#35978f",
       diverges=False,
     ),
   )

@@ -120,10 +120,17 @@ def test_a_divergence_after_the_first_step_still_rolls_back_with_a_lower_rate(wo
   assert rollbacks[0]["lr_scale_after"] == 0.5
 
 
-def test_a_drill_at_the_first_step_is_present_from_the_start_too(workdir):
-  """An injected non-finite loss on the first three attempts: the initial
-  weights fail, so the run stops without a rollback (exit 3 from the command)."""
+def test_a_fault_at_the_first_step_that_the_replay_does_not_reproduce_is_rolled_back(workdir):
+  """An injected non-finite loss on the first three attempts of a healthy
+  GLM: the replay from the initial weights is finite, so there is no
+  evidence the weights are at fault; it is rolled back to them as before,
+  and the run trains."""
   c = config("LogLinkGLM")
   c.drill.loss_steps = "1-3"
-  with pytest.raises(safetrain.DivergenceError, match="present from the start"):
-    LogLinkGLM(c, workdir).fit()
+  result = LogLinkGLM(c, workdir).fit()
+  decided = [r for r in incidents(workdir) if r["action"] in ("rollback", "abort")]
+  assert [(r["action"], r["cause"], r["restored_step"]) for r in decided] == [
+    ("rollback", "diverging_state", 0)
+  ]
+  assert "did not reproduce" in decided[0]["diagnosis"]
+  assert result.step == c.train.steps
