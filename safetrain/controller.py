@@ -273,13 +273,14 @@ class Controller:
       snapshots=self._snapshots,
       single_worker=self._num_workers == 1,
     )
+    self._quarantine = quarantine.QuarantineLog(
+      os.path.join(self.workdir, "quarantine.jsonl"), enabled=self._is_chief
+    )
     self._response = response.Response(
       run=self._run,
       recovery_state=self._recovery,
       incidents=self._incidents,
-      quarantine_log=quarantine.QuarantineLog(
-        os.path.join(self.workdir, "quarantine.jsonl"), enabled=self._is_chief
-      ),
+      quarantine_log=self._quarantine,
       actions=recovery_actions,
       forensics_ctx=self._forensics,
       stash=self._stash,
@@ -296,6 +297,12 @@ class Controller:
     self._log = metrics.RunLog(self.workdir, enabled=self._is_chief)
     self.started = True
     if resumed is not None:
+      # The steps after the checkpoint run again: their records, if a killed
+      # process wrote them, are not written twice.
+      replayed = self._incidents.expect_replay(self._step())
+      replayed += self._quarantine.expect_replay(self._step())
+      if replayed:
+        logging.info("%d records of steps after %d may be replayed", replayed, self._step())
       self.iterator = resume.reposition(
         self._data,
         self._train_data,

@@ -22,6 +22,11 @@ from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter, read_jsonl
 
 
+# What identifies an incident of a step: a replay after a resume writes the
+# same (the time and the diagnosis's wording may differ).
+KEY = ("step", "kind", "action", "count", "last_step", "restored_step")
+
+
 class IncidentLog:
   """Writes incident records and keeps those of this process.
 
@@ -36,7 +41,11 @@ class IncidentLog:
     self.enabled = enabled
     self.counter = counter
     self.records: list[dict] = []
-    self._writer = JsonlWriter(path, enabled=enabled)
+    self._writer = JsonlWriter(path, enabled=enabled, key=KEY)
+
+  def expect_replay(self, after_step: int) -> int:
+    """The run resumed at `after_step`: see `JsonlWriter.expect_replay`."""
+    return self._writer.expect_replay(after_step)
 
   def add(
     self,
@@ -66,6 +75,8 @@ class IncidentLog:
     )
     self.records.append(record)
     self._writer.write(record)
+    if action == "rollback":
+      self._writer.diverge()
     self.counter.assign_add(1)
     # The command shows it on the terminal in short (safetrain/records/logs.py).
     logging.warning(

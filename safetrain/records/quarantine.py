@@ -29,6 +29,10 @@ from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter
 
 
+# What identifies a record: a replay after a resume writes the same.
+KEY = ("step", "attempt", "position", "kind", "action")
+
+
 class QuarantineLog:
   """WORKDIR/quarantine.jsonl (the chief's only).
 
@@ -39,8 +43,13 @@ class QuarantineLog:
 
   def __init__(self, path: str, *, enabled: bool):
     self.path = path
-    self._writer = JsonlWriter(path, enabled=enabled)
+    self._writer = JsonlWriter(path, enabled=enabled, key=KEY)
     self.written = 0
+
+  def expect_replay(self, after_step: int) -> int:
+    """The run resumed at `after_step`: see `JsonlWriter.expect_replay` (the
+    attempt numbers, checkpointed, never repeat after a rollback)."""
+    return self._writer.expect_replay(after_step)
 
   def write(self, record: dict) -> None:
     self._writer.write(record)

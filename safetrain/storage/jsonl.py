@@ -10,6 +10,7 @@ appending, so every line in the file stays one complete JSON object.
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 from typing import Any
@@ -20,21 +21,60 @@ from safetrain.storage import files
 
 
 class JsonlWriter:
-  """Appends one JSON object per line to `path`, durably."""
+  """Appends one JSON object per line to `path`, durably.
 
-  def __init__(self, path: str, *, enabled: bool = True):
+  Args:
+    path: the file.
+    enabled: False writes nothing (a non-chief worker).
+    key: the fields that identify a record of a step (`step` first), for
+      `expect_replay`; None for a file whose records are never replayed.
+  """
+
+  def __init__(self, path: str, *, enabled: bool = True, key: tuple[str, ...] | None = None):
     self.path = path
     self.enabled = enabled
+    self.key = key
+    self._replayed: collections.Counter = collections.Counter()
     if enabled:
       _cut_torn_line(path)
 
-  def write(self, record: dict[str, Any]) -> None:
+  def expect_replay(self, after_step: int) -> int:
+    """A resume from step `after_step` replays the steps after it: the records
+    an earlier process wrote for them (before a kill, or an I/O fault that
+    stopped it before its next checkpoint) are already in the file, so the
+    replay's identical records are not written twice. Returns how many
+    records may be replayed."""
+    if not self.enabled or self.key is None:
+      return 0
+    self._replayed = collections.Counter(
+      self._key(r)
+      for r in read_jsonl(self.path)
+      if isinstance(r.get("step"), int) and r["step"] > after_step
+    )
+    return sum(self._replayed.values())
+
+  def diverge(self) -> None:
+    """The run left the replayed timeline (a rollback): what follows is new."""
+    self._replayed.clear()
+
+  def _key(self, record: dict[str, Any]) -> tuple:
+    return tuple(json.dumps(record.get(k), default=_default) for k in self.key)
+
+  def write(self, record: dict[str, Any]) -> bool:
+    """Appends `record`; False when it was not written (disabled, or the
+    replay of a record already in the file)."""
     if not self.enabled:
-      return
+      return False
+    if self._replayed:
+      k = self._key(record)
+      if self._replayed[k] > 0:
+        self._replayed[k] -= 1
+        return False
     record = dict(record)
     record.setdefault("time", time.time())
     line = json.dumps(record, sort_keys=False, default=_default) + "\n"
     files.append(self.path, line)
+    return True
 
 
 def _cut_torn_line(path: str) -> None:
