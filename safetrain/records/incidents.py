@@ -21,7 +21,6 @@ from safetrain.step.loop_state import STOP_ROLLBACK, LoopOutput
 from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter, read_jsonl
 
-
 # What identifies an incident of a step: a replay after a resume writes the
 # same (the time and the diagnosis's wording may differ).
 KEY = ("step", "kind", "action", "count", "last_step", "restored_step")

@@ -28,7 +28,6 @@ from safetrain.step import bad_batches
 from safetrain.storage import files as storage
 from safetrain.storage.jsonl import JsonlWriter
 
-
 # What identifies a record: a replay after a resume writes the same.
 KEY = ("step", "attempt", "position", "kind", "action")
 
