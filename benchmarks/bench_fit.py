@@ -50,7 +50,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
-from bench_step import BenchTrainer, body_nodes, keras_graph, make_dataset, make_model  # noqa: E402
+from bench_step import (  # noqa: E402
+  BenchTrainer,
+  body_branches,
+  body_nodes,
+  keras_graph,
+  make_dataset,
+  make_model,
+)
 
 import safetrain  # noqa: E402
 from safetrain.checkpoint import store as checkpointing  # noqa: E402
@@ -90,7 +97,8 @@ def hand_fit(steps: int) -> tuple[float, int]:
     loss = float(loop(n).numpy())
   assert math.isfinite(loss)
   dt = clock() - t
-  return dt, body_nodes(loop.get_concrete_function(n).graph)
+  hand_fit.last_graph = loop.get_concrete_function(n).graph
+  return dt, body_nodes(hand_fit.last_graph)
 
 
 def keras_fit(steps: int) -> tuple[float, int]:
@@ -109,7 +117,7 @@ def keras_fit(steps: int) -> tuple[float, int]:
     callbacks=[keras.callbacks.TerminateOnNaN()],
   )
   dt = clock() - t
-  graph = keras_graph(model)
+  graph = keras_fit.last_graph = keras_graph(model)
   return dt, body_nodes(graph) if graph is not None else 0
 
 
@@ -167,7 +175,7 @@ def safe_fit(steps: int, **overrides) -> tuple[float, int]:
   safe_fit.last_split = split
   assert result.step == steps and not result.incidents, result
   fn = trainer._train_loop_fn
-  graph = fn._list_all_concrete_functions()[0].graph
+  graph = safe_fit.last_graph = fn._list_all_concrete_functions()[0].graph
   return dt, body_nodes(graph)
 
 
@@ -216,7 +224,7 @@ def measure(args) -> None:
   names = list(runs)
   per_step = {k: [] for k in names}
   startup = {k: [] for k in names}
-  ops = {}
+  ops, graphs = {}, {}
   splits = []  # safetrain's (long - short seconds, long Split, short Split) per round
   for name in names:  # warm the process (imports, first traces), untimed
     runs[name](STEPS_PER_LOOP)
@@ -228,6 +236,8 @@ def measure(args) -> None:
       for n in lengths:
         gc.collect()
         t[n], ops[name] = runs[name](n)
+        fit = getattr(runs[name], "func", runs[name])  # a partial's function
+        graphs[name] = getattr(fit, "last_graph", None)
         split[n] = getattr(safe_fit, "last_split", None)
       per_step[name].append((t[args.long] - t[args.short]) / (args.long - args.short))
       if name == "safe":
@@ -239,12 +249,22 @@ def measure(args) -> None:
     f"{args.long} minus fit() of {args.short} steps, {args.rounds} interleaved rounds, "
     f"{args.clock} time" + (f", {args.threads} TF thread(s)" if args.threads else "")
   )
-  print(f"  {'contender':18s}  ms/step [min..max]      start-up s ({args.short} steps)  body nodes")
+  print(
+    f"  {'contender':18s}  ms/step [min..max]      start-up s ({args.short} steps)  body nodes"
+    "  branches"
+  )
   for k in names:
+    graph = graphs.get(k)
+    branches = body_branches(graph) if graph is not None else 0
     print(
       f"  {k:18s}  {med[k] * 1e3:8.3f} {spread(per_step[k], 1e3):18s}  "
       f"{statistics.median(startup[k]):6.2f} {spread(startup[k], 1, '.2f'):18s}  {ops[k]:5d}"
+      f"  {branches:8d}"
     )
+  print(
+    "  (branches: data-dependent If/Case/Switch/While ops in the loop body, nested ones "
+    "included: on a GPU each waits for its predicate on the host)"
+  )
   for other, target in (("hand", 0.97), ("keras", 1.05)):
     paired = statistics.median(o / s for o, s in zip(per_step[other], per_step["safe"]))
     print(

@@ -250,6 +250,35 @@ def body_nodes(graph: tf.Graph) -> int:
   return max((nodes(b, set()) for b in bodies), default=0)
 
 
+# Ops whose branch is chosen by a tensor's value: their predicate must reach
+# the host (on a GPU, a device-to-host copy) before the ops after them run.
+BRANCH_OPS = ("If", "StatelessIf", "Case", "StatelessCase", "Switch", "While", "StatelessWhile")
+
+
+def body_branches(graph: tf.Graph) -> int:
+  """Data-dependent branch ops in the largest `while` body of a traced loop,
+  nested functions included (each counted once): what a step may wait on."""
+  library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+
+  def count(name, seen):
+    if name in seen or name not in library:
+      return 0, 0
+    seen.add(name)
+    fn = library[name]
+    total = sum(node.op in BRANCH_OPS for node in fn.node_def)
+    size = len(fn.node_def)
+    for node in fn.node_def:
+      for value in node.attr.values():
+        names = [value.func.name] if value.HasField("func") else []
+        for sub in names + [f.name for f in value.list.func]:
+          b, n = count(sub, seen)
+          total, size = total + b, size + n
+    return total, size
+
+  bodies = [count(n, set()) for n in library if "while_body" in n]
+  return max(bodies, key=lambda bn: bn[1], default=(0, 0))[0]
+
+
 def keras_graph(model) -> tf.Graph | None:
   """The graph of Keras's compiled multi-step train function (Keras wraps it
   in a plain Python closure)."""
