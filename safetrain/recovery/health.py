@@ -13,6 +13,12 @@ a lower learning rate.
   `guard.stall_factor` times its best for `guard.stall_steps` good steps; or,
   while it is that far above, the loop's mean pre-clip gradient norm fell
   under `guard.stall_norm_drop` times its running level (a collapse).
+- `not_learning`: after `guard.learn_steps` good steps from the start (or
+  from the last rollback), the running loss is not below `guard.learn_factor`
+  times a reference: the loss of the trivial predictor (the targets' mean,
+  median or label frequencies, for a keras loss the default compute_loss
+  computes), or the loss at the initial weights. A run stuck from its start
+  never exceeds 3x its best, so `stalled` cannot see it.
 - `dead_units`: once per loop, the first training batch runs through the
   model (inference mode, finite rows only); a ReLU-family layer with at least
   `guard.dead_min_units` units of which at least `guard.dead_fraction` output
@@ -50,6 +56,11 @@ KINDS = kinds.declare(
   ),
   kinds.Kind("stalled", "the run stopped learning: the loss stays far above its best.", "#525252"),
   kinds.Kind("dead_units", "ReLU units died: a layer outputs zero for every example.", "#01665e"),
+  kinds.Kind(
+    "not_learning",
+    "the run is not learning: its loss is no better than the trivial predictor's.",
+    "#bf812d",
+  ),
 )
 
 
@@ -65,7 +76,7 @@ class HealthState(tf.Module):
 
 @dataclasses.dataclass
 class Finding:
-  kind: str  # "stalled" or "dead_units"
+  kind: str  # "stalled", "dead_units" or "not_learning"
   diagnosis: str
 
 
@@ -145,6 +156,11 @@ class Health:
     probe: the dead-unit probe.
     stall_factor, stall_steps, stall_norm_drop, dead_fraction: guard.*.
     describe_lr: () -> "learning rate 0.5 (adam; recovery scale 0.5)".
+    reference: the loss to beat (`training.reference.Reference`), or None
+      for no check.
+    learn_steps, learn_factor: guard.*.
+    last_restored: recovery's last restored step (a variable, -1 for none):
+      the learning window starts there.
   """
 
   def __init__(
@@ -158,6 +174,10 @@ class Health:
     stall_norm_drop: float,
     dead_fraction: float,
     describe_lr,
+    reference=None,
+    learn_steps: int = 0,
+    learn_factor: float = 1.0,
+    last_restored=None,
   ):
     self.state = state
     self.spike = spike
@@ -167,17 +187,51 @@ class Health:
     self.stall_norm_drop = stall_norm_drop
     self.dead_fraction = dead_fraction
     self.describe_lr = describe_lr
+    self.reference = reference
+    self.learn_steps = learn_steps
+    self.learn_factor = learn_factor
+    self.last_restored = last_restored
 
   def far_above_best(self) -> bool:
     """The running loss is `stall_factor` times its best or more: a state that
     is not saved, snapshotted or rolled back to."""
     return self.spike.far_above_best(self.stall_factor)
 
-  def check(self, applied: int, norm_sum: float) -> Finding | None:
-    """Updates the state with one loop and returns what is wrong, or None."""
+  def check(self, applied: int, norm_sum: float, step: int = 0) -> Finding | None:
+    """Updates the state with one loop (the run now at `step`) and returns
+    what is wrong, or None."""
     if not applied:
       return None
-    return self._dead() or self._stalled(applied, norm_sum / applied)
+    return self._dead() or self._stalled(applied, norm_sum / applied) or self._not_learning(step)
+
+  def _not_learning(self, step: int) -> Finding | None:
+    ref = self.reference
+    if not self.learn_steps or ref is None or not math.isfinite(ref.loss) or ref.loss <= 0:
+      return None
+    start = max(int(variables.number(self.last_restored)), 0) if self.last_restored else 0
+    if step - start < self.learn_steps:
+      return None
+    if not int(variables.number(self.spike.count)):
+      return None  # no loss statistics kept (spike detection and growth off)
+    mean = float(variables.number(self.spike.mean))
+    best = float(variables.number(self.spike.best))
+    bar = self.learn_factor * ref.loss
+    if not math.isfinite(mean) or mean < bar:
+      return None
+    learned = math.isfinite(best) and best < bar
+    history = (
+      f"it had learned (best running loss {fmt(best)}) and fell back"
+      if learned
+      else "it never got there"
+    )
+    return Finding(
+      "not_learning",
+      f"the run is not learning: after {step - start} good steps its running loss "
+      f"{fmt(mean)} is not below {fmt(self.learn_factor)}x the loss of {ref.what}, "
+      f"{fmt(ref.loss)} (guard.learn_factor); {history}; {self.describe_lr()}. A model that "
+      "does no better than that has learned nothing from its inputs: the rate is too high "
+      "for it to settle (or too low to move), or the inputs carry no signal it can reach.",
+    )
 
   def _stalled(self, applied: int, norm: float) -> Finding | None:
     s = self.state
@@ -230,7 +284,18 @@ class Health:
     )
 
 
-def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> Health:
+def build(
+  config,
+  *,
+  model,
+  optimizer,
+  first_batch,
+  state,
+  spike,
+  lr_scale,
+  reference=None,
+  last_restored=None,
+) -> Health:
   """The per-loop check a trainer's config asks for.
 
   Args:
@@ -240,6 +305,8 @@ def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> H
     state: the detector's state.
     spike: the loss statistics.
     lr_scale: recovery's learning-rate scale variable.
+    reference: the loss a learning run gets below, or None.
+    last_restored: recovery's last restored step variable.
   """
   g = config.guard
   x = None
@@ -266,4 +333,8 @@ def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> H
     stall_norm_drop=g.stall_norm_drop,
     dead_fraction=g.dead_fraction,
     describe_lr=describe_lr,
+    reference=reference,
+    learn_steps=g.learn_steps,
+    learn_factor=g.learn_factor,
+    last_restored=last_restored,
   )
