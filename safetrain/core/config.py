@@ -158,7 +158,9 @@ def default_config() -> ml_collections.ConfigDict:
   # learn_factor times the trivial predictor's loss (for a keras loss the
   # default compute_loss computes: the mean, the median or the label
   # frequencies of the first batch's targets; otherwise the loss at the
-  # initial weights). Recovered like `stalled`. learn_steps 0 disables.
+  # initial weights), and no longer falling. Rolled back with a lower rate
+  # once; if that did not help, the run stops (exit 3). learn_steps 0
+  # disables.
   c.guard.learn_steps = 1000
   c.guard.learn_factor = 0.95
   # Dead ReLU units (`dead_units`): once per loop the first training batch is

@@ -115,7 +115,10 @@ class Response:
         last_kind=kind,
       ),
       unhealthy=lambda: self._health.check(
-        int(out.applied), float(out.sums["norm"]), step=self._step()
+        int(out.applied),
+        float(out.sums["norm"]),
+        step=self._step(),
+        loss_sum=float(out.sums["loss"]),
       ),
     )
     self._carry_out(decision, verdict)
@@ -188,6 +191,16 @@ class Response:
       why = self._actions.frequent_bad_batches_text()
       self._recovery.bad_batch_rate.assign(0.0)
       roll_back(decision.kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
+    elif decision.kind == "not_learning" and decision.finding.futile:
+      self._actions.abort(
+        "not_learning",
+        self._step() + 1,
+        decision.finding.diagnosis,
+        "a lower learning rate was tried for this and did not help; it is not tried again",
+        float(self._recovery.lr_scale.numpy()),
+        why="its running loss is no better than the trivial predictor's",
+        cause="not_learning",
+      )
     elif decision.cause == "not_learning" and decision.kind == "not_learning":
       roll_back(
         decision.kind,
