@@ -43,6 +43,7 @@ from safetrain.training import evaluation, hook_checks, losses, state
 from safetrain.training import export as export_lib
 from safetrain.training import metrics as stateful_metrics
 from safetrain.training import optimizers as optimizers_lib
+from safetrain.training import reference as reference_lib
 from safetrain.training.actions import LoopRecord
 
 __all__ = ["FitResult", "LoopRecord", "Trainer"]
@@ -109,6 +110,18 @@ class Trainer(TrainerHooks):
     finally:
       keras.mixed_precision.set_global_policy(previous_policy)
     self._built = True
+
+  def _learn_reference(self) -> reference_lib.Reference | None:
+    """What the `not_learning` check holds the run to (at build, so from the
+    initial weights on a resume too): the trivial predictor's loss for the
+    default compute_loss, else the loss at the initial weights."""
+    if not self.config.guard.learn_steps:
+      return None
+    if type(self).compute_loss is Trainer.compute_loss:
+      found = reference_lib.trivial(self.config.loss, self._loss_fn, self.model, self._first_batch)
+      if found is not None:
+        return found
+    return reference_lib.initial(self._call_compute_loss, self.model, self._first_batch)
 
   def set_experiment(self, file: str | None, arg: str | None) -> None:
     """Records the experiment file (and its :ARG) this trainer came from, for
@@ -401,6 +414,8 @@ class Trainer(TrainerHooks):
           state=self._health_state,
           spike=self._spike,
           lr_scale=self._recovery.lr_scale,
+          reference=self._learn_reference(),
+          last_restored=self._recovery.last_restored_step,
         ),
         snapshots=snapshots.build(
           c.recovery,

@@ -153,6 +153,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.guard.stall_factor = 3.0
   c.guard.stall_steps = 300
   c.guard.stall_norm_drop = 1e-3
+  # A run that never learned (`not_learning`): after learn_steps good steps
+  # from the start or from the last rollback, the running loss is not below
+  # learn_factor times the trivial predictor's loss (for a keras loss the
+  # default compute_loss computes: the mean, the median or the label
+  # frequencies of the first batch's targets; otherwise the loss at the
+  # initial weights), and no longer falling. Rolled back with a lower rate
+  # once; if that did not help, the run stops (exit 3). learn_steps 0
+  # disables.
+  c.guard.learn_steps = 1000
+  c.guard.learn_factor = 0.95
   # Dead ReLU units (`dead_units`): once per loop the first training batch is
   # run through the model; a ReLU-family layer (of at least dead_min_units
   # units) with at least dead_fraction of its units zero on every row of it is
@@ -371,6 +381,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _num(config, "guard.stall_factor", 1.0, 1e30, lo_open=True)
   _int(config, "guard.stall_steps", 0, MAX_STEPS)
   _num(config, "guard.stall_norm_drop", 0.0, 1.0, hi_open=True)
+  _int(config, "guard.learn_steps", 0, MAX_STEPS)
+  _num(config, "guard.learn_factor", 0.0, 1.0, lo_open=True)
   _num(config, "guard.dead_fraction", 0.0, 1.0)
   _int(config, "guard.dead_min_units", 1, MAX_INT32)
   _choice(config, "guard.preflight", PREFLIGHT)

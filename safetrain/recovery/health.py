@@ -13,6 +13,15 @@ a lower learning rate.
   `guard.stall_factor` times its best for `guard.stall_steps` good steps; or,
   while it is that far above, the loop's mean pre-clip gradient norm fell
   under `guard.stall_norm_drop` times its running level (a collapse).
+- `not_learning`: after `guard.learn_steps` good steps from the start (or
+  from the last rollback), the running loss is not below `guard.learn_factor`
+  times a reference: the loss of the trivial predictor (the targets' mean,
+  median or label frequencies, for a keras loss the default compute_loss
+  computes), or the loss at the initial weights; and the loss is no longer
+  falling (a slow run that still improves is left alone). A run stuck from
+  its start never exceeds 3x its best, so `stalled` cannot see it. A second
+  finding whose loss is not 10% below the first's marks the rate cut futile:
+  the run stops instead of cutting again.
 - `dead_units`: once per loop, the first training batch runs through the
   model (inference mode, finite rows only); a ReLU-family layer with at least
   `guard.dead_min_units` units of which at least `guard.dead_fraction` output
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 import keras
 import tensorflow as tf
@@ -50,6 +60,11 @@ KINDS = kinds.declare(
   ),
   kinds.Kind("stalled", "the run stopped learning: the loss stays far above its best.", "#525252"),
   kinds.Kind("dead_units", "ReLU units died: a layer outputs zero for every example.", "#01665e"),
+  kinds.Kind(
+    "not_learning",
+    "the run is not learning: its loss is no better than the trivial predictor's.",
+    "#bf812d",
+  ),
 )
 
 
@@ -65,8 +80,11 @@ class HealthState(tf.Module):
 
 @dataclasses.dataclass
 class Finding:
-  kind: str  # "stalled" or "dead_units"
+  kind: str  # "stalled", "dead_units" or "not_learning"
   diagnosis: str
+  # not_learning only: a rollback with a lower rate was tried for it and the
+  # run learned no better since: the remedy is not applied again.
+  futile: bool = False
 
 
 def _is_relu(layer) -> bool:
@@ -145,6 +163,11 @@ class Health:
     probe: the dead-unit probe.
     stall_factor, stall_steps, stall_norm_drop, dead_fraction: guard.*.
     describe_lr: () -> "learning rate 0.5 (adam; recovery scale 0.5)".
+    reference: the loss to beat (`training.reference.Reference`), or None
+      for no check.
+    learn_steps, learn_factor: guard.*.
+    last_restored: recovery's last restored step (a variable, -1 for none):
+      the learning window starts there.
   """
 
   def __init__(
@@ -158,6 +181,10 @@ class Health:
     stall_norm_drop: float,
     dead_fraction: float,
     describe_lr,
+    reference=None,
+    learn_steps: int = 0,
+    learn_factor: float = 1.0,
+    last_restored=None,
   ):
     self.state = state
     self.spike = spike
@@ -167,17 +194,83 @@ class Health:
     self.stall_norm_drop = stall_norm_drop
     self.dead_fraction = dead_fraction
     self.describe_lr = describe_lr
+    self.reference = reference
+    self.learn_steps = learn_steps
+    self.learn_factor = learn_factor
+    self.last_restored = last_restored
+    self._losses: list[tuple[int, float]] = []  # (step, the loop's mean loss)
+    self._last_finding: float | None = None  # the running loss a rate cut was tried at
 
   def far_above_best(self) -> bool:
     """The running loss is `stall_factor` times its best or more: a state that
     is not saved, snapshotted or rolled back to."""
     return self.spike.far_above_best(self.stall_factor)
 
-  def check(self, applied: int, norm_sum: float) -> Finding | None:
-    """Updates the state with one loop and returns what is wrong, or None."""
+  def check(
+    self, applied: int, norm_sum: float, step: int = 0, loss_sum: float = math.nan
+  ) -> Finding | None:
+    """Updates the state with one loop (`applied` good steps whose gradient
+    norms and losses sum to `norm_sum`, `loss_sum`; the run now at `step`)
+    and returns what is wrong, or None."""
     if not applied:
       return None
-    return self._dead() or self._stalled(applied, norm_sum / applied)
+    self._losses.append((step, loss_sum / applied))
+    return self._dead() or self._stalled(applied, norm_sum / applied) or self._not_learning(step)
+
+  def _still_falling(self, start: int, step: int) -> bool | None:
+    """Whether the loss is still falling: over the last `learn_steps` steps
+    (since `start`), the median loop loss of the later half is under
+    `1 - _FALLING` times the earlier half's (a slow run is learning, and no
+    lower rate helps it; medians, so that one loop's blow-up does not count
+    as a trend). None with too few loops to tell (a resume mid-window keeps
+    no history)."""
+    first = max(start, step - self.learn_steps)
+    self._losses = [(s, loss) for s, loss in self._losses if s > first]
+    window = [loss for _, loss in self._losses if math.isfinite(loss)]
+    if len(window) < _MIN_LOOPS:
+      return None
+    half = len(window) // 2
+    return statistics.median(window[-half:]) < (1.0 - _FALLING) * statistics.median(window[:half])
+
+  def _not_learning(self, step: int) -> Finding | None:
+    ref = self.reference
+    if not self.learn_steps or ref is None or not math.isfinite(ref.loss) or ref.loss <= 0:
+      return None
+    start = max(int(variables.number(self.last_restored)), 0) if self.last_restored else 0
+    if step - start < self.learn_steps:
+      return None
+    if not int(variables.number(self.spike.count)):
+      return None  # no loss statistics kept (spike detection and growth off)
+    mean = float(variables.number(self.spike.mean))
+    best = float(variables.number(self.spike.best))
+    bar = self.learn_factor * ref.loss
+    if not math.isfinite(mean) or mean < bar:
+      return None
+    if self._still_falling(start, step) is not False:
+      return None  # slow, or too little history to tell: not yet a finding
+    learned = math.isfinite(best) and best < bar
+    history = (
+      f"it had learned (best running loss {fmt(best)}) and fell back"
+      if learned
+      else "it never got there"
+    )
+    before, self._last_finding = self._last_finding, mean
+    futile = before is not None and mean >= (1.0 - _HELPED) * before
+    tried = (
+      f"; the rollback with a lower rate did not help: the running loss was {fmt(before)} before it"
+      if futile
+      else ""
+    )
+    return Finding(
+      "not_learning",
+      f"the run is not learning: after {step - start} good steps its running loss "
+      f"{fmt(mean)} is not below {fmt(self.learn_factor)}x the loss of {ref.what}, "
+      f"{fmt(ref.loss)} (guard.learn_factor), and no longer falling; {history}{tried}; "
+      f"{self.describe_lr()}. A model that does no better than that has learned nothing "
+      "from its inputs: the rate is too high for it to settle (or too low to move), or the "
+      "inputs carry no signal it can reach.",
+      futile=futile,
+    )
 
   def _stalled(self, applied: int, norm: float) -> Finding | None:
     s = self.state
@@ -230,7 +323,27 @@ class Health:
     )
 
 
-def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> Health:
+# A run whose loss fell by this fraction from the first half of its window to
+# the second is still learning; a check needs this many loops in the window.
+_FALLING = 0.03
+_MIN_LOOPS = 4
+# A rate cut for not_learning helped if the running loss is this much lower
+# at the next finding (less is noise between windows).
+_HELPED = 0.1
+
+
+def build(
+  config,
+  *,
+  model,
+  optimizer,
+  first_batch,
+  state,
+  spike,
+  lr_scale,
+  reference=None,
+  last_restored=None,
+) -> Health:
   """The per-loop check a trainer's config asks for.
 
   Args:
@@ -240,6 +353,8 @@ def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> H
     state: the detector's state.
     spike: the loss statistics.
     lr_scale: recovery's learning-rate scale variable.
+    reference: the loss a learning run gets below, or None.
+    last_restored: recovery's last restored step variable.
   """
   g = config.guard
   x = None
@@ -266,4 +381,8 @@ def build(config, *, model, optimizer, first_batch, state, spike, lr_scale) -> H
     stall_norm_drop=g.stall_norm_drop,
     dead_fraction=g.dead_fraction,
     describe_lr=describe_lr,
+    reference=reference,
+    learn_steps=g.learn_steps,
+    learn_factor=g.learn_factor,
+    last_restored=last_restored,
   )

@@ -121,7 +121,12 @@ class Response:
         frequent_bad_batches=frequent,
         last_kind=kind,
       ),
-      unhealthy=lambda: self._health.check(int(out.applied), float(out.sums["norm"])),
+      unhealthy=lambda: self._health.check(
+        int(out.applied),
+        float(out.sums["norm"]),
+        step=self._step(),
+        loss_sum=float(out.sums["loss"]),
+      ),
     )
     self._carry_out(decision, verdict)
     self._actions.refill_budget()
@@ -193,6 +198,23 @@ class Response:
       why = self._actions.frequent_bad_batches_text()
       self._recovery.bad_batch_rate.assign(0.0)
       roll_back(decision.kind, why=why, diagnosis=self._bad_batch_diagnosis or None)
+    elif decision.kind == "not_learning" and decision.finding.futile:
+      self._actions.abort(
+        "not_learning",
+        self._step() + 1,
+        decision.finding.diagnosis,
+        "a lower learning rate was tried for this and did not help; it is not tried again",
+        float(self._recovery.lr_scale.numpy()),
+        why="its running loss is no better than the trivial predictor's",
+        cause="not_learning",
+      )
+    elif decision.cause == "not_learning" and decision.kind == "not_learning":
+      roll_back(
+        decision.kind,
+        cause="not_learning",
+        why="its running loss is no better than the trivial predictor's",
+        diagnosis=decision.finding.diagnosis,
+      )
     elif decision.cause == "not_learning":
       roll_back(
         decision.kind,

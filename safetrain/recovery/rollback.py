@@ -237,7 +237,7 @@ class Recovery:
     lr_after = lr_before * p.lr_backoff
     reason = self._why_not(lr_after)
     if reason is not None:
-      self.abort(kind, at_step, diagnosis, reason, lr_before, why=why)
+      self.abort(kind, at_step, diagnosis, reason, lr_before, why=why, cause=cause)
     position_before = int(self.data.position.numpy())
     target, restored_position = self._restore_target(kind, at_step, diagnosis, lr_before)
     restored_step = int(self.run.step.numpy())
@@ -357,12 +357,13 @@ class Recovery:
     """`rollback_target` among the snapshots and the checkpoints that read
     back whole.
 
-    A run that stopped learning (`stalled`, `dead_units`) goes to disk: the
+    A run that stopped learning (`stalled`, `dead_units`, `not_learning`)
+    goes to disk: the
     collapse builds up over loops, so the newest snapshots, taken after a
     check that found nothing yet, already hold half-dead states.
     """
     last_restored = int(self.state.last_restored_step.numpy())
-    memory = kind not in ("stalled", "dead_units")
+    memory = kind not in ("stalled", "dead_units", "not_learning")
     while True:
       snaps = self.snapshots.targets() if self.snapshots is not None and memory else []
       target = rollback_target(candidates(self.checkpoints.checkpoints(), snaps), last_restored)
