@@ -191,6 +191,11 @@ def parser() -> argparse.ArgumentParser:
     "input check off: what each costs",
   )
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+  p.add_argument(
+    "--cold",
+    action="store_true",
+    help="also time each contender's first fit() in a fresh process (bench_cold.py, MLP)",
+  )
   p.add_argument("--threads", type=int, default=0, help="TF intra- and inter-op threads (0: TF's)")
   return p
 
@@ -200,7 +205,15 @@ def main():
   if args.threads:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+  devices = ", ".join(
+    f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices()
+  )
+  print(f"devices: {devices}; safetrain's train.jit_compile at its default")
   measure(args)
+  if args.cold:
+    import bench_cold  # noqa: PLC0415 - only for --cold
+
+    bench_cold.report("mlp", args.rounds)
 
 
 def measure(args) -> None:
