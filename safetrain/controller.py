@@ -28,7 +28,7 @@ from safetrain.diagnosis import forensics, preflight
 from safetrain.diagnosis import replay as replay_lib
 from safetrain.records import incidents, logs, quarantine
 from safetrain.records import run_log as metrics
-from safetrain.recovery import health, response
+from safetrain.recovery import health, precision, response
 from safetrain.recovery import rollback as recovery
 from safetrain.recovery.snapshots import SnapshotRing
 from safetrain.results import FitResult, summary_line
@@ -63,6 +63,7 @@ class Parts:
   evaluate: Callable[[], dict]
   forensics: replay_lib.Context
   stash: forensics.Stash | None
+  retrace: Callable[[], None]  # drops the compiled graphs after a layer's dtype changed
   health: health.Health
   snapshots: SnapshotRing | None
   actions: actions.Actions | None = None  # the user's actions and Keras callbacks
@@ -119,6 +120,7 @@ class Controller:
     self._evaluate = parts.evaluate
     self._forensics = parts.forensics
     self._stash = parts.stash
+    self._retrace = parts.retrace
     self._health = parts.health
     self._snapshots = parts.snapshots
     self._actions = parts.actions or actions.Actions([])
@@ -273,6 +275,15 @@ class Controller:
       snapshots=self._snapshots,
       single_worker=self._num_workers == 1,
     )
+    fallback = None
+    if self.config.recovery.float32_fallback and self.config.recovery.enabled:
+      fallback = precision.Float32Fallback(
+        ctx=self._forensics,
+        incidents=self._incidents,
+        loss_scale=self._loss_scale,
+        retrace=self._retrace,
+        lr_scale=self._recovery.lr_scale,
+      )
     self._quarantine = quarantine.QuarantineLog(
       os.path.join(self.workdir, "quarantine.jsonl"), enabled=self._is_chief
     )
@@ -290,6 +301,7 @@ class Controller:
       step=self._step,
       save=self._save_checkpoint,
       position=lambda: int(variables.number(self._data.position)),
+      float32_fallback=fallback,
     )
     resumed = self._restore_latest()
     # The workdir is this run's (a refused one has raised): now it is written.
@@ -315,6 +327,12 @@ class Controller:
       metrics.write_config(
         self.workdir, self.config, self._trainer_name, resumed, experiment=self._origin
       )
+    if fallback is not None and self._num_workers == 1:
+      # Every process builds the model with the policy's dtypes (a resume
+      # too): the first batch tells, before the first trace, whether a layer
+      # overflows float16 from this state. One worker only: the workers'
+      # first batches differ, and their dtypes must not.
+      fallback(self._train_data.first_batch, step=self._step())
     if self._snapshots is not None:
       self._snapshots.log_cost()
     if resumed is None:

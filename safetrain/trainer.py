@@ -406,6 +406,7 @@ class Trainer(TrainerHooks):
         evaluate=self.evaluate,
         forensics=self._forensics,
         stash=self._stash,
+        retrace=self._retrace,
         health=health.build(
           c,
           model=self.model,
@@ -437,6 +438,12 @@ class Trainer(TrainerHooks):
 
   def _step(self) -> int:
     return int(self._run.step.numpy())
+
+  def _retrace(self) -> None:
+    """Drops the compiled loop and evaluation step, traced with the layers'
+    old dtypes (the float32 fallback changed one): the next call traces."""
+    self._loop.retrace()
+    self._evaluator.retrace()
 
   @property
   def _iterator(self):

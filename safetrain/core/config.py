@@ -180,6 +180,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.recovery = ml_collections.ConfigDict()
   c.recovery.enabled = True
   c.recovery.max_rollbacks = 5
+  # Under mixed_float16, a layer whose float16 output overflows (on the
+  # first batch at the start of each process, or on the batch that fails
+  # before a rollback) computes in float32 instead, when an eager replay
+  # shows that makes the step finite: no rollback, no learning-rate cut.
+  c.recovery.float32_fallback = True
   c.recovery.lr_backoff = 0.5
   c.recovery.min_lr_scale = 1.0 / 64
   c.recovery.data = "skip"
@@ -323,6 +328,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "train.log_every_steps", 1, MAX_STEPS)
   _int(config, "train.histogram_every_steps", 0, MAX_STEPS)
   _bool(config, "train.repeat_data")
+  _bool(config, "recovery.float32_fallback")
   _bool(config, "train.deterministic")
   _bool(config, "train.jit_compile")
   _int(config, "eval.every_steps", 0, MAX_STEPS)

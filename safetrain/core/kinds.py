@@ -77,6 +77,7 @@ ACTIONS = {
   "skipped_step": "the step was skipped; the state is unchanged",
   "rollback": "a diverging state: rolled back to a healthy state with a lower learning rate",
   "abort": "recovery was spent: the run stopped with DivergenceError",
+  "float32_layers": "the layers whose float16 output overflowed now compute in float32",
 }
 
 # Why recovery chose its action (the incident's `cause`).
@@ -84,3 +85,6 @@ BAD_BATCH, DIVERGING_STATE = "bad_batch", "diverging_state"
 # The run's first step fails before any update: the initial weights (or the
 # model and loss as built) fail on the data, whatever the learning rate.
 PRESENT_FROM_START = "present_from_start"
+# A layer's float16 output overflows under mixed_float16: a precision
+# failure, remedied by computing that layer in float32.
+PRECISION = "precision"

@@ -52,6 +52,8 @@ class Response:
     step: returns the run's applied steps.
     position: returns the data position (batches consumed).
     save: saves a checkpoint if the state is healthy.
+    float32_fallback: the precision remedy (`recovery.precision`), tried on
+      the offending batch before a diverging state is rolled back, or None.
   """
 
   def __init__(
@@ -70,6 +72,7 @@ class Response:
     step: Callable[[], int],
     save: Callable[[], None],
     position: Callable[[], int] = lambda: 0,
+    float32_fallback: Callable[..., bool] | None = None,
   ):
     self._run = run
     self._recovery = recovery_state
@@ -84,6 +87,7 @@ class Response:
     self._step = step
     self._save = save
     self._position = position
+    self._float32_fallback = float32_fallback
     # The replay of the first quarantined batch of this process, reused after.
     self._bad_batch_diagnosis = ""
     # Loops in a row that stopped on bad batches without training a step.
@@ -188,6 +192,8 @@ class Response:
   def _carry_out(self, decision: policy.Decision, verdict) -> None:
     """Rolls back as `decision` says, with the why and diagnosis its cause has."""
     roll_back = self._actions.roll_back
+    if decision.cause in ("diverging_state", "frequent_bad_batches") and self._precision_fixed():
+      return  # the failing steps were skipped: training goes on from this state
     if decision.cause == "nonfinite_params":
       roll_back("nonfinite_params", why="a variable is non-finite after an update")
     elif decision.cause == "diverging_state":
@@ -221,6 +227,13 @@ class Response:
         why="the run stopped learning without a non-finite value",
         diagnosis=decision.finding.diagnosis,
       )
+
+  def _precision_fixed(self) -> bool:
+    """Whether a float16 overflow on the offending batch was remedied by
+    computing its layers in float32 (checked by a replay first)."""
+    if self._float32_fallback is None or self._stash is None:
+      return False
+    return self._float32_fallback(self._stash.batch(), step=self._step() + 1)
 
   def _describe_bad_batches(self, out: LoopOutput) -> str:
     """What the replay of a quarantined batch found: once per process, on the

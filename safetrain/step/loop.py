@@ -82,6 +82,7 @@ class GuardedLoop:
     self.model = model
     self.optimizer = optimizer
     # The gradient of an XLA-compiled function is compiled with it.
+    self._compute_loss, self._jit_compile = compute_loss, jit_compile
     self.compute_loss = tf.function(compute_loss, jit_compile=True) if jit_compile else compute_loss
     self.pieces = pieces
     self.drill = drill
@@ -94,6 +95,13 @@ class GuardedLoop:
     self.skip_keras_all_reduce = skip_keras_all_reduce
     self.metric_names = list(metric_names)
     self.train_metrics = train_metrics or None
+    self.function = tf.function(self._loop, autograph=False)
+
+  def retrace(self) -> None:
+    """Drops the traced loop (a layer's dtype changed): the next call
+    traces it again."""
+    if self._jit_compile:
+      self.compute_loss = tf.function(self._compute_loss, jit_compile=True)
     self.function = tf.function(self._loop, autograph=False)
 
   def __call__(self, iterator, n: int) -> loop_state.LoopOutput:

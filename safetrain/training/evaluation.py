@@ -73,6 +73,10 @@ class Evaluator:
     # A short last batch has another shape: one generic trace, not one per shape.
     self._step_fn = tf.function(self._step, reduce_retracing=True, autograph=False)
 
+  def retrace(self) -> None:
+    """Drops the traced step (a layer's dtype changed)."""
+    self._step_fn = tf.function(self._step, reduce_retracing=True, autograph=False)
+
   def __call__(self) -> dict[str, float]:
     """Evaluates once.
 
