@@ -14,9 +14,12 @@ The verdict comes from the evidence at hand: the kind of failure (only a
 non-finite loss can be bound to a batch; growth, spikes, gradients, dead units
 are the state's), whether the replay of the offending batch from the current
 state reproduces it, whether any activation is out of range, and a row probe:
-the loss of each row of the batch alone. Rows with a finite loss beside rows
-with a non-finite one prove the failure is bound to those rows, not to the
-state. Anything less is a diverging state: the safe answer.
+the loss of each row of the batch alone (for a non-finite gradient with a
+finite loss, the gradient of each row's loss: the gradient of sqrt at 0 when
+an anchor equals its positive is a NaN that only some rows have). Rows with a
+finite value beside rows with a non-finite one prove the failure is bound to
+those rows, not to the state. Anything less is a diverging state: the safe
+answer.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def open_run(ctx, *, kind: str, batch, step: int, count: int) -> Verdict:
     step: the step being attempted.
     count: how many attempts in a row diverged.
   """
-  if kind != "nonfinite_loss":
+  gradients = kind == "nonfinite_grads" and not ctx.fp16  # under float16: the loss scale's
+  if kind != "nonfinite_loss" and not gradients:
     return diverging(f"{count} attempts in a row from the same state diverged ({kind})")
   if batch is None:
     return diverging(
@@ -74,7 +78,7 @@ def open_run(ctx, *, kind: str, batch, step: int, count: int) -> Verdict:
       "(several replicas) to tell a bad batch from a diverging state"
     )
   try:
-    return _probe(ctx, batch, step, count)
+    return _probe_grads(ctx, batch, step, count) if gradients else _probe(ctx, batch, step, count)
   except Exception as e:  # noqa: BLE001 - triage must not hide the incident
     logging.warning("triage failed: %s", e)
     return diverging(f"{count} batches in a row had a non-finite loss")
@@ -112,18 +116,56 @@ def _probe(ctx, batch, step: int, count: int) -> Verdict:
   return diverging(f"{count} batches in a row had a non-finite loss, and {why}", diagnosis)
 
 
-def bad_rows(ctx, batch) -> tuple[list[int], int]:
+def _probe_grads(ctx, batch, step: int, count: int) -> Verdict:
+  diagnosis = forensics.diagnose(ctx, kind="nonfinite_grads", batch=batch, step=step)
+  rep = replay(ctx, batch)
+  if rep.error is not None or rep.grads_finite:
+    return diverging(
+      f"{count} batches in a row had non-finite gradients, but the last one replayed from the "
+      "same state has finite ones: the failure is not bound to the batch's data",
+      diagnosis,
+    )
+  bad, probed = bad_rows(ctx, batch, gradients=True)
+  if bad and len(bad) < probed:
+    shown = ", ".join(str(r) for r in bad[:8]) + (", ..." if len(bad) > 8 else "")
+    return Verdict(
+      kinds.BAD_BATCH,
+      f"from a healthy state, the loss is finite but its gradient is not on rows {shown} of "
+      f"the batch ({len(bad)} of {probed} rows probed one by one) and finite on the others: "
+      "the failure is bound to those rows' data (a sqrt or norm at 0, a division by a zero "
+      "distance), not to the state",
+      diagnosis,
+      rows=bad,
+    )
+  why = (
+    f"the gradient is non-finite on every one of {probed} rows probed one by one"
+    if bad
+    else "no single row has a non-finite gradient: it needs the batch as a whole"
+  )
+  return diverging(f"{count} batches in a row had non-finite gradients, and {why}", diagnosis)
+
+
+def bad_rows(ctx, batch, *, gradients: bool = False) -> tuple[list[int], int]:
   """(rows of `batch` whose loss alone is non-finite, rows probed).
 
   Each of the first PROBE_ROWS rows is run through compute_loss alone, in
-  inference mode (a batch of one has no BatchNorm statistics), eagerly.
+  inference mode (a batch of one has no BatchNorm statistics), eagerly; with
+  `gradients`, a row is bad when its loss or the gradient of its loss with
+  respect to the trainable variables is not finite.
   """
   flat = tf.nest.flatten(batch)
   n = min(int(tf.shape(flat[0])[0]), PROBE_ROWS)
+  variables = ctx.model.trainable_variables
   bad = []
   for i in range(n):
     row = tf.nest.map_structure(lambda t, i=i: t[i : i + 1], batch)
-    loss, _ = ctx.compute_loss(ctx.model, row, False)
-    if not np.isfinite(float(loss.numpy())):
+    with tf.GradientTape() as tape:
+      loss, _ = ctx.compute_loss(ctx.model, row, False)
+    ok = np.isfinite(float(loss.numpy()))
+    if ok and gradients:
+      grads = tape.gradient(loss, variables)
+      values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
+      ok = all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in values)
+    if not ok:
       bad.append(i)
   return bad, n
