@@ -75,6 +75,7 @@ COVERED = [
   (r"bench_fit\.py", "tests/test_benchmarks.py", "bench_fit."),
   (r"bench_step\.py", "tests/test_benchmarks.py", "bench_step."),
   (r"bench_distribute\.py", "tests/test_benchmarks.py", "bench_distribute."),
+  (r"bench_cold\.py", "tests/test_benchmarks.py", "bench_cold."),
   (r"drill_kill\.py", "tests/test_drills.py", "drill_kill"),
 ]
 # What an inline code span must start with to be a command (with arguments).
