@@ -106,11 +106,11 @@ def test_every_incident_kind_has_its_colour_from_its_declaration(tmp_path):
   """The report draws each kind in the colour its piece or check declares,
   read from config.json (the report imports no TensorFlow)."""
   from safetrain.records import run_log
-  from safetrain.recovery import health
+  from safetrain.recovery import health, precision
   from safetrain.step import registry
 
   run_log.write_config(str(tmp_path), safetrain.default_config(), "T", None)
   colours = report.kind_colours(str(tmp_path))
-  expected = set(registry.KINDS) | {k.name for k in health.KINDS}
+  expected = set(registry.KINDS) | {k.name for k in health.KINDS + precision.KINDS}
   assert set(colours) == expected and len(set(colours.values())) == len(expected)
   assert all(colours[k] == kinds.declared()[k].colour for k in expected)
