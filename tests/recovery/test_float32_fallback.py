@@ -79,11 +79,20 @@ class ShiftedScaleTrainer(safetrain.Trainer):
 
 
 class OverflowsEverywhere(ShiftedScaleTrainer):
-  """Features of 1e36: the projection overflows float32 too, so float32
-  does not help and is not kept."""
+  """A projection whose weights are 1e38: its output overflows float16 from
+  finite inputs, and float32 too, so computing it in float32 does not make
+  the step finite and is not kept."""
 
-  def build_train_dataset(self):
-    return super().build_train_dataset().map(lambda x, y: (tf.fill(tf.shape(x), 1e36), y))
+  def build_model(self):
+    return keras.Sequential(
+      [
+        keras.Input((16,)),
+        keras.layers.Dense(
+          32, name="projection", kernel_initializer=keras.initializers.Constant(1e38)
+        ),
+        keras.layers.Dense(1, dtype="float32", name="head"),
+      ]
+    )
 
 
 def config(trainer, **overrides):
