@@ -24,6 +24,7 @@ answer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -99,21 +100,16 @@ def _probe(ctx, batch, step: int, count: int) -> Verdict:
       f"activations reach {fmt(top)}: the weights have grown out of range", diagnosis
     )
   bad, probed = bad_rows(ctx, batch)
-  if bad and len(bad) < probed:
-    shown = ", ".join(str(r) for r in bad[:8]) + (", ..." if len(bad) > 8 else "")
-    return Verdict(
-      kinds.BAD_BATCH,
-      f"from a healthy state, the loss is non-finite on rows {shown} of the batch "
-      f"({len(bad)} of {probed} rows probed one by one) and finite on the others: the "
-      "failure is bound to those rows' data, not to the state",
-      diagnosis,
-      rows=bad,
-    )
-  if bad:
-    why = f"the loss is non-finite on every one of {probed} rows probed one by one"
-  else:
-    why = "no single row has a non-finite loss: it needs the batch as a whole"
-  return diverging(f"{count} batches in a row had a non-finite loss, and {why}", diagnosis)
+  return _rows_verdict(
+    bad,
+    probed,
+    diagnosis,
+    bound="the loss is non-finite on rows {shown} of the batch",
+    cause="",
+    failed=f"{count} batches in a row had a non-finite loss",
+    every="the loss is non-finite",
+    none="no single row has a non-finite loss",
+  )
 
 
 def _probe_grads(ctx, batch, step: int, count: int) -> Verdict:
@@ -126,23 +122,48 @@ def _probe_grads(ctx, batch, step: int, count: int) -> Verdict:
       diagnosis,
     )
   bad, probed = bad_rows(ctx, batch, gradients=True)
+  return _rows_verdict(
+    bad,
+    probed,
+    diagnosis,
+    bound="the loss is finite but its gradient is not on rows {shown} of the batch",
+    cause=" (a sqrt or norm at 0, a division by a zero distance)",
+    failed=f"{count} batches in a row had non-finite gradients",
+    every="the gradient is non-finite",
+    none="no single row has a non-finite gradient",
+  )
+
+
+def _rows_verdict(
+  bad: list[int],
+  probed: int,
+  diagnosis: str,
+  *,
+  bound: str,
+  cause: str,
+  failed: str,
+  every: str,
+  none: str,
+) -> Verdict:
+  """The row probe's verdict: some rows bad and the others fine is a bad
+  batch (`bound`, with {shown} the rows, and the likely `cause`); every row
+  or none is a diverging state (`failed`, then `every` or `none`)."""
   if bad and len(bad) < probed:
     shown = ", ".join(str(r) for r in bad[:8]) + (", ..." if len(bad) > 8 else "")
     return Verdict(
       kinds.BAD_BATCH,
-      f"from a healthy state, the loss is finite but its gradient is not on rows {shown} of "
-      f"the batch ({len(bad)} of {probed} rows probed one by one) and finite on the others: "
-      "the failure is bound to those rows' data (a sqrt or norm at 0, a division by a zero "
-      "distance), not to the state",
+      f"from a healthy state, {bound.format(shown=shown)} ({len(bad)} of {probed} rows probed "
+      f"one by one) and finite on the others: the failure is bound to those rows' "
+      f"data{cause}, not to the state",
       diagnosis,
       rows=bad,
     )
   why = (
-    f"the gradient is non-finite on every one of {probed} rows probed one by one"
+    f"{every} on every one of {probed} rows probed one by one"
     if bad
-    else "no single row has a non-finite gradient: it needs the batch as a whole"
+    else f"{none}: it needs the batch as a whole"
   )
-  return diverging(f"{count} batches in a row had non-finite gradients, and {why}", diagnosis)
+  return diverging(f"{failed}, and {why}", diagnosis)
 
 
 def bad_rows(ctx, batch, *, gradients: bool = False) -> tuple[list[int], int]:
@@ -159,7 +180,8 @@ def bad_rows(ctx, batch, *, gradients: bool = False) -> tuple[list[int], int]:
   bad = []
   for i in range(n):
     row = tf.nest.map_structure(lambda t, i=i: t[i : i + 1], batch)
-    with tf.GradientTape() as tape:
+    # Only the gradient probe records the forward pass for a backward one.
+    with tf.GradientTape() if gradients else contextlib.nullcontext() as tape:
       loss, _ = ctx.compute_loss(ctx.model, row, False)
     ok = np.isfinite(float(loss.numpy()))
     if ok and gradients:
