@@ -224,11 +224,7 @@ def reproduces(ctx, batch) -> bool:
   except Exception as e:  # noqa: BLE001 - a failed replay is no evidence
     logging.warning("forensics replay failed: %s", e)
     return False
-  if rep.error is not None:
-    return False
-  forward = any(not r.outputs.finite for r in rep.layers)
-  loss = rep.loss is not None and not np.isfinite(rep.loss)
-  return forward or loss or not rep.grads_finite
+  return rep.failed
 
 
 def _diagnose(ctx, *, kind: str, batch, step: int) -> str:

@@ -196,6 +196,20 @@ class Replay:
   def grads_finite(self) -> bool:
     return all(ok for _, _, ok in self.grads)
 
+  @property
+  def failed(self) -> bool:
+    """The step failed numerically: a non-finite layer output, loss or
+    gradient. A replay that could not run (`error`) did not."""
+    if self.error is not None:
+      return False
+    loss_bad = self.loss is not None and not np.isfinite(self.loss)
+    return loss_bad or not self.grads_finite or any(not r.outputs.finite for r in self.layers)
+
+  @property
+  def finite(self) -> bool:
+    """It ran, and its loss, every layer output and gradient are finite."""
+    return self.error is None and self.loss is not None and not self.failed
+
 
 def _layers_of(model) -> list:
   try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 from absl import logging
 
 from safetrain.core import kinds
@@ -51,12 +50,6 @@ class Fallback:
   loss: float
 
 
-def _finite(rep: replay_lib.Replay) -> bool:
-  forward = all(r.outputs.finite for r in rep.layers)
-  loss = rep.loss is not None and bool(np.isfinite(rep.loss))
-  return rep.error is None and forward and loss and rep.grads_finite
-
-
 def _overflowing_float16_layer(rep: replay_lib.Replay):
   """The first leaf layer (in forward order) whose float16 output is not
   finite although its inputs are, or None."""
@@ -79,7 +72,7 @@ def try_float32(ctx: replay_lib.Context, batch) -> Fallback | None:
   try:
     for _ in range(MAX_LAYERS):
       rep = replay_lib.replay(ctx, batch)
-      if _finite(rep):
+      if rep.finite:
         break
       layer = _overflowing_float16_layer(rep)
       if layer is None:
@@ -88,7 +81,7 @@ def try_float32(ctx: replay_lib.Context, batch) -> Fallback | None:
       layer.dtype_policy = "float32"
     else:
       rep = replay_lib.replay(ctx, batch)
-    if switched and _finite(rep):
+    if switched and rep.finite:
       return Fallback(tuple(layer.name for layer, _ in switched), float(rep.loss))
   except Exception as e:  # noqa: BLE001 - a remedy that cannot be checked is not applied
     logging.warning("the float32 fallback could not be checked: %s", e)
