@@ -1,5 +1,6 @@
 """Tiny trainers shared by the tests."""
 
+import errno
 import os
 
 import keras
@@ -91,3 +92,18 @@ def all_finite(trainer):
     for v in trainer.optimizer.variables
     if np.issubdtype(v.numpy().dtype, np.floating)
   )
+
+
+def fill_the_disk_for(monkeypatch, suffix: str) -> None:
+  """Every write to a file whose path ends with `suffix` fails with ENOSPC,
+  as a full device (/dev/full) answers; other files are written as usual."""
+  from safetrain.storage import files as storage_files
+
+  real = storage_files._write_all
+
+  def full(fd, data, path):
+    if path.endswith(suffix):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return real(fd, data, path)
+
+  monkeypatch.setattr(storage_files, "_write_all", full)

@@ -37,8 +37,17 @@ def test_bench_step_prices_guard_pieces_with_valid_configs(tmp_path):
   assert nodes["-all three"] < min(v for k, v in nodes.items() if k != "-all three")
 
 
-def test_bench_fit_contenders_run_and_count_loop_nodes():
-  nodes = {}
+# Data-dependent branches in safetrain's loop body (bench_fit's MLP at the
+# defaults), measured 2026-12-02: 5 conds in the step (the next batch, the
+# dirty-input path, the apply-or-skip, the per-example rerun, the stash), 6
+# nested in them. Keras fit's body has 2, the hand loop 0. On a GPU each
+# waits for its predicate on the host; the budget keeps new pieces from
+# adding to them unseen (and is lowered when the step goes sync-free).
+SAFE_BRANCH_BUDGET = 11
+
+
+def test_bench_fit_contenders_run_and_count_loop_nodes_and_branches():
+  nodes, branches = {}, {}
   for name, fit in (
     ("hand", bench_fit.hand_fit),
     ("safe", bench_fit.safe_fit),
@@ -46,9 +55,13 @@ def test_bench_fit_contenders_run_and_count_loop_nodes():
   ):
     seconds, nodes[name] = fit(bench_fit.STEPS_PER_LOOP)
     assert seconds > 0
+    branches[name] = bench_step.body_branches(fit.last_graph)
   # Each loop body has the model's forward and backward pass at least; the
   # guarded one has more than the hand loop.
   assert 0 < nodes["hand"] < nodes["safe"] and nodes["keras"] > 0
+  assert branches["hand"] == 0  # a plain step: no data-dependent branch
+  assert branches["keras"] >= 0
+  assert 0 < branches["safe"] <= SAFE_BRANCH_BUDGET, branches
 
 
 def test_bench_fit_splits_safetrains_time_between_loop_saves_and_host(capsys):
@@ -85,26 +98,3 @@ def test_bench_cold_runs_each_contender_in_a_fresh_process():
   parts = ("build", "trace", "first graph optimisation", "loop runs", "rest")
   assert all(safe[p] >= 0 for p in parts) and safe["trace"] > 0
   assert abs(sum(safe[p] for p in parts) - safe["total"]) < 1e-6
-
-
-# Data-dependent branches in safetrain's loop body (bench_fit's MLP at the
-# defaults), measured 2026-12-02: 5 conds in the step (the next batch, the
-# dirty-input path, the apply-or-skip, the per-example rerun, the stash), 6
-# nested in them. Keras fit's body has 2, the hand loop 0. On a GPU each
-# waits for its predicate on the host; the budget keeps new pieces from
-# adding to them unseen (and is lowered when the step goes sync-free).
-SAFE_BRANCH_BUDGET = 11
-
-
-def test_loop_bodies_branch_counts_and_safetrains_budget():
-  branches = {}
-  for name, fit in (
-    ("hand", bench_fit.hand_fit),
-    ("safe", bench_fit.safe_fit),
-    ("keras", bench_fit.keras_fit),
-  ):
-    fit(bench_fit.STEPS_PER_LOOP)
-    branches[name] = bench_step.body_branches(fit.last_graph)
-  assert branches["hand"] == 0  # a plain step: no data-dependent branch
-  assert branches["keras"] >= 0
-  assert 0 < branches["safe"] <= SAFE_BRANCH_BUDGET, branches

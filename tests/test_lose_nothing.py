@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from common import BASE, ROOT, TinyTrainer, all_finite, tiny_config
+from common import BASE, ROOT, TinyTrainer, all_finite, fill_the_disk_for, tiny_config
 from test_drills import DAMAGE, _ckpt_dir, _fit, _flip_bytes, drill
 
 import safetrain
@@ -32,7 +32,6 @@ from safetrain.checkpoint import rollback_state
 from safetrain.checkpoint import store as checkpointing
 from safetrain.cli import main as cli
 from safetrain.recovery import rollback as recovery
-from safetrain.storage import files as storage_files
 from safetrain.storage import lock as workdir
 
 GOOD = drill.EXPERIMENT
@@ -546,14 +545,7 @@ def test_a_record_that_cannot_be_written_exits_2_and_the_rerun_resumes(
     os.makedirs(metrics)
     expected = f"{metrics} is a directory where safetrain keeps a file"
   else:  # every write of the record fails with ENOSPC (as /dev/full answers)
-    real = storage_files._write_all
-
-    def full(fd, data, path):
-      if path.endswith("metrics.jsonl"):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-      return real(fd, data, path)
-
-    monkeypatch.setattr(storage_files, "_write_all", full)
+    fill_the_disk_for(monkeypatch, "metrics.jsonl")
     expected = f"I/O error on {metrics}: {os.strerror(errno.ENOSPC)}"
   code, _, err = _cli(argv, capsys)
   line = _one_error_line(code, err, expected)

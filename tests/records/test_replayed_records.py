@@ -9,10 +9,9 @@ import os
 
 import pytest
 import tensorflow as tf
-from common import TinyTrainer, tiny_config
+from common import TinyTrainer, fill_the_disk_for, tiny_config
 
 import safetrain
-from safetrain.storage import files as storage_files
 
 
 def read(workdir, name):
@@ -45,14 +44,7 @@ EXPECTED_QUARANTINE = [(3, 2, "quarantined_batch"), (8, 7, "quarantined_batch")]
 def test_a_fault_between_the_incident_and_the_quarantine_record_is_not_recorded_twice(
   workdir, monkeypatch
 ):
-  real = storage_files._write_all
-
-  def full(fd, data, path):
-    if path.endswith("quarantine.jsonl"):
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    return real(fd, data, path)
-
-  monkeypatch.setattr(storage_files, "_write_all", full)
+  fill_the_disk_for(monkeypatch, "quarantine.jsonl")
   with pytest.raises(OSError, match="No space left"):
     TinyTrainer(config(), workdir).fit()
   # The incident of the first loop was written, its quarantine record not.
