@@ -81,9 +81,7 @@ class GuardedLoop:
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
-    # The gradient of an XLA-compiled function is compiled with it.
     self._compute_loss, self._jit_compile = compute_loss, jit_compile
-    self.compute_loss = tf.function(compute_loss, jit_compile=True) if jit_compile else compute_loss
     self.pieces = pieces
     self.drill = drill
     self.rollback_after = rollback_after
@@ -95,13 +93,14 @@ class GuardedLoop:
     self.skip_keras_all_reduce = skip_keras_all_reduce
     self.metric_names = list(metric_names)
     self.train_metrics = train_metrics or None
-    self.function = tf.function(self._loop, autograph=False)
+    self.retrace()
 
   def retrace(self) -> None:
-    """Drops the traced loop (a layer's dtype changed): the next call
-    traces it again."""
-    if self._jit_compile:
-      self.compute_loss = tf.function(self._compute_loss, jit_compile=True)
+    """Makes the compiled functions (at build, and again when a layer's
+    dtype changed: the next call traces anew)."""
+    # The gradient of an XLA-compiled function is compiled with it.
+    c = self._compute_loss
+    self.compute_loss = tf.function(c, jit_compile=True) if self._jit_compile else c
     self.function = tf.function(self._loop, autograph=False)
 
   def __call__(self, iterator, n: int) -> loop_state.LoopOutput:

@@ -70,11 +70,12 @@ class Evaluator:
     )
     self._dataset = None
     self._built = False
-    # A short last batch has another shape: one generic trace, not one per shape.
-    self._step_fn = tf.function(self._step, reduce_retracing=True, autograph=False)
+    self.retrace()
 
   def retrace(self) -> None:
-    """Drops the traced step (a layer's dtype changed)."""
+    """Makes the compiled step (at build, and again when a layer's dtype
+    changed: the next call traces anew)."""
+    # A short last batch has another shape: one generic trace, not one per shape.
     self._step_fn = tf.function(self._step, reduce_retracing=True, autograph=False)
 
   def __call__(self) -> dict[str, float]:
