@@ -29,6 +29,7 @@ from safetrain.diagnosis import replay as replay_lib
 from safetrain.records import incidents, logs, quarantine
 from safetrain.records import run_log as metrics
 from safetrain.recovery import health, precision, response
+from safetrain.recovery import rate_probe as rate_probe_lib
 from safetrain.recovery import rollback as recovery
 from safetrain.recovery.snapshots import SnapshotRing
 from safetrain.results import FitResult, summary_line
@@ -69,6 +70,7 @@ class Parts:
   actions: actions.Actions | None = None  # the user's actions and Keras callbacks
   origin: dict | None = None  # the trainer's file and :ARG, for `safetrain export`
   train_metrics: object = None  # stateful_metrics.MetricSet of build_metrics(), or None
+  rate_probe: rate_probe_lib.RateProbe | None = None  # a not_learning rollback's rate choice
 
 
 @dataclasses.dataclass
@@ -126,6 +128,7 @@ class Controller:
     self._actions = parts.actions or actions.Actions([])
     self._origin = parts.origin
     self._train_metrics = parts.train_metrics or None
+    self._rate_probe = parts.rate_probe
     # True once the model holds the restored or initial state of the run.
     self.started = False
     self._log: metrics.RunLog | None = None
@@ -273,6 +276,7 @@ class Controller:
       ),
       reproduces=lambda: response.reproduces(self._forensics, self._stash),
       snapshots=self._snapshots,
+      probe=self._rate_probe,
       single_worker=self._num_workers == 1,
     )
     fallback = None

@@ -26,7 +26,7 @@ from safetrain.core import config as config_lib
 from safetrain.diagnosis import forensics
 from safetrain.diagnosis import replay as replay_lib
 from safetrain.hooks import TrainerHooks
-from safetrain.recovery import health, snapshots
+from safetrain.recovery import health, rate_probe, snapshots
 from safetrain.recovery import rollback as recovery
 from safetrain.results import FitResult, summary_line
 from safetrain.step import batch_checks, clipping, guard, loop_state, registry
@@ -433,6 +433,16 @@ class Trainer(TrainerHooks):
         ),
         origin=self._origin,
         train_metrics=self._train_metrics,
+        rate_probe=rate_probe.RateProbe(
+          factors=c.recovery.probe_factors,
+          steps=c.recovery.probe_steps,
+          min_lr_scale=c.recovery.min_lr_scale,
+          run_loop=lambda n: self._loop(self._iterator, n),
+          lr_scale=self._recovery.lr_scale,
+          # Carried across rollbacks, yet a trial moves the adaptive clip's
+          # statistics: put back after each.
+          carried=list(self._clip.variables),
+        ),
       )
     )
 

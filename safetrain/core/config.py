@@ -187,6 +187,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.recovery.float32_fallback = True
   c.recovery.lr_backoff = 0.5
   c.recovery.min_lr_scale = 1.0 / 64
+  # A `not_learning` rollback chooses its rate by a probe: from the restored
+  # state, the current scale times each probe factor (none under
+  # min_lr_scale) trains probe_steps guarded steps; the scale whose loss fell
+  # lowest is kept, the trials undone. probe_steps 0: the scale is cut by
+  # lr_backoff instead.
+  c.recovery.probe_factors = (0.5, 0.1, 0.02)
+  c.recovery.probe_steps = 100
   c.recovery.data = "skip"
   c.recovery.rewarm_steps = 0
   c.recovery.budget_reset_steps = 1000
@@ -399,6 +406,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _num(config, "recovery.lr_backoff", 0.0, 1.0, lo_open=True, hi_open=True)
   _num(config, "recovery.min_lr_scale", 0.0, 1.0, lo_open=True)
   _choice(config, "recovery.data", RECOVERY_DATA)
+  factors = config.recovery.probe_factors
+  _check(
+    isinstance(factors, (tuple, list))
+    and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in factors),
+    "recovery.probe_factors",
+    factors,
+    "a tuple of factors in (0, 1), like (0.5, 0.1, 0.02)",
+  )
+  _int(config, "recovery.probe_steps", 0, MAX_STEPS)
   _int(config, "recovery.rewarm_steps", 0, MAX_STEPS)
   _int(config, "recovery.budget_reset_steps", 1, MAX_STEPS)
   _num(config, "recovery.bad_batch_rate", 0.0, 1.0, lo_open=True)

@@ -88,3 +88,6 @@ PRESENT_FROM_START = "present_from_start"
 # A layer's float16 output overflows under mixed_float16: a precision
 # failure, remedied by computing that layer in float32.
 PRECISION = "precision"
+# The run learned nothing (`not_learning`): its loss is no better than the
+# trivial predictor's; the rate probe picks the scale it goes on with.
+NOT_LEARNING = "not_learning"

@@ -212,12 +212,12 @@ class Response:
         "a lower learning rate was tried for this and did not help; it is not tried again",
         float(self._recovery.lr_scale.numpy()),
         why="its running loss is no better than the trivial predictor's",
-        cause="not_learning",
+        cause=kinds.NOT_LEARNING,
       )
     elif decision.cause == "not_learning" and decision.kind == "not_learning":
       roll_back(
         decision.kind,
-        cause="not_learning",
+        cause=kinds.NOT_LEARNING,
         why="its running loss is no better than the trivial predictor's",
         diagnosis=decision.finding.diagnosis,
       )

@@ -29,6 +29,8 @@ from safetrain.checkpoint.store import CORRUPT_DIR, CheckpointStore, step_of
 from safetrain.core import kinds, variables
 from safetrain.core.errors import DivergenceError
 from safetrain.records.incidents import IncidentLog
+from safetrain.recovery import rate_probe
+from safetrain.recovery.rate_probe import RateProbe
 from safetrain.recovery.snapshots import SnapshotRing
 from safetrain.training.state import DataState, RunState
 
@@ -155,6 +157,8 @@ class Recovery:
     reproduces: whether the offending batch fails again from the live state
       (the replay): the evidence a failure on the initial weights needs.
     snapshots: the in-memory snapshots, or None (disk checkpoints only).
+    probe: the rate probe a `not_learning` rollback chooses its scale with
+      (`recovery.rate_probe`), or None: the scale is cut by lr_backoff.
     single_worker: the run has one worker (an abort then puts the last
       healthy checkpoint back into the live objects).
   """
@@ -177,6 +181,7 @@ class Recovery:
     diagnose: Callable[[str], str],
     reproduces: Callable[[], bool] = lambda: False,
     snapshots: SnapshotRing | None = None,
+    probe: RateProbe | None = None,
     single_worker: bool = True,
   ):
     self.policy = policy
@@ -195,6 +200,7 @@ class Recovery:
     self.diagnose = diagnose
     self.reproduces = reproduces
     self.snapshots = snapshots if snapshots is not None and snapshots.enabled else None
+    self.probe = probe
 
   def roll_back(
     self,
@@ -238,22 +244,25 @@ class Recovery:
     reason = self._why_not(lr_after)
     if reason is not None:
       self.abort(kind, at_step, diagnosis, reason, lr_before, why=why, cause=cause)
-    position_before = int(self.data.position.numpy())
     target, restored_position = self._restore_target(kind, at_step, diagnosis, lr_before)
     restored_step = int(self.run.step.numpy())
     if p.data == "replay" and self.reseek is not None:
       self.reseek()
+    if p.rewarm_steps:
+      s.rewarm_start.assign(restored_step)  # before a probe: its trials re-warm alike
+    probed = {}
+    if cause == kinds.NOT_LEARNING and self.probe is not None and not target.in_memory:
+      lr_after, probed = self._probe(lr_before, target, restored_step, lr_after)
     skipped = 0
     if p.data == "skip":
-      skipped = position_before - restored_position
+      # Not restored under skip: the batches since the target, a probe's too.
+      skipped = int(self.data.position.numpy()) - restored_position
       s.batches_skipped.assign_add(skipped)
     s.lr_scale.assign(lr_after)
     s.rollbacks_used.assign_add(1)
     s.rollbacks_total.assign_add(1)
     s.last_restored_step.assign(restored_step)
     s.budget_anchor_step.assign(restored_step)
-    if p.rewarm_steps:
-      s.rewarm_start.assign(restored_step)
     self.incidents.add(
       step=at_step,
       kind=kind,
@@ -266,6 +275,7 @@ class Recovery:
       cause=cause,
       why=why,
       checkpoint=target.name,
+      **probed,
     )
     # Persist the lowered learning rate, spent budget and data position at
     # once, so a kill right after this rollback resumes with them, as the
@@ -279,6 +289,24 @@ class Recovery:
       self.checkpoints.record_rollback(path, generation=int(s.rollbacks_total.numpy()))
     else:
       self.checkpoints.save(restored_step)
+
+  def _probe(self, lr_before: float, target: Target, step: int, cut: float):
+    """The scale the rate probe keeps from `target` (restored again after
+    each trial), and the incident's `probe` field; the plain cut when there
+    is nothing to try."""
+
+    def restore() -> None:
+      data = self.replay_objects() if self.policy.data == "replay" else None
+      self.checkpoints.restore_rollback(target.path, self.rollback_objects, data=data)
+      if self.policy.data == "replay" and self.reseek is not None:
+        self.reseek()
+
+    chosen, trials = self.probe.choose(lr_before, restore=restore)
+    if not trials:
+      return cut, {}
+    line = rate_probe.describe(trials, chosen, step=step, steps=self.probe.steps)
+    rate_probe.log(line)
+    return chosen, {"probe": [t.record() for t in trials], "probe_text": line}
 
   def _disk_steps(self) -> list[int]:
     return [step for step, _ in self.checkpoints.checkpoints()]

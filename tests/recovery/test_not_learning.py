@@ -58,7 +58,9 @@ class FrozenCustomLoss(TinyTrainer):
 
 def test_a_rate_too_high_to_learn_is_rolled_back_with_a_lower_rate_and_then_learns(workdir):
   x, y = regression_data()
-  result = TinyTrainer(learn_config(**{"optimizer.learning_rate": 3.0}), workdir).fit()
+  # The plain cut (the rate probe off; test_rate_probe.py has it on).
+  c = learn_config(**{"optimizer.learning_rate": 3.0, "recovery.probe_steps": 0})
+  result = TinyTrainer(c, workdir).fit()
   assert result.step == 300
   (rollback,) = [r for r in incidents(workdir) if r["action"] == "rollback"]
   assert rollback["kind"] == "not_learning" and rollback["cause"] == "not_learning"
@@ -77,8 +79,9 @@ def test_a_run_with_nothing_to_learn_ends_in_divergence_error_not_success(workdi
   with pytest.raises(safetrain.DivergenceError, match="not_learning") as err:
     NoSignalClassifier(c, workdir).fit()
   decided = [r for r in incidents(workdir) if r["action"] in ("rollback", "abort")]
-  # One rate cut is tried; the run learns no better after it, so the cut is
-  # not applied again: it stops with budget left (recovery.max_rollbacks 5).
+  # One rollback, whose rate probe finds no scale that learns (the loss of
+  # each is the label frequencies'); the run learns no better after it, so
+  # it is not tried again: it stops with budget left (recovery.max_rollbacks 5).
   assert [(r["kind"], r["action"], r["cause"]) for r in decided] == [
     ("not_learning", "rollback", "not_learning"),
     ("not_learning", "abort", "not_learning"),
@@ -87,8 +90,10 @@ def test_a_run_with_nothing_to_learn_ends_in_divergence_error_not_success(workdi
   # window of 100 steps whose later half is not 3% under its earlier half
   # ends at step 150; the next is counted from the state the rollback
   # restored (step 100), so it is at least 100 steps later.
-  assert [(r["step"], r["restored_step"]) for r in decided] == [(151, 100), (241, None)]
-  assert decided[1]["lr_scale_before"] == 0.5
+  assert [(r["step"], r["restored_step"]) for r in decided] == [(151, 100), (221, None)]
+  losses = [t["loss"] for t in decided[0]["probe"]]
+  assert len(losses) == 3 and max(losses) < 1.02 * min(losses)
+  assert decided[1]["lr_scale_before"] == decided[0]["lr_scale_after"]
   assert "label frequencies" in err.value.diagnosis
   assert "did not help" in err.value.diagnosis
 
