@@ -28,7 +28,7 @@ from safetrain.diagnosis import forensics, preflight
 from safetrain.diagnosis import replay as replay_lib
 from safetrain.records import incidents, logs, quarantine
 from safetrain.records import run_log as metrics
-from safetrain.recovery import health, precision, response
+from safetrain.recovery import health, precision, response, scalar_rows
 from safetrain.recovery import rate_probe as rate_probe_lib
 from safetrain.recovery import rollback as recovery
 from safetrain.recovery.snapshots import SnapshotRing
@@ -288,6 +288,15 @@ class Controller:
         retrace=self._retrace,
         lr_scale=self._recovery.lr_scale,
       )
+    rows_remedy = scalar_rows.ScalarRows(
+      ctx=self._forensics,
+      piece=self._loop.pieces.get("per_example"),
+      scalar_loss=lambda: self._loop.scalar_loss,
+      single_replica=self._strategy.num_replicas_in_sync == 1,
+      retrace=self._retrace,
+      incidents=self._incidents,
+      lr_scale=self._recovery.lr_scale,
+    )
     self._quarantine = quarantine.QuarantineLog(
       os.path.join(self.workdir, "quarantine.jsonl"), enabled=self._is_chief
     )
@@ -306,6 +315,7 @@ class Controller:
       save=self._save_checkpoint,
       position=lambda: int(variables.number(self._data.position)),
       float32_fallback=fallback,
+      scalar_rows=rows_remedy,
     )
     resumed = self._restore_latest()
     # The workdir is this run's (a refused one has raised): now it is written.
@@ -327,6 +337,7 @@ class Controller:
         current=self.iterator,
       )
       resume.match_precision(self._run, self._loss_scale, self.config.precision.policy)
+      rows_remedy.resume(self._incidents.all())
     if self._is_chief:
       metrics.write_config(
         self.workdir, self.config, self._trainer_name, resumed, experiment=self._origin

@@ -78,6 +78,8 @@ ACTIONS = {
   "rollback": "a diverging state: rolled back to a healthy state with a lower learning rate",
   "abort": "recovery was spent: the run stopped with DivergenceError",
   "float32_layers": "the layers whose float16 output overflowed now compute in float32",
+  "row_losses": "a scalar loss non-finite on some rows is now evaluated per row when it is "
+  "not finite: those rows are dropped and the step trains on the rest",
 }
 
 # Why recovery chose its action (the incident's `cause`).

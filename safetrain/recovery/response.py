@@ -54,6 +54,9 @@ class Response:
     save: saves a checkpoint if the state is healthy.
     float32_fallback: the precision remedy (`recovery.precision`), tried on
       the offending batch before a diverging state is rolled back, or None.
+    scalar_rows: the bad-rows remedy of a scalar loss
+      (`recovery/scalar_rows.py`, under guard.drop_examples), tried on a
+      quarantined batch, or None.
   """
 
   def __init__(
@@ -73,6 +76,7 @@ class Response:
     save: Callable[[], None],
     position: Callable[[], int] = lambda: 0,
     float32_fallback: Callable[..., bool] | None = None,
+    scalar_rows: Callable[..., bool] | None = None,
   ):
     self._run = run
     self._recovery = recovery_state
@@ -88,6 +92,7 @@ class Response:
     self._save = save
     self._position = position
     self._float32_fallback = float32_fallback
+    self._scalar_rows = scalar_rows
     # The replay of the first quarantined batch of this process, reused after.
     self._bad_batch_diagnosis = ""
     # Loops in a row that stopped on bad batches without training a step.
@@ -109,6 +114,12 @@ class Response:
     verdict = self._judge_open_run(out, kind) if stopped and params_ok else None
     open_bad = verdict is not None and verdict.bad_batch
     quarantined = self._record(out, before, stopped=stopped, verdict=verdict)
+    if quarantined and self._scalar_rows is not None and self._stash is not None:
+      # The stash holds the loop's last divergent batch: the open run's, or
+      # an isolated bad batch's (whose rows the remedy probes itself).
+      self._scalar_rows(
+        self._stash.batch(), step=self._step() + 1, rows=verdict.rows if open_bad else None
+      )
     frequent = self._actions.note_bad_batches(quarantined, int(out.attempts))
     if int(out.stop) == STOP_RAISE:
       self._save()

@@ -93,6 +93,8 @@ class GuardedLoop:
     self.skip_keras_all_reduce = skip_keras_all_reduce
     self.metric_names = list(metric_names)
     self.train_metrics = train_metrics or None
+    # Whether compute_loss returns a scalar (known once traced).
+    self.scalar_loss: bool | None = None
     self.retrace()
 
   def retrace(self) -> None:
@@ -186,9 +188,11 @@ class GuardedLoop:
       step.weight = self._row_weight(step)
     step.non_trainable_before = guard.snapshot(self.model.non_trainable_variables)
     step.regrad = functools.partial(self._kept_rows_gradients, step)
+    step.row_losses = self._row_losses
 
     with tf.GradientTape() as tape:
       loss, step.metrics, *pred = self.compute_loss(self.model, step.batch, True)
+      self.scalar_loss = not examples.is_per_example(loss)
       step.loss = self._reduce(step, loss)
       scaled = step.loss * step.scale if step.scale is not None else step.loss
     grads = tape.gradient(scaled, self.model.trainable_variables)
@@ -287,16 +291,29 @@ class GuardedLoop:
 
   def _kept_rows_gradients(self, step: piece_lib.Step, kept, total_ok):
     """Forward and backward again on the kept rows only (the drill is not
-    applied again: its examples were the dropped ones)."""
+    applied again: its examples were the dropped ones); returns (their
+    loss, the gradients). A scalar loss is the kept rows' mean already."""
     if self.strategy.num_replicas_in_sync == 1:
       # The first forward pass saw the bad rows: BatchNorm statistics back.
       guard.put_back(self.model.non_trainable_variables, step.non_trainable_before)
     with tf.GradientTape() as tape:
       loss, *_ = self.compute_loss(self.model, kept, True)
-      loss = tf.reduce_sum(examples.per_example(loss)) / tf.maximum(total_ok, 1.0)
+      if examples.is_per_example(loss):
+        loss = tf.reduce_sum(examples.per_example(loss)) / tf.maximum(total_ok, 1.0)
+      loss = tf.cast(loss, tf.float32)
       scaled = loss * step.scale if step.scale is not None else loss
     grads = tape.gradient(scaled, self.model.trainable_variables)
-    return self._dense(grads, step.scale)
+    return loss, self._dense(grads, step.scale)
+
+  def _row_losses(self, batch) -> tf.Tensor:
+    """float32[B]: compute_loss on each row alone, in inference mode (a
+    batch of one has no BatchNorm statistics), as triage's row probe."""
+
+    def one(row):
+      loss, *_ = self.compute_loss(self.model, tf.nest.map_structure(lambda t: t[None], row), False)
+      return tf.cast(examples.plain_mean(loss), tf.float32)
+
+    return tf.map_fn(one, batch, fn_output_signature=tf.float32)
 
   def _stash_batch(self, batch):
     for var, t in zip(self.stash, tf.nest.flatten(batch)):

@@ -114,7 +114,18 @@ def masked_batch(batch, ok: tf.Tensor):
 
 class PerExamplePiece(piece.Piece):
   """`guard.drop_examples`: with per-example losses, the non-finite examples
-  are left out of the mean and the step's gradients redone on the rest."""
+  are left out of the mean and the step's gradients redone on the rest.
+
+  A compute_loss that returns a scalar gives no per-example losses. Once the
+  host has seen a batch whose non-finite loss is bound to some of its rows
+  (triage's row probe: those rows alone non-finite, the others finite), it
+  turns `scalar_rows` on and retraces the loop (`enable_scalar_rows`): from
+  then on a non-finite scalar loss is evaluated on each row alone
+  (inference mode, inside the step, in the rare branch only) and, when some
+  rows are finite and at most `guard.max_dropped_examples` are not, the step
+  runs forward and backward again on the finite rows, whose loss it is. One
+  replica only (with several, a shard's rows are not the batch's).
+  """
 
   name = "per_example"
   order = 30
@@ -123,6 +134,13 @@ class PerExamplePiece(piece.Piece):
 
   def __init__(self, *, max_fraction: float):
     self.max_fraction = float(max_fraction)
+    self.scalar_rows = False  # turned on by the host (see the class docstring)
+
+  def enable_scalar_rows(self) -> bool:
+    """Turns the per-row evaluation of a non-finite scalar loss on; True if
+    it was off (the caller retraces the loop)."""
+    was, self.scalar_rows = self.scalar_rows, True
+    return not was
 
   @classmethod
   def build(cls, config, ctx):
@@ -147,17 +165,61 @@ class PerExamplePiece(piece.Piece):
 
   def gradients(self, step):
     masked = step.findings.get(self.name)
-    if masked is None or not step.grads:
+    if masked is None:
+      self._scalar_rows(step)
+      return
+    if not step.grads:
       return
     # Dropped examples still poison the gradient through their own ops:
     # recompute it on the rows kept.
     grads = step.grads
     kept = lambda: tf.cond(  # noqa: E731
       masked.any_ok,
-      lambda: step.regrad(masked_batch(step.batch, masked.ok), masked.total_ok),
+      lambda: step.regrad(masked_batch(step.batch, masked.ok), masked.total_ok)[1],
       lambda: [tf.zeros_like(g) for g in grads],
     )
     step.grads = tf.cond(masked.rerun, kept, lambda: grads)
+
+  def _scalar_rows(self, step) -> None:
+    """A non-finite scalar loss: the rows alone, and the step again on the
+    finite ones (see the class docstring)."""
+    if not self.scalar_rows or step.replicas > 1 or not step.grads or step.row_losses is None:
+      return
+    loss, grads, metrics = step.loss, step.grads, step.metrics
+    nothing = tf.constant(0.0)
+    all_ok = tf.ones([tf.shape(tf.nest.flatten(step.batch)[0])[0]], tf.bool)
+    no_rows = tf.fill([MAX_ROWS], -1)
+
+    def by_rows():
+      masked = masked_mean(
+        step.row_losses(step.batch),
+        valid=None,
+        ctx=step.ctx,
+        max_fraction=self.max_fraction,
+        name_rows=True,
+      )
+      rerun = masked.rerun & tf.logical_not(step.skip)
+
+      def again():
+        new_loss, new_grads = step.regrad(masked_batch(step.batch, masked.ok), masked.total_ok)
+        return new_loss, new_grads, masked.dropped, masked.ok, masked.rows
+
+      return tf.cond(rerun, again, lambda: (loss, grads, nothing, all_ok, no_rows))
+
+    step.loss, step.grads, dropped, ok, rows = tf.cond(
+      tf.math.is_finite(loss), lambda: (loss, grads, nothing, all_ok, no_rows), by_rows
+    )
+    # compute_loss's metrics were of the whole batch (NaN): not shown.
+    step.metrics = {k: tf.where(dropped > 0, 0.0, m) for k, m in metrics.items()}
+    step.findings[self.name] = Masked(
+      loss=step.loss,
+      ok=ok,
+      total_ok=nothing,
+      dropped=dropped,
+      rerun=dropped > 0,
+      any_ok=tf.constant(True),
+      rows=rows,
+    )
 
   def step_sums(self, step):
     masked = step.findings.get(self.name)

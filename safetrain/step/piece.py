@@ -90,8 +90,10 @@ class Step:
     non_trainable_before: the non-trainable values before the forward pass.
     replica_state: the float non-trainable variables the forward pass updates
       per replica, and replica_mean: their values averaged over replicas.
-    regrad: (batch, total rows) -> gradients on `batch` alone (the loop's
-      backward pass again, for a piece that drops examples).
+    regrad: (batch, total rows) -> (loss, gradients) on `batch` alone (the
+      loop's forward and backward pass again, for a piece that drops examples).
+    row_losses: batch -> float32[B], compute_loss of each row alone
+      (inference mode), for a piece that finds the bad rows of a scalar loss.
     findings: {name: tensor} a piece leaves for another's conditions.
     step_class, kind: the classification, once made.
   """
@@ -112,6 +114,7 @@ class Step:
   replica_state: list = dataclasses.field(default_factory=list)
   replica_mean: list = dataclasses.field(default_factory=list)
   regrad: Any = None
+  row_losses: Any = None
   findings: dict = dataclasses.field(default_factory=dict)
   step_class: tf.Tensor = None
   kind: tf.Tensor = None
