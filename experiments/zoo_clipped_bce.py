@@ -21,8 +21,12 @@ batch with its data position), with no rollback, no learning-rate cut and no
 recovery budget spent. When `guard.rollback_after=3` bad batches come in a
 row, triage replays the last one from the same state and runs its rows one
 by one: some rows non-finite and the others finite means bad data, still
-quarantined. The run completes: in 300 steps ~74 batches quarantined, lr
-scale 1, no rollback (before: 72 skipped steps and 2 rollbacks that halved
+quarantined. Once a quarantined batch is shown bound to its rows (the row
+probe: those rows alone non-finite), the scalar loss is evaluated per row
+whenever it is not finite, and the step trains on the finite rows
+(`row_losses`, then `dropped_examples`). The run completes: in 300 steps 10
+batches quarantined and 53 rows dropped, lr scale 1, no rollback (before
+the row remedy: 74 batches quarantined; before that: 72 skipped steps and 2 rollbacks that halved
 the learning rate twice without curing anything; with 3% bad rows the budget
 ran out and the run stopped with exit code 3). Only when bad batches become
 frequent (`recovery.bad_batch_rate`, 30%) are they treated as a diverging
@@ -32,8 +36,8 @@ Run:
   safetrain --config=experiments/zoo_clipped_bce.py --workdir=runs/zoo_bce
 
 What to expect: exit code 0; `WORKDIR/incidents.jsonl` has `nonfinite_loss`
-incidents (one `quarantined_batch` record per loop, with the count) and no
-rollback; `WORKDIR/quarantine.jsonl` lists the batches. The real fix
+incidents (one `quarantined_batch` record per loop, with the count, one
+`row_losses`, then `dropped_examples`) and no rollback; `WORKDIR/quarantine.jsonl` lists the batches. The real fix
 is to clip to [eps, 1 - eps], or better to drop the sigmoid and use
 `keras.losses.BinaryCrossentropy(from_logits=True)`:
 `--config=experiments/zoo_clipped_bce.py:fixed` does that and never sees a
@@ -42,7 +46,7 @@ loss stays higher, ~0.6: the outlier rows have huge but finite losses, and
 the spike detector may skip the odd batch with one as a `loss_spike`).
 
 Short variant for tests: `--config=experiments/zoo_clipped_bce.py:smoke`
-(100 steps; ~17 batches quarantined, no rollback).
+(100 steps; 2 batches quarantined, 10 rows dropped, no rollback).
 """
 
 import keras

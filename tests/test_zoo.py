@@ -100,18 +100,26 @@ def test_relu_unscaled_plain_keras_goes_nan():
 # --------------------------------------------------------------- 3: clipped BCE
 
 
-def test_clipped_bce_quarantines_nan_batches_without_rollback_or_lr_cut(tmp_path):
+def test_clipped_bce_quarantines_nan_batches_then_drops_their_rows(tmp_path):
   trainer, result = fit(zoo_clipped_bce, "smoke", tmp_path)
   assert result.step == 100
-  # The weights stay healthy and the next batches train: each NaN batch is a
-  # bad batch, skipped and quarantined; no rollback, no learning-rate cut.
-  assert kinds_actions(result.incidents) == {("nonfinite_loss", "quarantined_batch")}
+  # The weights stay healthy and the next batches train: the first NaN
+  # batches are bad batches, skipped and quarantined; once one is shown
+  # bound to its rows, the scalar loss is evaluated per row and the bad rows
+  # are dropped. No rollback, no learning-rate cut.
+  assert kinds_actions(result.incidents) == {
+    ("nonfinite_loss", "quarantined_batch"),
+    ("nonfinite_loss", "row_losses"),
+    ("nonfinite_loss", "dropped_examples"),
+  }
   assert all(i["cause"] == "bad_batch" for i in result.incidents)
   assert result.rollbacks == 0 and result.lr_scale == 1.0
-  assert result.quarantined == result.skipped_steps > 0
+  # Before the remedy ~17 batches of the smoke run were quarantined.
+  assert 0 < result.quarantined == result.skipped_steps <= 5
+  assert result.examples_dropped >= 5
   quarantined = records(tmp_path, "quarantine.jsonl")
-  assert len(quarantined) == result.quarantined
-  assert all(q["action"] == "quarantined_batch" and q["position"] >= 0 for q in quarantined)
+  skipped = [q for q in quarantined if q["action"] == "quarantined_batch"]
+  assert len(skipped) == result.quarantined and all(q["position"] >= 0 for q in skipped)
   assert all_finite(trainer)
   assert result.eval_metrics["accuracy"] > 0.85
 

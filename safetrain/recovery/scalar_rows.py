@@ -107,7 +107,8 @@ class ScalarRows:
       lr_scale_before=lr,
       lr_scale_after=lr,
       diagnosis=(
-        f"compute_loss returns a scalar that is non-finite on rows {shown} of this batch alone "
+        f"compute_loss returns a scalar that is non-finite on {'rows' if len(rows) > 1 else 'row'} "
+        f"{shown} of this batch alone "
         "and finite on the others: from now on a non-finite loss is evaluated on each row "
         "alone and the step trains on the finite rows (at most guard.max_dropped_examples of a "
         "batch dropped), as a per-example loss would be; the compiled loop is traced again "
