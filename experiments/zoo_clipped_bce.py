@@ -37,7 +37,8 @@ Run:
 
 What to expect: exit code 0; `WORKDIR/incidents.jsonl` has `nonfinite_loss`
 incidents (one `quarantined_batch` record per loop, with the count, one
-`row_losses`, then `dropped_examples`) and no rollback; `WORKDIR/quarantine.jsonl` lists the batches. The real fix
+`row_losses`, then `dropped_examples`) and no rollback;
+`WORKDIR/quarantine.jsonl` lists the batches. The real fix
 is to clip to [eps, 1 - eps], or better to drop the sigmoid and use
 `keras.losses.BinaryCrossentropy(from_logits=True)`:
 `--config=experiments/zoo_clipped_bce.py:fixed` does that and never sees a

@@ -22,8 +22,9 @@ With the growth check off (`:no_growth`), the units die, and the dead-unit
 check catches it: once per inner loop it runs the first training batch
 through the model and counts the units of each ReLU layer that output zero
 on every row. A layer whose units are all dead is a `dead_units` incident,
-recovered like a diverging state: rollback (from disk: the newest in-memory
-snapshots may already be half dead) with the learning rate halved, and a
+recovered like a run that stopped learning: rollback (from disk: the newest
+in-memory snapshots may already be half dead) with a lower learning rate
+chosen by the rate probe (see zoo_not_learning), and a
 diagnosis naming the layer, the fraction of dead units and the learning rate
 ("layer hidden3 (Dense, relu): 64 of 64 units (100%) output zero on every row
 of the first training batch ...; learning rate 1 ...").

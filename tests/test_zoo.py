@@ -17,10 +17,13 @@ import keras
 import linear_regression
 import numpy as np
 import pytest
+import zoo_batchnorm_outliers
 import zoo_clipped_bce
 import zoo_dead_relu
 import zoo_fp16_overflow
+import zoo_glm_exp
 import zoo_nan_data
+import zoo_not_learning
 import zoo_relu_unscaled
 import zoo_rnn_exploding
 import zoo_wide_healthy
@@ -325,7 +328,9 @@ def test_dead_relu_units_are_caught_and_the_layer_named(tmp_path):
   first = rollbacks[0]["diagnosis"]
   assert "layer hidden3 (Dense, relu)" in first and "(100%)" in first
   assert "learning rate 1 " in first
-  assert result.lr_scale == 0.5 ** len(rollbacks) < 1
+  # The rate probe chose the lower rate (from the restored state).
+  assert "probe" in rollbacks[0]
+  assert result.lr_scale == pytest.approx(rollbacks[-1]["lr_scale_after"]) and result.lr_scale < 1
   # Alive again: the model no longer predicts one value.
   _, y = zoo_dead_relu.make_data(1024, trainer.config.seed + 1)
   assert result.eval_metrics["loss"] < 0.9 * float(np.var(y))
@@ -346,3 +351,84 @@ def test_dead_relu_plain_keras_learns_nothing():
   )
   # Broken in any way: non-finite, or no better than predicting the mean.
   assert not np.isfinite(loss) or loss > 0.9 * float(np.var(y)), loss
+
+
+# ------------------------------------------------------------ 9: not learning
+
+
+def test_not_learning_rate_probe_finds_a_rate_that_learns(tmp_path):
+  trainer, result = fit(zoo_not_learning, "smoke", tmp_path)
+  assert result.step == 200 and all_finite(trainer)
+  (rollback,) = [i for i in result.incidents if i["action"] == "rollback"]
+  assert rollback["kind"] == "not_learning" and rollback["cause"] == "not_learning"
+  trials = rollback["probe"]
+  assert [t["lr_scale"] for t in trials] == pytest.approx([0.5, 0.1, 0.02])
+  best = min(trials, key=lambda t: t["loss"])
+  assert result.lr_scale == pytest.approx(best["lr_scale"])
+  _, y = zoo_not_learning.make_data(4096, 0)
+  assert result.loss < 0.1 * float(np.var(y))
+
+
+def test_not_learning_plain_keras_finishes_no_better_than_the_mean():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_not_learning.make_data(4096, 0)
+  loss, model = plain_keras(
+    zoo_not_learning.make_model(), keras.optimizers.Adam(3.0), "mse", x, y, steps=120
+  )
+  assert weights_finite(model) and np.isfinite(loss)
+  assert loss > 0.9 * float(np.var(y)), loss
+
+
+# ---------------------------------------------------- 10: a GLM broken at once
+
+
+def test_glm_exp_stops_at_once_with_the_failure_present_from_the_start(tmp_path):
+  with pytest.raises(safetrain.DivergenceError) as err:
+    fit(zoo_glm_exp, "smoke", tmp_path)
+  (abort,) = [i for i in records(tmp_path, "incidents.jsonl") if i["action"] == "abort"]
+  assert abort["step"] == 1 and abort["cause"] == "present_from_start"
+  assert abort["lr_scale_after"] == 1.0
+  assert not [i for i in records(tmp_path, "incidents.jsonl") if i["action"] == "rollback"]
+  assert "Exp op" in err.value.diagnosis and "not normalized" in err.value.diagnosis
+  assert "learning_rate" not in err.value.diagnosis.split("Stopping because")[1]
+
+
+def test_glm_exp_scaled_control_has_no_incident(tmp_path):
+  _, result = fit(zoo_glm_exp, "smoke,scaled", tmp_path)
+  assert result.incidents == [] and result.step == 100
+
+
+def test_glm_exp_plain_keras_goes_nan():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_glm_exp.make_data(4096, 0)
+  loss, model = plain_keras(
+    zoo_glm_exp.make_model(), keras.optimizers.Adam(1e-2), "poisson", x, y, batch_size=64
+  )
+  assert_broken(loss, model)
+
+
+# ------------------------------------------- 11: outliers poison BatchNorm
+
+
+def test_batchnorm_outliers_are_quarantined_and_the_statistics_stay_finite(tmp_path):
+  trainer, result = fit(zoo_batchnorm_outliers, "smoke", tmp_path)
+  assert result.step == 60 and all_finite(trainer)
+  assert kinds_actions(result.incidents) == {("nonfinite_state", "quarantined_batch")}
+  assert result.rollbacks == 0 and result.lr_scale == 1.0
+  positions = [q["position"] for q in records(tmp_path, "quarantine.jsonl")]
+  assert positions == list(zoo_batchnorm_outliers.POISONED)
+  assert np.isfinite(result.eval_metrics["loss"]) and result.eval_metrics["loss"] < 0.5
+
+
+def test_batchnorm_outliers_plain_keras_poisons_the_statistics():
+  keras.utils.set_random_seed(0)
+  x, y = zoo_batchnorm_outliers.make_data(2048, 0)
+  model = zoo_batchnorm_outliers.make_model()
+  model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+  model.fit(x[: 32 * 30], y[: 32 * 30], batch_size=32, epochs=1, shuffle=False, verbose=0)
+  bn = model.layers[1]
+  assert not np.all(np.isfinite(bn.moving_variance.numpy()))
+  # Inference divides by an infinite variance: one constant (or NaN) for every input.
+  clean, _ = zoo_batchnorm_outliers.make_data(256, 1, poisoned=())
+  pred = model.predict(clean, verbose=0)
+  assert not np.all(np.isfinite(pred)) or float(np.std(pred)) < 1e-6

@@ -231,12 +231,14 @@ class Response:
         cause=kinds.NOT_LEARNING,
         why="its running loss is no better than the trivial predictor's",
         diagnosis=decision.finding.diagnosis,
+        probe=True,
       )
     elif decision.cause == "not_learning":
       roll_back(
         decision.kind,
         why="the run stopped learning without a non-finite value",
         diagnosis=decision.finding.diagnosis,
+        probe=True,
       )
 
   def _precision_fixed(self) -> bool:

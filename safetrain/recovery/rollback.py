@@ -209,6 +209,7 @@ class Recovery:
     cause: str = kinds.DIVERGING_STATE,
     why: str = "",
     diagnosis: str | None = None,
+    probe: bool = False,
   ) -> None:
     """Rolls back a diverging state to a healthy one with a lower learning
     rate, or raises DivergenceError when the budget or the rate is spent.
@@ -218,6 +219,8 @@ class Recovery:
       cause: recorded as the incident's `cause`.
       why: the evidence for the cause, one sentence (the incident's `why`).
       diagnosis: what was found; by default forensics on the offending batch.
+      probe: the rate probe chooses the lower rate (a run that stopped
+        learning, rolled back from disk), else lr_backoff's cut.
     """
     p, s = self.policy, self.state
     at_step = int(self.run.step.numpy()) + 1
@@ -251,7 +254,7 @@ class Recovery:
     if p.rewarm_steps:
       s.rewarm_start.assign(restored_step)  # before a probe: its trials re-warm alike
     probed = {}
-    if cause == kinds.NOT_LEARNING and self.probe is not None and not target.in_memory:
+    if probe and self.probe is not None and not target.in_memory:
       lr_after, probed = self._probe(lr_before, target, restored_step, lr_after)
     skipped = 0
     if p.data == "skip":
