@@ -584,6 +584,15 @@ def put_back(variables: list, values: list) -> None:
     var.assign(value)
 
 
+def select(variables: list, keep: tf.Tensor, before: list) -> None:
+  """Keeps each variable's current value where `keep` (a bool scalar), else
+  assigns back its value `before`: a skip without a branch. `tf.where` picks
+  one side exactly, so the NaN an update wrote on a skipped step never
+  reaches the other."""
+  for var, old in zip(variables, before):
+    var.assign(tf.where(keep, tf.convert_to_tensor(var), old))
+
+
 def all_finite(variables: list) -> tf.Tensor:
   """Whether every floating-point variable holds only finite values."""
   flags = [
