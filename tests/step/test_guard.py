@@ -54,7 +54,8 @@ def test_nan_gradient_at_step_k_is_skipped_and_nothing_else_changes(tmp_path):
   assert lr_hit == lr_clean
 
 
-def test_skipped_step_restores_batchnorm_statistics(tmp_path):
+@pytest.mark.parametrize("skip_update", ["cond", "select"])
+def test_skipped_step_restores_batchnorm_statistics(tmp_path, skip_update):
   class BNTrainer(OrderedTrainer):
     def build_model(self):
       import keras
@@ -63,7 +64,7 @@ def test_skipped_step_restores_batchnorm_statistics(tmp_path):
         [keras.Input((4,)), keras.layers.BatchNormalization(), keras.layers.Dense(1)]
       )
 
-  c = tiny_config(**{"train.steps": 3, "train.steps_per_loop": 3})
+  c = tiny_config(**{"train.steps": 3, "train.steps_per_loop": 3, "train.skip_update": skip_update})
   c.drill.input_steps = "2"
   c.drill.input_rows = 16  # the whole batch: nothing left, the batch is skipped
   t = BNTrainer(c, str(tmp_path))
