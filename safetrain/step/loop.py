@@ -192,7 +192,11 @@ class GuardedLoop:
     """
     ctx = tf.distribute.get_replica_context()
     step = piece_lib.Step(
-      batch=self.drill.corrupt_inputs(batch, attempt), ctx=ctx, attempt=attempt, carried=carried
+      batch=self.drill.corrupt_inputs(batch, attempt),
+      ctx=ctx,
+      attempt=attempt,
+      carried=carried,
+      branchless=self.skip_update == "select",
     )
     step.skip = tf.constant(False)
     for p in self.pieces:
@@ -212,7 +216,7 @@ class GuardedLoop:
     for p in self.pieces:
       p.gradients(step)
     self._all_reduce(step)
-    step.grads_finite, step.norm = guard.finite_and_norm(step.grads)
+    step.grads_finite, step.norm = guard.finite_and_norm(step.grads, branchless=step.branchless)
 
     step.step_class, step.kind = self.pieces.classify(step)
     good = step.step_class == kinds.GOOD

@@ -96,6 +96,8 @@ class Step:
       backward pass again, for a piece that drops examples).
     findings: {name: tensor} a piece leaves for another's conditions.
     step_class, kind: the classification, once made.
+    branchless: `train.skip_update=select`: a hook selects rather than
+      branches where it can (each branch's predicate goes to the host on a GPU).
   """
 
   batch: Any
@@ -117,6 +119,7 @@ class Step:
   findings: dict = dataclasses.field(default_factory=dict)
   step_class: tf.Tensor = None
   kind: tf.Tensor = None
+  branchless: bool = False
 
   @property
   def replicas(self) -> int:

@@ -6,6 +6,7 @@ import tensorflow as tf
 from common import TinyTrainer, all_finite, regression_data, tiny_config, weights
 
 import safetrain
+from safetrain.step import guard
 from safetrain.step.loss_watch import SpikeDetector
 
 
@@ -314,3 +315,19 @@ def test_the_loss_watch_decides_the_same_in_a_graph_as_eagerly():
     )
     graph = verdicts(stats, tf.constant(loss))
     assert [bool(v) for v in eager] == [bool(v) for v in graph] == [growth, spike], loss
+
+
+@pytest.mark.parametrize(
+  "values",
+  [[1.0, -2.0], [3e30, 4e30], [1.0, float("nan")], [float("inf"), 1.0], [0.0, 0.0]],
+  ids=["finite", "squares_overflow", "nan", "inf", "zeros"],
+)
+def test_finite_and_norm_branchless_answers_as_the_branch(values):
+  grads = [tf.constant(values[:1]), tf.constant([[values[1]]])]
+  forms = [
+    tf.function(lambda g, b=b: guard.finite_and_norm(g, branchless=b))(grads) for b in (False, True)
+  ]
+  (f0, n0), (f1, n1) = [(bool(f), n.numpy()) for f, n in forms]
+  assert f0 == f1 and np.array_equal(n0, n1, equal_nan=True), (f0, n0, f1, n1)
+  if values == [3e30, 4e30]:
+    assert f0 and n0 == pytest.approx(5e30, rel=1e-6)

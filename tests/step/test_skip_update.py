@@ -14,6 +14,7 @@ from common import ROOT, TinyTrainer, tiny_config
 import safetrain
 from safetrain import trainer as trainer_lib
 from safetrain.core import config as config_lib
+from safetrain.step import per_example
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -224,3 +225,15 @@ def test_skip_update_is_validated():
   c = tiny_config(**{"train.skip_update": "where"})
   with pytest.raises(config_lib.ConfigError, match="train.skip_update"):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize("bad_rows", [[], [0], [3, 17, 31], list(range(0, 40, 2))], ids=len)
+def test_the_dropped_rows_are_named_alike_without_a_branch(bad_rows):
+  bad = np.zeros(40, bool)
+  bad[bad_rows] = True
+  bad = tf.constant(bad)
+  static = per_example._first_rows_static(bad).numpy().tolist()
+  expected = (bad_rows[: per_example.MAX_ROWS] + [-1] * per_example.MAX_ROWS)[
+    : per_example.MAX_ROWS
+  ]
+  assert static == expected == per_example._first_rows(bad).numpy().tolist()
