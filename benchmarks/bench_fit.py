@@ -31,6 +31,9 @@ per-step op budget the guard adds.
 --breakdown adds safetrain runs with one checkpoint only (at the end), then
 also spike detection off, then also the input check off: the end-to-end cost
 of each piece; and one with train.jit_compile (XLA) at defaults otherwise.
+--select adds safetrain with train.skip_update=select (the branchless
+apply-or-skip, auto's choice on a GPU) beside the default (auto: the cond on
+a CPU), and prints their ratio.
 """
 
 import argparse
@@ -60,6 +63,7 @@ from bench_step import (  # noqa: E402
 )
 
 import safetrain  # noqa: E402
+from safetrain import trainer as trainer_lib  # noqa: E402
 from safetrain.checkpoint import store as checkpointing  # noqa: E402
 from safetrain.step import loop as step_lib  # noqa: E402
 
@@ -190,6 +194,11 @@ def parser() -> argparse.ArgumentParser:
     help="also safetrain with one checkpoint (at the end), then spike detection, then the "
     "input check off: what each costs",
   )
+  p.add_argument(
+    "--select",
+    action="store_true",
+    help="also safetrain with train.skip_update=select (the branchless apply-or-skip)",
+  )
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
   p.add_argument(
     "--cold",
@@ -208,7 +217,11 @@ def main():
   devices = ", ".join(
     f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices()
   )
-  print(f"devices: {devices}; safetrain's train.jit_compile at its default")
+  skip = trainer_lib.skip_update("auto", jit_compile=safetrain.default_config().train.jit_compile)
+  print(
+    f"devices: {devices}; safetrain's train.jit_compile at its default, "
+    f"train.skip_update=auto: {skip}"
+  )
   measure(args)
   if args.cold:
     import bench_cold  # noqa: PLC0415 - only for --cold
@@ -222,6 +235,8 @@ def measure(args) -> None:
   clock = time.process_time if args.clock == "cpu" else time.perf_counter
   logging.set_verbosity(logging.WARNING)
   runs = {"hand": hand_fit, "safe": safe_fit, "keras": keras_fit}
+  if args.select:
+    runs["safe select"] = functools.partial(safe_fit, **{"train.skip_update": "select"})
   if args.breakdown:
     # Each guard piece turned off in turn, to price it end to end.
     one_save = {"checkpoint.every_steps": lambda steps: steps}
@@ -283,6 +298,13 @@ def measure(args) -> None:
     print(
       f"  safe fit / {other:5s} = {med[other] / med['safe']:.3f} (medians), {paired:.3f} "
       f"(median of per-round ratios)   target >= {target}"
+    )
+  if args.select:
+    pairs = zip(per_step["safe select"], per_step["safe"])
+    paired = statistics.median(sel / cond for sel, cond in pairs)
+    print(
+      f"  safe select / safe (time a step) = {med['safe select'] / med['safe']:.3f} (medians), "
+      f"{paired:.3f} (median of per-round ratios)"
     )
   print_split(splits, args.long - args.short)
   print(

@@ -49,6 +49,16 @@ from safetrain.training.actions import LoopRecord
 __all__ = ["FitResult", "LoopRecord", "Trainer"]
 
 
+def skip_update(choice: str, *, jit_compile: bool) -> str:
+  """`train.skip_update` resolved: "auto" is the select with a GPU visible or
+  under XLA (a cond's predicate is copied to the host there, each step) and
+  the cond on a CPU, where a predicate costs no copy and the select's copy of
+  the optimizer's state a step is the dearer (docs/speed.md)."""
+  if choice != "auto":
+    return choice
+  return "select" if jit_compile or tf.config.list_logical_devices("GPU") else "cond"
+
+
 class Trainer(TrainerHooks):
   """Trains a Keras model with guarded steps and automatic recovery.
 
@@ -319,6 +329,7 @@ class Trainer(TrainerHooks):
       metric_names=sorted(sample_metrics),
       jit_compile=c.train.jit_compile,
       train_metrics=self._train_metrics or None,
+      skip_update=skip_update(c.train.skip_update, jit_compile=c.train.jit_compile),
     )
     self._train_loop_fn = self._loop.function
     self._all_finite_fn = tf.function(self._loop.params_finite, autograph=False)

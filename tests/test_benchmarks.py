@@ -1,6 +1,7 @@
 """The benchmarks run: each contender of each benchmark for a step or two, so
 none of them rots when the library changes (their timings are not asserted)."""
 
+import functools
 import os
 import sys
 
@@ -38,30 +39,38 @@ def test_bench_step_prices_guard_pieces_with_valid_configs(tmp_path):
 
 
 # Data-dependent branches in safetrain's loop body (bench_fit's MLP at the
-# defaults), measured 2026-12-02: 5 conds in the step (the next batch, the
-# dirty-input path, the apply-or-skip, the per-example rerun, the stash), 6
-# nested in them. Keras fit's body has 2, the hand loop 0. On a GPU each
-# waits for its predicate on the host; the budget keeps new pieces from
-# adding to them unseen (and is lowered when the step goes sync-free).
+# defaults), measured 2026-12-02. Under train.skip_update=select, 7: three
+# conds a clean step passes (the input check, the per-example rerun, the
+# forensics stash) and four nested in their rare branches (the dirty batch's
+# bad columns of x and y and its kept rows, the rerun's empty-shard guard).
+# The cond form (auto's choice on a CPU) adds four: the apply-or-skip,
+# finite_and_norm's non-finite-norm path and its rescaled norm, the naming
+# of dropped rows: 11. Keras fit's body has 2, the hand loop 0. On a GPU
+# each waits for its predicate on the host; the budgets keep new pieces from
+# adding to them unseen.
 SAFE_BRANCH_BUDGET = 11
+SELECT_BRANCH_BUDGET = 7
 
 
 def test_bench_fit_contenders_run_and_count_loop_nodes_and_branches():
   nodes, branches = {}, {}
+  select = functools.partial(bench_fit.safe_fit, **{"train.skip_update": "select"})
   for name, fit in (
     ("hand", bench_fit.hand_fit),
     ("safe", bench_fit.safe_fit),
     ("keras", bench_fit.keras_fit),
+    ("select", select),
   ):
     seconds, nodes[name] = fit(bench_fit.STEPS_PER_LOOP)
     assert seconds > 0
-    branches[name] = bench_step.body_branches(fit.last_graph)
+    branches[name] = bench_step.body_branches(getattr(fit, "func", fit).last_graph)
   # Each loop body has the model's forward and backward pass at least; the
   # guarded one has more than the hand loop.
   assert 0 < nodes["hand"] < nodes["safe"] and nodes["keras"] > 0
   assert branches["hand"] == 0  # a plain step: no data-dependent branch
   assert branches["keras"] >= 0
   assert 0 < branches["safe"] <= SAFE_BRANCH_BUDGET, branches
+  assert branches["select"] < branches["safe"] and branches["select"] <= SELECT_BRANCH_BUDGET
 
 
 def test_bench_fit_splits_safetrains_time_between_loop_saves_and_host(capsys):

@@ -24,6 +24,7 @@ CLIP_MODES = ("fixed", "adaptive")
 LOCKS = ("auto", "flock", "lease")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 DRILL_VALUES = ("nan", "inf")
+SKIP_UPDATES = ("auto", "select", "cond")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,12 @@ def default_config() -> ml_collections.ConfigDict:
   # XLA for compute_loss and its gradient (the guard, update and loop stay
   # TensorFlow's): for GPUs; slower on a 2-core CPU. docs/speed.md.
   c.train.jit_compile = False
+  # How a step that is not good leaves the state: cond (the update in a
+  # tf.cond), select (the update always, the old values selected back with
+  # tf.where: no branch a GPU waits on the host for, one copy of the
+  # optimizer's state a step), or auto: select with a GPU or
+  # train.jit_compile, cond otherwise. docs/speed.md.
+  c.train.skip_update = "auto"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # 0: evaluate only at the end of fit().
@@ -338,6 +345,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _bool(config, "recovery.float32_fallback")
   _bool(config, "train.deterministic")
   _bool(config, "train.jit_compile")
+  _choice(config, "train.skip_update", SKIP_UPDATES)
   _int(config, "eval.every_steps", 0, MAX_STEPS)
   _int(config, "eval.steps", 0, MAX_STEPS)
   _choice(config, "optimizer.name", OPTIMIZERS)

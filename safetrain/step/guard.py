@@ -500,24 +500,39 @@ class InputPiece(piece.Piece):
     return InputCheck(seen, weight, skip, dropped, label_dropped, cause, state)
 
 
-def finite_and_norm(grads: list) -> tuple[tf.Tensor, tf.Tensor]:
+def finite_and_norm(grads: list, *, branchless: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
   """(all gradients finite, their global norm).
 
   The common case costs one norm: a finite norm proves every gradient finite.
   Only a non-finite norm pays for the element-wise check, and finite gradients
   whose squares overflow get a rescaled norm, never inf.
+
+  Args:
+    grads: the gradients.
+    branchless: compute the element-wise check and the rescaled norm on
+      every step and select (`train.skip_update=select`): the same answer,
+      a few passes over the gradients dearer, with no branch whose predicate
+      a GPU must copy to the host.
   """
   if not grads:
     return tf.constant(True), tf.constant(0.0)
   norm = tf.linalg.global_norm(grads)
 
+  def every_finite():
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+
+  def rescaled():
+    m = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in grads]))
+    return m * tf.linalg.global_norm([g / m for g in grads])
+
+  if branchless:
+    norm_finite = tf.math.is_finite(norm)
+    finite = norm_finite | every_finite()
+    # Where the rescaled norm is not wanted it may be NaN (m 0 or inf): unused.
+    return finite, tf.where(norm_finite, norm, tf.where(finite, rescaled(), norm))
+
   def slow():
-    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
-
-    def rescaled():
-      m = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(g)) for g in grads]))
-      return m * tf.linalg.global_norm([g / m for g in grads])
-
+    finite = every_finite()
     return finite, tf.cond(finite, rescaled, lambda: norm)
 
   return tf.cond(tf.math.is_finite(norm), lambda: (tf.constant(True), norm), slow)
@@ -582,6 +597,15 @@ def put_back(variables: list, values: list) -> None:
   """Assigns the values `snapshot` took back to the variables."""
   for var, value in zip(variables, values):
     var.assign(value)
+
+
+def select(variables: list, keep: tf.Tensor, before: list) -> None:
+  """Keeps each variable's current value where `keep` (a bool scalar), else
+  assigns back its value `before`: a skip without a branch. `tf.where` picks
+  one side exactly, so the NaN an update wrote on a skipped step never
+  reaches the other."""
+  for var, old in zip(variables, before):
+    var.assign(tf.where(keep, tf.convert_to_tensor(var), old))
 
 
 def all_finite(variables: list) -> tf.Tensor:

@@ -5,7 +5,9 @@ Read downward to follow one batch: `GuardedLoop._loop` (the while loop, traced
 once) -> `_attempt` (one attempt, folded into the loop state) ->
 `_replica_step` (a Keras-like train step with the registered guard pieces'
 hooks, on every replica) -> `_apply_or_skip` (cross-replica: the optimizer
-update on a good step; on any other, the state is left exactly as it was).
+update on a good step; on any other, the state is left exactly as it was,
+by a `tf.cond` or, under `skip_update="select"`, by the update run always
+and the old values selected back).
 
 Counters are carried through the loop as tensors and written to variables once
 per loop: per-step variable traffic is what makes a guarded loop slow.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Literal
 
 import keras
 import tensorflow as tf
@@ -25,6 +28,9 @@ from safetrain.step import per_example as examples
 from safetrain.step import piece as piece_lib
 from safetrain.step.drill import Drill
 from safetrain.step.registry import Pieces
+
+# How a step that is not good leaves the state (`train.skip_update` resolved).
+SKIP_UPDATES = ("cond", "select")
 
 
 class GuardedLoop:
@@ -56,6 +62,11 @@ class GuardedLoop:
     train_metrics: the stateful Keras metrics (`metrics.MetricSet`),
       updated on good steps only, or None; compute_loss then returns y_pred
       as a third element.
+    skip_update: `train.skip_update` resolved: "cond" runs the update in a
+      `tf.cond` on a good step only; "select" runs it on every step and keeps
+      the old value of every variable it (or the forward pass) wrote where
+      the step is not good, with `tf.where`: no branch whose predicate a GPU
+      must copy to the host, for a copy of the optimizer's state a step.
   """
 
   def __init__(
@@ -77,7 +88,10 @@ class GuardedLoop:
     metric_names: list[str],
     train_metrics=None,
     jit_compile: bool = False,
+    skip_update: Literal["cond", "select"] = "cond",
   ):
+    if skip_update not in SKIP_UPDATES:
+      raise ValueError(f"skip_update is one of {', '.join(SKIP_UPDATES)}, not {skip_update!r}")
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -93,6 +107,7 @@ class GuardedLoop:
     self.skip_keras_all_reduce = skip_keras_all_reduce
     self.metric_names = list(metric_names)
     self.train_metrics = train_metrics or None
+    self.skip_update = skip_update
     # Whether compute_loss returns a scalar (known once traced).
     self.scalar_loss: bool | None = None
     self.retrace()
@@ -179,7 +194,11 @@ class GuardedLoop:
     """
     ctx = tf.distribute.get_replica_context()
     step = piece_lib.Step(
-      batch=self.drill.corrupt_inputs(batch, attempt), ctx=ctx, attempt=attempt, carried=carried
+      batch=self.drill.corrupt_inputs(batch, attempt),
+      ctx=ctx,
+      attempt=attempt,
+      carried=carried,
+      branchless=self.skip_update == "select",
     )
     step.skip = tf.constant(False)
     for p in self.pieces:
@@ -201,7 +220,7 @@ class GuardedLoop:
     for p in self.pieces:
       p.gradients(step)
     self._all_reduce(step)
-    step.grads_finite, step.norm = guard.finite_and_norm(step.grads)
+    step.grads_finite, step.norm = guard.finite_and_norm(step.grads, branchless=step.branchless)
 
     step.step_class, step.kind = self.pieces.classify(step)
     good = step.step_class == kinds.GOOD
@@ -326,14 +345,39 @@ class GuardedLoop:
   def _apply_or_skip(self, strategy, step_class, grads, norm, nt_before, *, state_mean, apply_args):
     """Cross-replica: apply the update on a good step, else leave state as is.
 
-    The branch runs in cross-replica context because `apply_gradients` under
+    It runs in cross-replica context because `apply_gradients` under
     MirroredStrategy calls merge_call, which a cond in replica context cannot
     contain (the pattern of Keras's LossScaleOptimizer._tf_apply).
     """
     first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
     step_class, norm = first(step_class), first(norm)
     args = tf.nest.map_structure(first, apply_args)
-    variables = [self.model.trainable_variables[i] for i in self.present]
+    nt_before = [first(v) for v in nt_before]
+    update = functools.partial(self._update, strategy, grads, norm, state_mean, args)
+    if self.skip_update == "select":
+      self._select(step_class, update, nt_before)
+      return
+
+    def good():
+      update()
+      for p in self.pieces:
+        p.on_update(tf.constant(True), step_class)
+      return tf.constant(0)
+
+    def skip():
+      # A skipped step must not leave its mark in BatchNorm statistics or RNG
+      # state either: put back what the forward pass changed.
+      guard.put_back(self.model.non_trainable_variables, nt_before)
+      for p in self.pieces:
+        p.on_update(tf.constant(False), step_class)
+      return tf.constant(0)
+
+    tf.cond(step_class == kinds.GOOD, good, skip)
+
+  def _update(self, strategy, grads, norm, state_mean, args) -> None:
+    """The update of a good step: the optimizer's, on every replica (each
+    piece's `clip` first), and the replicas' mean BatchNorm statistics."""
+    variables = self._updated()
     n_rep = strategy.num_replicas_in_sync
 
     def apply_on_replica(grads, norm):
@@ -344,21 +388,31 @@ class GuardedLoop:
         grads = [g / n_rep for g in grads]
       self.optimizer.apply_gradients(zip(grads, variables))
 
-    def good():
-      if variables:
-        strategy.extended.call_for_each_replica(apply_on_replica, args=(grads, norm))
-      for var, value in zip(self.replica_state, state_mean):
-        var.assign(first(value))
-      for p in self.pieces:
-        p.on_apply()
-      return tf.constant(0)
+    if variables:
+      strategy.extended.call_for_each_replica(apply_on_replica, args=(grads, norm))
+    for var, value in zip(self.replica_state, state_mean):
+      var.assign(strategy.experimental_local_results(value)[0])
 
-    def skip():
-      # A skipped step must not leave its mark in BatchNorm statistics or RNG
-      # state either: put back what the forward pass changed.
-      guard.put_back(self.model.non_trainable_variables, [first(v) for v in nt_before])
-      for p in self.pieces:
-        p.on_skip(step_class)
-      return tf.constant(0)
+  def _updated(self) -> list:
+    """The trainable variables the optimizer updates (those with a gradient)."""
+    return [self.model.trainable_variables[i] for i in self.present]
 
-    tf.cond(step_class == kinds.GOOD, good, skip)
+  def _select(self, step_class, update, nt_before) -> None:
+    """The update on every step, then the old values kept where the step is
+    not good: every variable it writes (the updated weights, every optimizer
+    variable: slots, `iterations`) and every non-trainable one the forward
+    pass wrote (BatchNorm statistics, RNG state), with `tf.where`.
+
+    The old values are read values, which TensorFlow never changes in place
+    (an update copies a buffer still read), so they cost the optimizer's
+    update one copy of what it writes. A skipped step's update may compute
+    NaN (its gradients are not finite); the select never lets it through.
+    """
+    good = step_class == kinds.GOOD
+    written = self._updated() + list(self.optimizer.variables)
+    before = guard.snapshot(written)
+    update()
+    guard.select(written, good, before)
+    guard.select(self.model.non_trainable_variables, good, nt_before)
+    for p in self.pieces:
+      p.on_update(good, step_class)

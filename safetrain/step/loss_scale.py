@@ -75,43 +75,44 @@ class DynamicLossScale(tf.Module):
   def at_floor(self) -> tf.Tensor:
     return self.scale <= self.min_scale
 
-  def update(self, grads_finite: tf.Tensor) -> None:
+  def update(self, grads_finite: tf.Tensor, counted: tf.Tensor | bool = True) -> None:
     """Updates the scale after a step whose loss was finite.
 
     Called inside the compiled step. `grads_finite` False is an overflow: the
     hysteresis budget is spent first, then the scale drops (never under the
-    floor). True counts towards growth.
+    floor). True counts towards growth. `counted` False (a step skipped for
+    another reason) leaves the state as it is.
+
+    Arithmetic and selects, no branch: the step's apply-or-skip calls it on
+    every attempt under `train.skip_update=select`, where a `tf.cond` would
+    make a GPU wait for its predicate on the host.
     """
     if not self.enabled:
       return
-
-    def on_good():
-      grown = self.good_steps + 1
-
-      def grow():
-        self.scale.assign(tf.minimum(self.scale * self.growth_factor, self.max_scale))
-        self.good_steps.assign(0)
-        self.hysteresis_left.assign(self.hysteresis)
-        return tf.constant(True)
-
-      def count():
-        self.good_steps.assign(grown)
-        return tf.constant(False)
-
-      return tf.cond(grown >= self.growth_interval, grow, count)
-
-    def on_overflow():
-      self.good_steps.assign(0)
-      left = self.hysteresis_left - 1
-      self.hysteresis_left.assign(tf.maximum(left, 0))
-
-      def drop():
-        self.scale.assign(tf.maximum(self.scale * self.backoff_factor, self.min_scale))
-        return tf.constant(True)
-
-      return tf.cond(left <= 0, drop, lambda: tf.constant(False))
-
-    tf.cond(grads_finite, on_good, on_overflow)
+    finite = tf.convert_to_tensor(grads_finite)
+    counted = tf.convert_to_tensor(counted)
+    scale = self.scale.read_value()
+    good_steps = self.good_steps.read_value()
+    left = self.hysteresis_left.read_value()
+    grown = good_steps + 1
+    grow = finite & (grown >= self.growth_interval)
+    spent = left - 1
+    drop = ~finite & (spent <= 0)
+    new_scale = tf.where(
+      grow,
+      tf.minimum(scale * self.growth_factor, self.max_scale),
+      tf.where(drop, tf.maximum(scale * self.backoff_factor, self.min_scale), scale),
+    )
+    # A growth and an overflow both restart the count of good steps.
+    new_good = tf.where(finite & ~grow, grown, tf.zeros_like(grown))
+    new_left = tf.where(
+      grow,
+      tf.constant(self.hysteresis, tf.int64),
+      tf.where(finite, left, tf.maximum(spent, 0)),
+    )
+    self.scale.assign(tf.where(counted, new_scale, scale))
+    self.good_steps.assign(tf.where(counted, new_good, good_steps))
+    self.hysteresis_left.assign(tf.where(counted, new_left, left))
 
 
 class LossScalePiece(piece.Piece):
@@ -151,12 +152,7 @@ class LossScalePiece(piece.Piece):
       piece.Condition(self.order + 0.5, kinds_lib.OVERFLOW, None, overflow),
     ]
 
-  def on_apply(self):
-    self.scale.update(tf.constant(True))
-
-  def on_skip(self, step_class):
-    tf.cond(
-      step_class == kinds_lib.OVERFLOW,
-      lambda: self.scale.update(tf.constant(False)),
-      lambda: None,
-    )
+  def on_update(self, applied, step_class):
+    # A good step counts towards growth, an overflow spends hysteresis or
+    # drops the scale; any other skipped step leaves the scale alone.
+    self.scale.update(applied, counted=applied | (step_class == kinds_lib.OVERFLOW))

@@ -58,7 +58,13 @@ class Masked(NamedTuple):
 
 
 def masked_mean(
-  losses: tf.Tensor, *, valid: tf.Tensor | None, ctx, max_fraction: float, name_rows: bool
+  losses: tf.Tensor,
+  *,
+  valid: tf.Tensor | None,
+  ctx,
+  max_fraction: float,
+  name_rows: bool,
+  branchless: bool = False,
 ) -> Masked:
   """The mean over the finite examples, over all replicas.
 
@@ -70,6 +76,8 @@ def masked_mean(
     max_fraction: `guard.max_dropped_examples`.
     name_rows: whether the dropped rows are worth naming (one replica only:
       with several, row numbers are shard-local).
+    branchless: name them without a branch (`train.skip_update=select`):
+      the same rows, by a top-k over the batch on every step.
   """
   finite = tf.math.is_finite(losses)
   ok = finite if valid is None else tf.logical_and(finite, valid)
@@ -83,7 +91,9 @@ def masked_mean(
   lost = (total_ok <= 0) | (bad > max_fraction * total)
   mean = tf.reduce_sum(tf.where(ok, losses, 0.0)) / tf.maximum(total_ok, 1.0)
   any_bad = tf.logical_not(tf.reduce_all(finite))
-  if name_rows:
+  if name_rows and branchless:
+    rows = _first_rows_static(tf.logical_not(finite))
+  elif name_rows:
     rows = tf.cond(
       any_bad,
       lambda: _first_rows(tf.logical_not(finite)),
@@ -105,6 +115,15 @@ def masked_mean(
 def _first_rows(bad: tf.Tensor) -> tf.Tensor:
   idx = tf.cast(tf.where(bad)[:MAX_ROWS, 0], tf.int32)
   return tf.pad(idx, [[0, MAX_ROWS - tf.size(idx)]], constant_values=-1)
+
+
+def _first_rows_static(bad: tf.Tensor) -> tf.Tensor:
+  """`_first_rows` with static shapes (no `tf.where` of a mask, whose size a
+  GPU reports to the host): the MAX_ROWS smallest indices of bad rows."""
+  n = tf.size(bad)
+  key = tf.concat([tf.where(bad, tf.range(n), n), tf.fill([MAX_ROWS], n)], 0)
+  first = -tf.math.top_k(-key, k=MAX_ROWS).values
+  return tf.where(first < n, first, -1)
 
 
 def masked_batch(batch, ok: tf.Tensor):
@@ -154,6 +173,7 @@ class PerExamplePiece(piece.Piece):
       ctx=step.ctx,
       max_fraction=self.max_fraction,
       name_rows=step.replicas == 1,
+      branchless=step.branchless,
     )
     # A batch the input guard skips drops no examples either.
     masked = masked._replace(

@@ -26,8 +26,10 @@ replica step calls them (replica context unless said otherwise):
 - `outcome(step)`: what the piece folds into its loop-carried state;
 - `apply_args(step)` / `clip(grads, norm, args)`: what the update needs,
   and the gradients it applies (cross-replica, per replica, on a good step);
-- `on_apply()` / `on_skip(step_class)`: cross-replica, after the update or
-  in the skipped branch.
+- `on_update(applied, step_class)`: cross-replica, once an attempt after the
+  update was applied (`applied` True) or skipped: the piece's own
+  bookkeeping of it, written without a branch (`applied` is a constant in
+  the cond form of `train.skip_update`, a tensor in the select form).
 
 Loop-carried state (named, never positional): `carry()` reads it from the
 piece's variables at the start of a loop, `fold(carried, outcome, core)`
@@ -96,6 +98,8 @@ class Step:
       (inference mode), for a piece that finds the bad rows of a scalar loss.
     findings: {name: tensor} a piece leaves for another's conditions.
     step_class, kind: the classification, once made.
+    branchless: `train.skip_update=select`: a hook selects rather than
+      branches where it can (each branch's predicate goes to the host on a GPU).
   """
 
   batch: Any
@@ -118,6 +122,7 @@ class Step:
   findings: dict = dataclasses.field(default_factory=dict)
   step_class: tf.Tensor = None
   kind: tf.Tensor = None
+  branchless: bool = False
 
   @property
   def replicas(self) -> int:
@@ -188,11 +193,11 @@ class Piece:
     """The gradients the update applies (cross-replica, per replica)."""
     return grads
 
-  def on_apply(self) -> None:
-    pass
-
-  def on_skip(self, step_class: tf.Tensor) -> None:
-    pass
+  def on_update(self, applied: tf.Tensor, step_class: tf.Tensor) -> None:
+    """After the update (cross-replica): `applied` (bool) whether it was kept,
+    `step_class` the step's class. Select, never branch: under
+    `train.skip_update=select` it runs on every attempt, and a `tf.cond`
+    here would make a GPU wait for its predicate on the host."""
 
   # ------------------------------------------ loop-carried state
   def carry(self) -> Any:

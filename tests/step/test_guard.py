@@ -6,6 +6,7 @@ import tensorflow as tf
 from common import TinyTrainer, all_finite, regression_data, tiny_config, weights
 
 import safetrain
+from safetrain.step import guard
 from safetrain.step.loss_watch import SpikeDetector
 
 
@@ -54,7 +55,8 @@ def test_nan_gradient_at_step_k_is_skipped_and_nothing_else_changes(tmp_path):
   assert lr_hit == lr_clean
 
 
-def test_skipped_step_restores_batchnorm_statistics(tmp_path):
+@pytest.mark.parametrize("skip_update", ["cond", "select"])
+def test_skipped_step_restores_batchnorm_statistics(tmp_path, skip_update):
   class BNTrainer(OrderedTrainer):
     def build_model(self):
       import keras
@@ -63,7 +65,7 @@ def test_skipped_step_restores_batchnorm_statistics(tmp_path):
         [keras.Input((4,)), keras.layers.BatchNormalization(), keras.layers.Dense(1)]
       )
 
-  c = tiny_config(**{"train.steps": 3, "train.steps_per_loop": 3})
+  c = tiny_config(**{"train.steps": 3, "train.steps_per_loop": 3, "train.skip_update": skip_update})
   c.drill.input_steps = "2"
   c.drill.input_rows = 16  # the whole batch: nothing left, the batch is skipped
   t = BNTrainer(c, str(tmp_path))
@@ -313,3 +315,19 @@ def test_the_loss_watch_decides_the_same_in_a_graph_as_eagerly():
     )
     graph = verdicts(stats, tf.constant(loss))
     assert [bool(v) for v in eager] == [bool(v) for v in graph] == [growth, spike], loss
+
+
+@pytest.mark.parametrize(
+  "values",
+  [[1.0, -2.0], [3e30, 4e30], [1.0, float("nan")], [float("inf"), 1.0], [0.0, 0.0]],
+  ids=["finite", "squares_overflow", "nan", "inf", "zeros"],
+)
+def test_finite_and_norm_branchless_answers_as_the_branch(values):
+  grads = [tf.constant(values[:1]), tf.constant([[values[1]]])]
+  forms = [
+    tf.function(lambda g, b=b: guard.finite_and_norm(g, branchless=b))(grads) for b in (False, True)
+  ]
+  (f0, n0), (f1, n1) = [(bool(f), n.numpy()) for f, n in forms]
+  assert f0 == f1 and np.array_equal(n0, n1, equal_nan=True), (f0, n0, f1, n1)
+  if values == [3e30, 4e30]:
+    assert f0 and n0 == pytest.approx(5e30, rel=1e-6)

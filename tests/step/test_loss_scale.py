@@ -74,3 +74,34 @@ def test_checkpoint_round_trip(tmp_path):
   other = make()
   tf.train.Checkpoint(ls=other).restore(path).assert_consumed()
   assert (other.scale.numpy(), other.good_steps.numpy(), other.hysteresis_left.numpy()) == saved
+
+
+def reference(pattern, *, initial=8.0, interval=3, hysteresis=2, lo=1.0, hi=32.0):
+  """The rule as the nested conds it once was, in Python: g a good step, o
+  an overflow, s a step skipped for another reason (not counted)."""
+  scale, good, left, out = initial, 0, hysteresis, []
+  for ch in pattern:
+    if ch == "g":
+      good += 1
+      if good >= interval:
+        scale, good, left = min(scale * 2.0, hi), 0, hysteresis
+    elif ch == "o":
+      good, left = 0, left - 1
+      if left <= 0:
+        scale = max(scale * 0.5, lo)
+      left = max(left, 0)
+    out.append((scale, good, left))
+  return out
+
+
+def test_the_branchless_update_follows_the_rule_step_by_step():
+  ls = make()
+  update = tf.function(ls.update)
+  pattern = "gsgoogggsgooogsggggggggggoogogssggg" + "o" * 6 + "g" * 9
+  seen = []
+  for ch in pattern:
+    update(tf.constant(ch == "g"), tf.constant(ch != "s"))
+    seen.append(
+      (float(ls.scale.numpy()), int(ls.good_steps.numpy()), int(ls.hysteresis_left.numpy()))
+    )
+  assert seen == reference(pattern)
