@@ -290,7 +290,9 @@ class Controller:
       )
     rows_remedy = scalar_rows.ScalarRows(
       ctx=self._forensics,
-      piece=self._loop.pieces.get("per_example"),
+      piece=self._loop.pieces.get("per_example")
+      if self.config.recovery.scalar_rows and self.config.recovery.enabled
+      else None,
       scalar_loss=lambda: self._loop.scalar_loss,
       single_replica=self._strategy.num_replicas_in_sync == 1,
       retrace=self._retrace,

@@ -192,6 +192,12 @@ def default_config() -> ml_collections.ConfigDict:
   # before a rollback) computes in float32 instead, when an eager replay
   # shows that makes the step finite: no rollback, no learning-rate cut.
   c.recovery.float32_fallback = True
+  # A compute_loss returning a scalar that a batch's rows make non-finite
+  # (shown by the row probe: those rows alone non-finite, the others
+  # finite): from then on a non-finite scalar loss is evaluated per row in
+  # the step and the step trains on the finite rows (guard.drop_examples and
+  # guard.max_dropped_examples, as for per-example losses).
+  c.recovery.scalar_rows = True
   c.recovery.lr_backoff = 0.5
   c.recovery.min_lr_scale = 1.0 / 64
   # A `not_learning` rollback chooses its rate by a probe: from the restored
@@ -343,6 +349,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "train.histogram_every_steps", 0, MAX_STEPS)
   _bool(config, "train.repeat_data")
   _bool(config, "recovery.float32_fallback")
+  _bool(config, "recovery.scalar_rows")
   _bool(config, "train.deterministic")
   _bool(config, "train.jit_compile")
   _choice(config, "train.skip_update", SKIP_UPDATES)
