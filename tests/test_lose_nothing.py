@@ -245,10 +245,19 @@ def test_kill9_at_the_first_write_of_a_rollback_then_a_bit_exact_finish(
   (escalated) rollback, timed by polling checkpoints/ in a tight loop: the
   first rollback is committed (rollback.json, no model saved), the second's
   side state half written. The restart applies the first, redoes the second,
-  and ends bit-identical to an uninterrupted run."""
-  traces, text = _rollback_drill(tmp_path, rollback_reference, [("change", 2)])
-  assert any(n.startswith("rollback-") for n in traces[0]["first_change"]), traces
-  assert traces[0]["rollback"]["base"] == 20  # still the first rollback's commit
+  and ends bit-identical to an uninterrupted run.
+
+  The kill races the rollback's few milliseconds of writes: on a loaded
+  machine the poller may see the first change only after the commit. Every
+  try must end bit-identical; the drill is tried again (up to 3 times) until
+  the kill lands between the first write and the commit."""
+  for attempt in range(3):
+    (tmp_path / f"try{attempt}").mkdir()
+    traces, text = _rollback_drill(tmp_path / f"try{attempt}", rollback_reference, [("change", 2)])
+    assert any(n.startswith("rollback-") for n in traces[0]["first_change"]), traces
+    if traces[0]["rollback"]["base"] == 20:  # still the first rollback's commit
+      break
+  assert traces[0]["rollback"]["base"] == 20, "the kill never landed before the commit"
   assert "applied the state of the rollback to ckpt-20" in text
 
 
