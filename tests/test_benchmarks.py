@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_distribute  # noqa: E402
 import bench_fit  # noqa: E402
+import bench_models  # noqa: E402
 import bench_step  # noqa: E402
 
 
@@ -107,3 +108,29 @@ def test_bench_cold_runs_each_contender_in_a_fresh_process():
   parts = ("build", "trace", "first graph optimisation", "loop runs", "rest")
   assert all(safe[p] >= 0 for p in parts) and safe["trace"] > 0
   assert abs(sum(safe[p] for p in parts) - safe["total"]) < 1e-6
+
+
+def test_bench_models_builds_each_model_on_its_data_and_refuses_unknown_names():
+  """The GPU matrix's pieces, cheaply: each model takes its synthetic batch
+  and gives the shape its loss expects (the fits themselves: the slow test)."""
+  for model in bench_models.MODELS:
+    net = bench_models.build(model, image=32)
+    x, y = next(iter(bench_models.dataset(model, image=32, batch=2)))
+    out = net(x)
+    assert out.shape[0] == 2 and out.shape[-1] == (
+      bench_models.VOCAB if model == "transformer" else 10
+    )
+    assert y.shape[:1] == (2,)
+  with pytest.raises(SystemExit, match="resnet9"):
+    bench_models.main(["--models", "resnet9"])
+
+
+@pytest.mark.slow
+def test_bench_models_runs_the_transformer_in_both_precisions():
+  rows = bench_models.main(
+    "--models transformer --short 2 --long 4 --batch 8 --steps-per-loop 2".split()
+  )
+  assert [(r["model"], r["precision"]) for r in rows] == [
+    ("transformer", "float32"),
+    ("transformer", "mixed_float16"),
+  ]

@@ -76,6 +76,7 @@ COVERED = [
   (r"bench_step\.py", "tests/test_benchmarks.py", "bench_step."),
   (r"bench_distribute\.py", "tests/test_benchmarks.py", "bench_distribute."),
   (r"bench_cold\.py", "tests/test_benchmarks.py", "bench_cold."),
+  (r"bench_models\.py", "tests/test_benchmarks.py", "bench_models."),
   (r"drill_kill\.py", "tests/test_drills.py", "drill_kill"),
 ]
 # What an inline code span must start with to be a command (with arguments).
