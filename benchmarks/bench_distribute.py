@@ -89,7 +89,7 @@ def safe_loop(strategy, steps_per_loop, workdir):
   n = tf.constant(steps_per_loop, tf.int64)
 
   def call():
-    out = trainer._train_loop_fn(trainer._iterator, n)
+    out = trainer.parts.compiled.loop.function(trainer.parts.feed.iterator, n)
     # What fit() does with the result every loop: one host sync.
     return tf.nest.map_structure(lambda t: t.numpy(), out)
 

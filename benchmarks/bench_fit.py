@@ -178,7 +178,7 @@ def safe_fit(steps: int, **overrides) -> tuple[float, int]:
     dt = clock() - t
   safe_fit.last_split = split
   assert result.step == steps and not result.incidents, result
-  fn = trainer._train_loop_fn
+  fn = trainer.parts.compiled.loop.function
   graph = safe_fit.last_graph = fn._list_all_concrete_functions()[0].graph
   return dt, body_nodes(graph)
 

@@ -295,7 +295,7 @@ def safe_loop(steps_per_loop, workdir, trainer_cls=BenchTrainer, config=None):
   n = tf.constant(steps_per_loop, tf.int64)
 
   def call():
-    out = trainer._train_loop_fn(trainer._iterator, n)
+    out = trainer.parts.compiled.loop.function(trainer.parts.feed.iterator, n)
     # What fit() does with the result every loop: one host sync.
     return tf.nest.map_structure(lambda t: t.numpy(), out)
 
@@ -308,7 +308,7 @@ def safe_loop(steps_per_loop, workdir, trainer_cls=BenchTrainer, config=None):
     assert int(out.applied) == steps_per_loop
     return dt
 
-  run.graph = trainer._train_loop_fn._list_all_concrete_functions()[0].graph
+  run.graph = trainer.parts.compiled.loop.function._list_all_concrete_functions()[0].graph
   return run, trainer
 
 
@@ -388,7 +388,7 @@ def recovery_cost(steps, steps_per_loop, rounds):
         t = time.perf_counter()
         r = trainer.fit()
         times[name].append(time.perf_counter() - t)
-        traces[name] = trainer._train_loop_fn.experimental_get_tracing_count()
+        traces[name] = trainer.parts.compiled.loop.function.experimental_get_tracing_count()
         attempts[name] = r.attempts
         assert r.rollbacks == (0 if name == "clean" else 3), r.rollbacks
   return {k: statistics.median(v) for k, v in times.items()}, traces, attempts

@@ -820,7 +820,7 @@ class _FitTrainer(Trainer):
   def _epoch_started(self) -> bool:
     """Whether the training metrics start over: at an epoch's first step, and
     after a rollback (the step went back), as they cannot un-count a loop."""
-    step = self._step()
+    step = int(self._run.step.numpy())
     again = step % self._epoch_steps == 0 or step < self._last_reset_step
     self._last_reset_step = step
     return again
@@ -832,7 +832,7 @@ class _FitTrainer(Trainer):
     """Validates at the end of the epochs Keras validates on (every
     `validation_freq`); {} at the others."""
     if self._built and self._controller.started:
-      epoch = self._step() // self._epoch_steps
+      epoch = int(self._run.step.numpy()) // self._epoch_steps
       if epoch % self._validation_freq:
         return {}
     return super().evaluate()

@@ -23,10 +23,14 @@ from safetrain import controller as controller_lib
 from safetrain.checkpoint import store as checkpointing
 from safetrain.core import boundary, distribute
 from safetrain.core import config as config_lib
-from safetrain.diagnosis import forensics
+from safetrain.diagnosis import forensics, preflight
 from safetrain.diagnosis import replay as replay_lib
 from safetrain.hooks import TrainerHooks
-from safetrain.recovery import health, rate_probe, snapshots
+from safetrain.records import incidents as incidents_lib
+from safetrain.records import quarantine as quarantine_lib
+from safetrain.recovery import health, precision, rate_probe, scalar_rows, snapshots
+from safetrain.recovery import keeper as keeper_lib
+from safetrain.recovery import response as response_lib
 from safetrain.recovery import rollback as recovery
 from safetrain.results import FitResult, summary_line
 from safetrain.step import batch_checks, clipping, guard, loop_state, registry
@@ -38,9 +42,11 @@ from safetrain.step.loss_scale import DynamicLossScale
 from safetrain.storage import files as storage
 from safetrain.storage import lock as workdir_lib
 from safetrain.training import callbacks as callbacks_lib
+from safetrain.training import compiled as compiled_lib
 from safetrain.training import data as data_lib
 from safetrain.training import evaluation, hook_checks, losses, state
 from safetrain.training import export as export_lib
+from safetrain.training import feed as feed_lib
 from safetrain.training import metrics as stateful_metrics
 from safetrain.training import optimizers as optimizers_lib
 from safetrain.training import reference as reference_lib
@@ -106,8 +112,8 @@ class Trainer(TrainerHooks):
     self._strategy = distribute.make_strategy(
       strategy=c.distribute.strategy, cpu_replicas=c.distribute.cpu_replicas
     )
-    self._is_chief = distribute.is_chief(self._strategy)
-    self._num_workers = distribute.num_workers(self._strategy)
+    self._workers = distribute.Workers.of(self._strategy)
+    self._is_chief, self._num_workers = self._workers.is_chief, self._workers.count
     keras.utils.set_random_seed(c.seed)
     storage.makedirs(self.workdir)
     self._loss_fn = losses.make_loss(c.loss)
@@ -145,6 +151,17 @@ class Trainer(TrainerHooks):
     if not self._built:
       raise RuntimeError("the trainer is not built yet: call build(), fit() or evaluate() first")
     return self._strategy
+
+  @property
+  def parts(self) -> controller_lib.Parts:
+    """What `build()` made, as `fit()` runs it: the feed (the live iterator,
+    the first batch), the compiled functions (the guarded loop and its
+    pieces, the evaluator), the checkpoint store, the keeper, the logs, the
+    response, the replay context. For inspection and tests; the run's
+    variables are `self.state`."""
+    if not self._built:
+      raise RuntimeError("the trainer is not built yet: call build(), fit() or evaluate() first")
+    return self._controller.parts
 
   def _build_in_scope(self) -> None:
     """Builds every part, in order, under the strategy's scope: the run's
@@ -372,7 +389,8 @@ class Trainer(TrainerHooks):
     return labels, shapes
 
   def _build_host(self, hook, name: str, iterator, iterator_in_checkpoint: bool) -> None:
-    """The evaluator, the replay context and the controller with its parts."""
+    """The host's parts: the compiled evaluation, the feed, the kept states,
+    forensics; then recovery (`_build_recovery`) and the controller."""
     c = self.config
     with_pred = bool(self._train_metrics)
     self._evaluator = evaluation.Evaluator(
@@ -385,6 +403,9 @@ class Trainer(TrainerHooks):
       bad_inputs=c.guard.bad_inputs,
       num_classes=self._label_classes,
     )
+    self._compiled = compiled_lib.Compiled(
+      loop=self._loop, evaluator=self._evaluator, all_finite=self._all_finite_fn
+    )
     self._forensics = replay_lib.Context(
       model=self.model,
       optimizer=self.optimizer,
@@ -395,45 +416,52 @@ class Trainer(TrainerHooks):
       drill_active=self._drill.active,
       max_abs_input=c.guard.preflight_max_abs_input,
     )
+    self._feed = feed_lib.Feed(
+      data=self._data,
+      source=self._train_data,
+      iterator=iterator,
+      checkpointed=iterator_in_checkpoint,
+    )
+    self._keeper = keeper_lib.Keeper(
+      run=self._run,
+      feed=self._feed,
+      health=health.build(
+        c,
+        model=self.model,
+        optimizer=self.optimizer,
+        first_batch=self._first_batch,
+        state=self._health_state,
+        spike=self._spike,
+        lr_scale=self._recovery.lr_scale,
+        reference=self._learn_reference(),
+        last_restored=self._recovery.last_restored_step,
+      ),
+      all_finite=self._all_finite_fn,
+      checkpoints=self._checkpoints,
+      snapshots=snapshots.build(
+        c.recovery, num_workers=self._num_workers, modules=self.state.snapshotted()
+      ),
+    )
+    logs = self._build_recovery(forensics.Examiner(self._forensics, self._stash))
     self._controller = controller_lib.Controller(
       controller_lib.Parts(
         config=c,
+        schedule=controller_lib.Schedule.from_config(c),
+        preflight=preflight.Preflight.from_config(c),
         workdir=self.workdir,
         trainer_name=name,
-        strategy=self._strategy,
-        is_chief=self._is_chief,
-        num_workers=self._num_workers,
+        origin=self._origin,
+        workers=self._workers,
         run=self._run,
-        data=self._data,
         recovery=self._recovery,
         loss_scale=self._loss_scale,
-        train_data=self._train_data,
-        iterator=iterator,
-        iterator_in_checkpoint=iterator_in_checkpoint,
+        feed=self._feed,
         checkpoints=self._checkpoints,
-        rollback_objects=self._rollback_objects,
-        loop=self._loop,
-        all_finite=lambda: bool(self._all_finite_fn()),
-        evaluate=self.evaluate,
+        compiled=self._compiled,
+        keeper=self._keeper,
+        logs=logs,
+        response=self._response,
         forensics=self._forensics,
-        stash=self._stash,
-        retrace=self._retrace,
-        health=health.build(
-          c,
-          model=self.model,
-          optimizer=self.optimizer,
-          first_batch=self._first_batch,
-          state=self._health_state,
-          spike=self._spike,
-          lr_scale=self._recovery.lr_scale,
-          reference=self._learn_reference(),
-          last_restored=self._recovery.last_restored_step,
-        ),
-        snapshots=snapshots.build(
-          c.recovery,
-          num_workers=self._num_workers,
-          modules=self.state.snapshotted(),
-        ),
         actions=callbacks_lib.make_actions(
           hook("actions", self.actions),
           hook("callbacks", self.callbacks),
@@ -442,34 +470,84 @@ class Trainer(TrainerHooks):
           optimizer=self.optimizer,
           config=c,
         ),
-        origin=self._origin,
-        train_metrics=self._train_metrics,
-        rate_probe=rate_probe.RateProbe(
-          factors=c.recovery.probe_factors,
-          steps=c.recovery.probe_steps,
-          min_lr_scale=c.recovery.min_lr_scale,
-          run_loop=lambda n: self._loop(self._iterator, n),
-          lr_scale=self._recovery.lr_scale,
-          # Carried across rollbacks, yet a trial moves the adaptive clip's
-          # statistics: put back after each.
-          carried=list(self._clip.variables),
-        ),
+        train_metrics=self._train_metrics or None,
       )
     )
 
-  def _step(self) -> int:
-    return int(self._run.step.numpy())
-
-  def _retrace(self) -> None:
-    """Drops the compiled loop and evaluation step, traced with the layers'
-    old dtypes (the float32 fallback changed one): the next call traces."""
-    self._loop.retrace()
-    self._evaluator.retrace()
+  def _build_recovery(self, examiner: forensics.Examiner) -> controller_lib.Logs:
+    """The incident and quarantine logs, the recovery mechanics (rollback,
+    the rate probe) and the response with its remedies; returns the logs."""
+    c = self.config
+    logs = controller_lib.Logs(
+      incidents=incidents_lib.IncidentLog(
+        os.path.join(self.workdir, "incidents.jsonl"),
+        enabled=self._is_chief,
+        counter=self._recovery.incidents_total,
+      ),
+      quarantine=quarantine_lib.QuarantineLog(
+        os.path.join(self.workdir, "quarantine.jsonl"), enabled=self._is_chief
+      ),
+    )
+    mechanics = recovery.Recovery(
+      policy=recovery.Policy.from_config(c.recovery),
+      state=self._recovery,
+      run=self._run,
+      feed=self._feed,
+      checkpoints=self._checkpoints,
+      rollback_objects=self._rollback_objects,
+      keeper=self._keeper,
+      workers=self._workers,
+      incidents=logs.incidents,
+      examiner=examiner,
+      probe=rate_probe.RateProbe(
+        factors=c.recovery.probe_factors,
+        steps=c.recovery.probe_steps,
+        min_lr_scale=c.recovery.min_lr_scale,
+        loop=self._loop,
+        feed=self._feed,
+        lr_scale=self._recovery.lr_scale,
+        # Carried across rollbacks, yet a trial moves the adaptive clip's
+        # statistics: put back after each.
+        carried=list(self._clip.variables),
+      ),
+    )
+    remedies = c.recovery.enabled
+    self._response = response_lib.Response(
+      run=self._run,
+      recovery_state=self._recovery,
+      incidents=logs.incidents,
+      quarantine_log=logs.quarantine,
+      actions=mechanics,
+      examiner=examiner,
+      health=self._keeper.health,
+      pieces=self._pieces,
+      train_steps=c.train.steps,
+      feed=self._feed,
+      keeper=self._keeper,
+      float32_fallback=precision.Float32Fallback(
+        ctx=self._forensics,
+        incidents=logs.incidents,
+        loss_scale=self._loss_scale,
+        compiled=self._compiled,
+        lr_scale=self._recovery.lr_scale,
+      )
+      if c.recovery.float32_fallback and remedies
+      else None,
+      scalar_rows=scalar_rows.ScalarRows(
+        ctx=self._forensics,
+        piece=self._pieces.get("per_example") if c.recovery.scalar_rows and remedies else None,
+        compiled=self._compiled,
+        single_replica=self._strategy.num_replicas_in_sync == 1,
+        incidents=logs.incidents,
+        lr_scale=self._recovery.lr_scale,
+      ),
+    )
+    return logs
 
   @property
   def _iterator(self):
-    """The live training iterator (the controller re-creates it by position)."""
-    return self._controller.iterator
+    """The live training iterator (re-created by position after a restore)."""
+    return self._feed.iterator
 
   # ----------------------------------------------------------- evaluation
 

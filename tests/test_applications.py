@@ -114,7 +114,7 @@ def assert_trained(run: dict, policy: str) -> None:
   # Two or more calls of one compiled loop (a loop that skips overflow steps
   # takes more), traced once.
   assert len(run["loops"]) >= STEPS // STEPS_PER_LOOP
-  assert trainer._train_loop_fn.experimental_get_tracing_count() == 1
+  assert trainer.parts.compiled.loop.function.experimental_get_tracing_count() == 1
   assert math.isfinite(r.loss) and r.loss > 0
   after = [v.numpy() for v in trainer.model.trainable_variables]
   assert all(np.all(np.isfinite(a)) for a in after)
@@ -155,7 +155,7 @@ def cast_loss_grads_finite(trainer, scale: float) -> bool:
   cast to float32 for the loss (the leak), at `scale`, on the first batch."""
   model = trainer.model
   state = [v.numpy() for v in model.non_trainable_variables]
-  x, y = trainer._first_batch
+  x, y = trainer.parts.feed.first_batch
   with tf.GradientTape() as tape:
     pred = tf.cast(model(x, training=True), tf.float32)
     loss = keras.losses.SparseCategoricalCrossentropy()(y, pred) * scale
@@ -229,7 +229,7 @@ def test_float16_probability_heads_train_from_float32_logits(loss, workdir):
 
   # The same predictions, eagerly and in a graph: float32, from the logits,
   # with the Softmax/Sigmoid op Keras's cross-entropy looks for.
-  x, _ = trainer._first_batch
+  x, _ = trainer.parts.feed.first_batch
   model = trainer.model
   pred = model(x)
   assert pred.dtype == tf.float16

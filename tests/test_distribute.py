@@ -295,7 +295,9 @@ def test_fp16_overflow_on_one_replica_lowers_the_scale_on_every_replica(tmp_path
   # Two overflows (hysteresis 2) halve the scale once: routine, no incident.
   assert r2.skipped_steps == r1.skipped_steps == 2 and r2.incidents == r1.incidents == []
   assert r2.loss_scale == r1.loss_scale == 2.0**14
-  scales = [float(x) for x in two.strategy.experimental_local_results(two._loss_scale.scale)]
+  scales = [
+    float(x) for x in two.strategy.experimental_local_results(two.state["loss_scale"].scale)
+  ]
   assert scales == [2.0**14, 2.0**14]
   assert_replicas_agree(two)
   for a, b in zip(weights(one), weights(two)):

@@ -93,7 +93,7 @@ def test_sigint_in_process_stops_cleanly_and_the_resume_is_exact(tmp_path):
   thread.join()
   assert r1.stopped == "preempted"
   assert 0 < r1.step < 50 and r1.step % 5 == 0  # the inner loop finished
-  assert first._checkpoints.latest_step() == r1.step
+  assert first.parts.checkpoints.latest_step() == r1.step
   assert read_jsonl(str(metrics))[-1]["step"] == r1.step
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
 
@@ -230,7 +230,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(run,
   # though 4 checkpoints were saved since.
   corrupt = os.path.join(d, checkpointing.CORRUPT_DIR)
   assert {n: open(os.path.join(corrupt, n), "rb").read() for n in os.listdir(corrupt)} == evidence
-  assert [s for s, _ in trainer._checkpoints.checkpoints()] == [30, 35, 40]
+  assert [s for s, _ in trainer.parts.checkpoints.checkpoints()] == [30, 35, 40]
 
 
 def test_when_every_checkpoint_is_damaged_the_run_stops_and_keeps_them(run):
@@ -246,10 +246,10 @@ def test_a_checkpoint_with_non_finite_values_is_not_resumed_from(run, capfd):
   # Written behind the trainer's back: it only ever saves finite states.
   writer = TinyTrainer(tiny_config(**BASE), str(run))
   writer.build()
-  writer._checkpoints.restore_latest()
+  writer.parts.checkpoints.restore_latest()
   writer.model.weights[0].assign(tf.fill(writer.model.weights[0].shape, np.nan))
-  writer._run.step.assign(30)
-  writer._checkpoints.save(30)
+  writer.state["run"].step.assign(30)
+  writer.parts.checkpoints.save(30)
   capfd.readouterr()
   _, result = _fit(run, **dict(BASE, **{"train.steps": 35}))
   assert "ckpt-30 is unreadable (it restores non-finite values)" in capfd.readouterr().err
@@ -280,7 +280,7 @@ def test_traces_of_an_interrupted_save_are_cleaned_up(run):
   assert not found.interrupted_save
   assert sorted(found.files) == [20, 25, 30] and found.latest == 30
   assert not os.path.exists(os.path.join(d, checkpointing.CORRUPT_DIR))  # nothing was damaged
-  assert len(trainer._checkpoints.repairs) == 4  # 2 leftovers, ckpt-30, ckpt-10
+  assert len(trainer.parts.checkpoints.repairs) == 4  # 2 leftovers, ckpt-30, ckpt-10
 
 
 def test_a_first_save_cut_short_starts_the_run_afresh(tmp_path):

@@ -294,7 +294,7 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run, monkeypatc
   c.drill.loss_steps = "27-29,31-33"  # at 25: a rollback to 25, then one to 20
   first = TinyTrainer(c, str(run))
   first.build()
-  record = first._checkpoints.record_rollback
+  record = first.parts.checkpoints.record_rollback
   state = {}
 
   def commit_then_die(path, generation):
@@ -303,11 +303,13 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run, monkeypatc
       with monkeypatch.context() as m:
         m.setattr(rollback_state.RollbackState, "retire", lambda *args, **kwargs: None)
         record(path, generation)
-      state.update(first._recovery.snapshot(), position=int(first._data.position.numpy()))
+      state.update(
+        first.state["recovery"].snapshot(), position=int(first.state["data"].position.numpy())
+      )
       raise _Killed
     record(path, generation)
 
-  first._checkpoints.record_rollback = commit_then_die
+  first.parts.checkpoints.record_rollback = commit_then_die
   with pytest.raises(_Killed):
     first.fit()
   d = _ckpt_dir(run)
@@ -315,7 +317,7 @@ def test_a_kill_after_the_rollback_commit_resumes_with_its_state(run, monkeypatc
   second = TinyTrainer(c, str(run))
   second.build()
   assert second._controller._restore_latest() == os.path.join(d, "ckpt-20")
-  assert second._recovery.snapshot() == {k: v for k, v in state.items() if k != "position"}
+  assert second.state["recovery"].snapshot() == {k: v for k, v in state.items() if k != "position"}
   assert int(second.state["data"].position.numpy()) == state["position"]
   assert state["lr_scale"] == 0.25 and state["rollbacks_used"] == 2
   assert 25 not in checkpointing.scan(d).listed  # the retirement was finished
@@ -344,13 +346,13 @@ def test_a_committed_rollback_applies_after_the_input_pipeline_changed(run, capl
   c.drill.loss_steps = "27-29"
   first = TinyTrainer(c, str(run))
   first.build()
-  record = first._checkpoints.record_rollback
+  record = first.parts.checkpoints.record_rollback
 
   def commit_then_die(path, generation):
     record(path, generation)
     raise _Killed
 
-  first._checkpoints.record_rollback = commit_then_die
+  first.parts.checkpoints.record_rollback = commit_then_die
   with pytest.raises(_Killed):
     first.fit()
   caplog.clear()
@@ -440,12 +442,12 @@ def _nan_checkpoint(run, step):
   d = _ckpt_dir(run)
   writer = TinyTrainer(tiny_config(**BASE), str(run))
   writer.build()
-  writer._checkpoints.checkpoint.restore(os.path.join(d, f"ckpt-{step}")).expect_partial()
+  writer.parts.checkpoints.checkpoint.restore(os.path.join(d, f"ckpt-{step}")).expect_partial()
   writer.model.weights[0].assign(tf.fill(writer.model.weights[0].shape, np.nan))
   for name in os.listdir(d):
     if name.startswith(f"ckpt-{step}."):
       os.remove(os.path.join(d, name))
-  writer._checkpoints.checkpoint.write(os.path.join(d, f"ckpt-{step}"))
+  writer.parts.checkpoints.checkpoint.write(os.path.join(d, f"ckpt-{step}"))
 
 
 @pytest.mark.parametrize("damage", ["changed_bytes", "nan_weights"])
@@ -472,7 +474,7 @@ def test_a_bad_older_checkpoint_is_set_aside_when_a_rollback_reaches_it(run, cap
   assert f"ckpt-20 is unreadable ({why}" in err
   corrupt = os.path.join(d, checkpointing.CORRUPT_DIR)
   assert sorted(h for n, h in _files(corrupt).items()) == evidence
-  assert 20 not in [s for s, _ in trainer._checkpoints.checkpoints()]
+  assert 20 not in [s for s, _ in trainer.parts.checkpoints.checkpoints()]
 
 
 def test_a_rollback_with_no_readable_checkpoint_left_stops_and_deletes_nothing(run, monkeypatch):

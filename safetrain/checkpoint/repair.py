@@ -6,7 +6,7 @@ killed at any moment therefore leaves one of: a `ckpt-N_temp/` directory (killed
 while writing), complete or partial `ckpt-N.*` files the state file does not
 list yet, newer than every listed one (killed before the commit), or a listed
 checkpoint whose files are already deleted (killed while CheckpointManager
-swept old ones). On start, `Repair.resume` cleans up exactly these traces and
+swept old ones). On start, `Repair.restore_newest` cleans up exactly these traces and
 restores the newest checkpoint that reads back whole. Anything else that does
 not read back (bytes changed, a file cut short or missing, a state file lost
 or damaged) is not an interrupted save: it is moved to `checkpoints/corrupt/`,
@@ -113,7 +113,7 @@ class Repair:
 
   # ------------------------------------------------------------ the walk
 
-  def resume(
+  def restore_newest(
     self,
     found: Scan,
     *,
@@ -182,7 +182,7 @@ class Repair:
         self.notes.add(f"{path} was being deleted (max_to_keep) when the run was killed: removed")
         self._remove_files(step, found)
       else:
-        self.quarantine(step, found, "a file is missing", fallback=False)
+        self.move_to_corrupt(step, found, "a file is missing", fallback=False)
     if self.write and (set_aside or found.unlisted or not found.has_state):
       keep = [s for s in found.listed if s not in set_aside]
       keep += [s for s in found.unlisted if s not in set_aside and s not in keep]
@@ -207,7 +207,7 @@ class Repair:
       self.notes.add(f"{path} was never committed (killed while saving): removed{detail}")
       self._remove_files(step, found)
       return False
-    self.quarantine(step, found, problem, fallback=fallback)
+    self.move_to_corrupt(step, found, problem, fallback=fallback)
     return True
 
   def _remove_files(self, step: int, found: Scan) -> None:
@@ -257,7 +257,7 @@ class Repair:
     storage.makedirs(dest)
     return dest
 
-  def quarantine(self, step: int, found: Scan, problem: str, fallback: bool = True) -> None:
+  def move_to_corrupt(self, step: int, found: Scan, problem: str, fallback: bool = True) -> None:
     """Moves the files of `ckpt-STEP` to corrupt/ (as ckpt-STEP.*, or
     ckpt-STEP_K.* when an earlier ckpt-STEP is there already), with a
     warning naming the file and the problem."""
@@ -287,7 +287,7 @@ class Repair:
       return
     found = scan(self.directory)
     if step in found.files:
-      self.quarantine(step, found, problem, fallback=False)
+      self.move_to_corrupt(step, found, problem, fallback=False)
     keep = [s for s in found.listed if s != step]
     latest = found.latest if found.latest in keep else (keep[-1] if keep else None)
     self.write_state(keep, found, latest=latest)

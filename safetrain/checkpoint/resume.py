@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import tensorflow as tf
 from absl import logging
 
 from safetrain.checkpoint import store as checkpointing
@@ -23,66 +22,32 @@ def restore_latest(
   checkpoints: checkpointing.CheckpointStore,
   *,
   healthy: Callable[[], bool],
-  agree: Callable[[str | None], str | None],
-  num_workers: int,
-  is_chief: bool,
+  workers: distribute.Workers,
 ) -> str | None:
   """Restores the newest healthy checkpoint; returns its path or None.
 
   With several workers the chief picks it (repairing the directory if need
   be) and the others restore the same one from the chief's directory.
   """
-  if num_workers == 1:
+  if workers.single:
     return checkpoints.restore_latest(healthy=healthy)
-  path = checkpoints.restore_latest(healthy=healthy) if is_chief else None
-  path = agree(path)
-  if path is not None and not is_chief:
+  path = checkpoints.restore_latest(healthy=healthy) if workers.is_chief else None
+  path = agreed_checkpoint(checkpoints, path, workers)
+  if path is not None and not workers.is_chief:
     checkpoints.restore_path(path)
   return path
 
 
 def agreed_checkpoint(
-  strategy: tf.distribute.Strategy,
-  directory: str,
-  path: str | None,
-  *,
-  num_workers: int,
-  is_chief: bool,
+  checkpoints: checkpointing.CheckpointStore, path: str | None, workers: distribute.Workers
 ) -> str | None:
   """The chief's choice of checkpoint `path`, on every worker (a collective)."""
-  if num_workers == 1:
+  if workers.single:
     return path
-  step = -1 if path is None else checkpointing.step_of(path)
-  step = distribute.broadcast_from_chief(strategy, step, is_chief)
-  if is_chief:
+  step = workers.from_chief(-1 if path is None else checkpointing.step_of(path))
+  if workers.is_chief:
     return path
-  return None if step < 0 else checkpointing.path_of(directory, step)
-
-
-def reposition(
-  data: state.DataState,
-  train_data,
-  checkpoints: checkpointing.CheckpointStore,
-  *,
-  checkpointed: bool,
-  current,
-):
-  """The training iterator after a restore: the checkpointed one, or one
-  re-created at the restored data position (`data.resume` says which)."""
-  iterator = data.resume(
-    train_data, checkpointed=checkpointed, iterator_restored=checkpoints.iterator_restored
-  )
-  if iterator is not None:
-    checkpoints.replace_objects(iterator=iterator)
-    return iterator
-  if not checkpointed:
-    return seek(data, train_data)
-  return current
-
-
-def seek(data: state.DataState, train_data):
-  """A new iterator at `data.position`, for a pipeline not checkpointed."""
-  return train_data.iterator(int(data.position.numpy()))
+  return None if step < 0 else checkpointing.path_of(checkpoints.directory, step)
 
 
 def warn_if_past_the_end(step: int, train_steps: int) -> None:

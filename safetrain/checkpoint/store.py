@@ -315,7 +315,7 @@ class CheckpointStore:
     if pointer is not None and self._rollbacks.finish_retirement(pointer, found):
       found = scan(self.directory)
     self._forget_managers()
-    restored = self._repair.resume(
+    restored = self._repair.restore_newest(
       found,
       try_restore=lambda path: self._try_restore(path, healthy),
       max_to_keep=self.max_to_keep,

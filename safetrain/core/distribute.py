@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -112,6 +113,34 @@ def broadcast_from_chief(strategy: tf.distribute.Strategy, value: int, is_chief:
   per_replica = strategy.experimental_distribute_values_from_function(lambda _: mine)
   total = strategy.reduce("sum", per_replica, axis=None).numpy()
   return int(total[0] // max(int(total[1]), 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+  """The run's processes as the host side sees them: the strategy, whether
+  this process is the chief (it writes the workdir), and how many take part."""
+
+  strategy: tf.distribute.Strategy
+  is_chief: bool
+  count: int
+
+  @classmethod
+  def of(cls, strategy: tf.distribute.Strategy) -> Workers:
+    return cls(strategy, is_chief(strategy), num_workers(strategy))
+
+  @property
+  def single(self) -> bool:
+    return self.count == 1
+
+  def from_chief(self, value: int) -> int:
+    """The chief's `value` on every worker (a collective with several)."""
+    return value if self.single else broadcast_from_chief(self.strategy, value, self.is_chief)
+
+  def agreed_stop(self, reason: str | None) -> str | None:
+    """The chief's actions decide for every worker whether the run stops (a
+    collective), so no worker trains on into collectives the others left."""
+    stop = self.from_chief(int(bool(reason)))
+    return (reason or "the chief's actions asked to stop") if stop else None
 
 
 def skip_optimizer_all_reduce(optimizer, strategy: tf.distribute.Strategy) -> bool:

@@ -344,3 +344,31 @@ class Stash:
     if any(t is None for t in flat) or int(tf.shape(flat[0])[0]) == 0:
       return None
     return tf.nest.pack_sequence_as(self.element_spec, flat)
+
+
+class Examiner:
+  """Forensics on the stashed offending batch, as the host asks for it after
+  a loop (the response, a rollback).
+
+  Args:
+    ctx: the replay context.
+    stash: the stashed batch's variables, or None (several replicas).
+  """
+
+  def __init__(self, ctx, stash: Stash | None):
+    self.ctx = ctx
+    self.stash = stash
+
+  def batch(self):
+    """The last divergent batch of the loop, or None when none was kept."""
+    return self.stash.batch() if self.stash is not None else None
+
+  def diagnose(self, kind: str, step: int) -> str:
+    """The diagnosis of a `kind` incident at `step` (never raises): the
+    stashed batch is replayed, except for non-finite variables."""
+    batch = self.batch() if kind != "nonfinite_params" else None
+    return diagnose(self.ctx, kind=kind, batch=batch, step=step)
+
+  def reproduces(self) -> bool:
+    """Whether the stashed batch fails again from the live state."""
+    return reproduces(self.ctx, self.batch())

@@ -11,6 +11,7 @@ logged and printed; with strict, any finding stops the run (exit code 2).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import keras
@@ -164,3 +165,24 @@ def check(
       "preflight found problems (guard.preflight=strict): " + "; ".join(findings)
     )
   return findings
+
+
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+  """The audit before step 1 as the config sets it (`guard.preflight`,
+  `guard.bad_inputs`, `guard.preflight_fp16_margin`)."""
+
+  mode: str
+  bad_inputs: str
+  fp16_margin: float
+
+  @classmethod
+  def from_config(cls, c) -> Preflight:
+    g = c.guard
+    return cls(mode=g.preflight, bad_inputs=g.bad_inputs, fp16_margin=g.preflight_fp16_margin)
+
+  def __call__(self, ctx: replay_lib.Context, batch) -> list[str]:
+    """`check` on `batch`: the findings, logged (PreflightError under strict)."""
+    return check(
+      ctx, batch, mode=self.mode, bad_inputs=self.bad_inputs, fp16_margin=self.fp16_margin
+    )

@@ -42,6 +42,10 @@ class IncidentLog:
     self.records: list[dict] = []
     self._writer = JsonlWriter(path, enabled=enabled, key=KEY)
 
+  def open(self) -> None:
+    """At the start of fit(): see `JsonlWriter.open`."""
+    self._writer.open()
+
   def expect_replay(self, after_step: int) -> int:
     """The run resumed at `after_step`: see `JsonlWriter.expect_replay`."""
     return self._writer.expect_replay(after_step)

@@ -45,6 +45,10 @@ class QuarantineLog:
     self._writer = JsonlWriter(path, enabled=enabled, key=KEY)
     self.written = 0
 
+  def open(self) -> None:
+    """At the start of fit(): see `JsonlWriter.open`."""
+    self._writer.open()
+
   def expect_replay(self, after_step: int) -> int:
     """The run resumed at `after_step`: see `JsonlWriter.expect_replay` (the
     attempt numbers, checkpointed, never repeat after a rollback)."""

@@ -111,15 +111,16 @@ class Float32Fallback:
     incidents: the incident log.
     loss_scale: the dynamic loss scale, reset after a fallback (it was
       halved for an overflow no scale could fix).
-    retrace: drops the compiled graphs that fixed the old dtypes.
+    compiled: the run's compiled functions, retraced after a switch (their
+      graphs fixed the old dtypes).
     lr_scale: recovery's learning-rate scale variable (recorded, unchanged).
   """
 
-  def __init__(self, *, ctx, incidents, loss_scale, retrace, lr_scale):
+  def __init__(self, *, ctx, incidents, loss_scale, compiled, lr_scale):
     self.ctx = ctx
     self.incidents = incidents
     self.loss_scale = loss_scale
-    self.retrace = retrace
+    self.compiled = compiled
     self.lr_scale = lr_scale
 
   def __call__(self, batch, *, step: int) -> bool:
@@ -128,7 +129,7 @@ class Float32Fallback:
     if found is None:
       return False
     self.loss_scale.reset()
-    self.retrace()
+    self.compiled.retrace()
     lr = float(self.lr_scale.numpy())
     self.incidents.add(
       step=step,

@@ -55,8 +55,9 @@ class RateProbe:
       times one of them.
     steps: `recovery.probe_steps` guarded steps per candidate (0: no probe).
     min_lr_scale: `recovery.min_lr_scale`: candidates under it are not tried.
-    run_loop: runs the compiled loop for up to n updates on the live data
-      iterator (the controller's), returning its output as numpy.
+    loop: the compiled guarded loop (`step.GuardedLoop`: iterator, n ->
+      its output, read as numpy).
+    feed: the run's training data; a trial reads its live iterator.
     lr_scale: recovery's learning-rate scale variable.
     carried: variables a rollback does not restore but a trial changes (the
       adaptive clip's statistics): put back after every trial.
@@ -68,14 +69,15 @@ class RateProbe:
     factors: Sequence[float],
     steps: int,
     min_lr_scale: float,
-    run_loop: Callable[[int], LoopOutput],
+    loop,
+    feed,
     lr_scale: tf.Variable,
     carried: Sequence[tf.Variable] = (),
   ):
     self.factors = tuple(float(f) for f in factors)
     self.steps = steps
     self.min_lr_scale = min_lr_scale
-    self._run_loop = run_loop
+    self._loop, self._feed = loop, feed
     self._lr_scale = lr_scale
     self._carried = list(carried)
 
@@ -115,11 +117,11 @@ class RateProbe:
     later = max(self.steps // 2, 1)
     first = self.steps - later
     if first:
-      out = self._run_loop(first)
+      out = self._loop(self._feed.iterator, first)
       failed = _failed(out)
       if failed:
         return Trial(scale, math.inf, failed)
-    out = self._run_loop(later)
+    out = self._loop(self._feed.iterator, later)
     failed = _failed(out)
     applied = int(out.applied)
     if failed or not applied:

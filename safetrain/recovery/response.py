@@ -8,34 +8,21 @@ and from the mechanics of a rollback (`recovery.Recovery`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from absl import logging
 
 from safetrain.core import kinds, variables
 from safetrain.core.errors import BadInputError
 from safetrain.diagnosis import forensics
-from safetrain.diagnosis import replay as replay_lib
 from safetrain.records import incidents, quarantine
 from safetrain.recovery import health, policy, triage
 from safetrain.recovery import rollback as recovery
+from safetrain.recovery.keeper import Keeper
+from safetrain.recovery.precision import Float32Fallback
+from safetrain.recovery.scalar_rows import ScalarRows
 from safetrain.step import registry
 from safetrain.step.loop_state import STOP_DATA_END, STOP_RAISE, STOP_ROLLBACK, LoopOutput
 from safetrain.training import state
-
-
-def diagnose(
-  ctx: replay_lib.Context, stash: forensics.Stash | None, *, kind: str, step: int
-) -> str:
-  """Forensics on the offending batch of a `kind` incident at `step` (never
-  raises): the stashed batch is replayed, except for non-finite variables."""
-  batch = stash.batch() if stash is not None and kind != "nonfinite_params" else None
-  return forensics.diagnose(ctx, kind=kind, batch=batch, step=step)
-
-
-def reproduces(ctx: replay_lib.Context, stash: forensics.Stash | None) -> bool:
-  """Whether the stashed offending batch fails again from the live state."""
-  return forensics.reproduces(ctx, stash.batch() if stash is not None else None)
+from safetrain.training.feed import Feed
 
 
 class Response:
@@ -45,13 +32,12 @@ class Response:
     run, recovery_state: the run's and recovery's variables.
     incidents, quarantine_log: the run's incident and quarantine records.
     actions: the recovery mechanics (rollback, budget, bad-batch rate).
-    forensics_ctx, stash: the replay context and the stashed batch (or None).
+    examiner: forensics on the stashed offending batch.
     health: the stall and dead-unit checks.
     pieces: the run's guard pieces (each says what its incidents were).
     train_steps: `train.steps`.
-    step: returns the run's applied steps.
-    position: returns the data position (batches consumed).
-    save: saves a checkpoint if the state is healthy.
+    feed: the training data (the position a bad input is named at).
+    keeper: the kept states (a stop on bad data saves the healthy state).
     float32_fallback: the precision remedy (`recovery.precision`), tried on
       the offending batch before a diverging state is rolled back, or None.
     scalar_rows: the bad-rows remedy of a scalar loss
@@ -67,36 +53,43 @@ class Response:
     incidents: incidents.IncidentLog,
     quarantine_log: quarantine.QuarantineLog,
     actions: recovery.Recovery,
-    forensics_ctx: replay_lib.Context,
-    stash: forensics.Stash | None,
+    examiner: forensics.Examiner,
     health: health.Health,
     pieces: registry.Pieces,
     train_steps: int,
-    step: Callable[[], int],
-    save: Callable[[], None],
-    position: Callable[[], int] = lambda: 0,
-    float32_fallback: Callable[..., bool] | None = None,
-    scalar_rows: Callable[..., bool] | None = None,
+    feed: Feed,
+    keeper: Keeper,
+    float32_fallback: Float32Fallback | None = None,
+    scalar_rows: ScalarRows | None = None,
   ):
     self._run = run
     self._recovery = recovery_state
     self._incidents = incidents
     self._quarantine = quarantine_log
     self._actions = actions
-    self._forensics = forensics_ctx
-    self._stash = stash
+    self._examiner = examiner
     self._health = health
     self._pieces = pieces
     self._train_steps = train_steps
-    self._step = step
-    self._save = save
-    self._position = position
+    self._feed = feed
+    self._keeper = keeper
     self._float32_fallback = float32_fallback
     self._scalar_rows = scalar_rows
     # The replay of the first quarantined batch of this process, reused after.
     self._bad_batch_diagnosis = ""
     # Loops in a row that stopped on bad batches without training a step.
     self._stuck_loops = 0
+
+  def resume(self, records: list[dict]) -> None:
+    """A resumed run keeps the remedies its records say were applied."""
+    if self._scalar_rows is not None:
+      self._scalar_rows.resume(records)
+
+  def check_precision(self, batch, *, step: int) -> None:
+    """At the start of a process, before the first trace: whether a layer
+    overflows float16 on `batch` from this state (the float32 fallback)."""
+    if self._float32_fallback is not None:
+      self._float32_fallback(batch, step=step)
 
   def handle(self, out: LoopOutput, before: tuple[int, int]) -> tuple[bool, int]:
     """Records the loop's incidents and runs recovery.
@@ -114,15 +107,15 @@ class Response:
     verdict = self._judge_open_run(out, kind) if stopped and params_ok else None
     open_bad = verdict is not None and verdict.bad_batch
     quarantined = self._record(out, before, stopped=stopped, verdict=verdict)
-    if quarantined and self._scalar_rows is not None and self._stash is not None:
+    if quarantined and self._scalar_rows is not None and self._examiner.stash is not None:
       # The stash holds the loop's last divergent batch: the open run's, or
       # an isolated bad batch's (whose rows the remedy probes itself).
       self._scalar_rows(
-        self._stash.batch(), step=self._step() + 1, rows=verdict.rows if open_bad else None
+        self._examiner.batch(), step=self._step() + 1, rows=verdict.rows if open_bad else None
       )
     frequent = self._actions.note_bad_batches(quarantined, int(out.attempts))
     if int(out.stop) == STOP_RAISE:
-      self._save()
+      self._keeper.save()
       raise BadInputError(
         f"{self._bad_input(out)} (guard.bad_inputs=raise). "
         "The last healthy state is checkpointed; use guard.bad_inputs=drop_rows or "
@@ -150,9 +143,9 @@ class Response:
   def _judge_open_run(self, out: LoopOutput, kind: str) -> triage.Verdict:
     """Triage's verdict on the run of failures that ended the loop."""
     verdict = triage.open_run(
-      self._forensics,
+      self._examiner.ctx,
       kind=kind,
-      batch=self._stash.batch() if self._stash is not None else None,
+      batch=self._examiner.batch(),
       step=self._step() + 1,
       count=int(variables.number(self._run.consecutive_bad)),
     )
@@ -244,25 +237,25 @@ class Response:
   def _precision_fixed(self) -> bool:
     """Whether a float16 overflow on the offending batch was remedied by
     computing its layers in float32 (checked by a replay first)."""
-    if self._float32_fallback is None or self._stash is None:
+    if self._float32_fallback is None or self._examiner.stash is None:
       return False
-    return self._float32_fallback(self._stash.batch(), step=self._step() + 1)
+    return self._float32_fallback(self._examiner.batch(), step=self._step() + 1)
 
   def _describe_bad_batches(self, out: LoopOutput) -> str:
     """What the replay of a quarantined batch found: once per process, on the
     first loop with one (the batch is stashed with one replica only)."""
-    if self._bad_batch_diagnosis or self._stash is None:
+    if self._bad_batch_diagnosis or self._examiner.stash is None:
       return self._bad_batch_diagnosis
     kind = incidents.last_divergence(out)
     if kind not in registry.BATCH_BOUND or not any(out.count(k) for k in registry.BATCH_BOUND):
       return ""
-    batch = self._stash.batch()
+    batch = self._examiner.batch()
     if batch is None:
       return ""
     # The stash holds the kind's last batch: its own step, not the loop's end.
     step = int(out.kind_last[registry.code(kind)]) or self._step() + 1
     self._bad_batch_diagnosis = forensics.diagnose(
-      self._forensics, kind=kind, batch=batch, step=step
+      self._examiner.ctx, kind=kind, batch=batch, step=step
     )
     return self._bad_batch_diagnosis
 
@@ -270,7 +263,7 @@ class Response:
     """The batch that ended the loop under guard.bad_inputs=raise, in words:
     what was bad, the step and the batch's data position."""
     inputs = self._pieces.get("inputs")
-    step, position = self._step() + 1, self._position() - 1
+    step, position = self._step() + 1, self._feed.position() - 1
     kind = inputs.last_kind(out) if inputs is not None else "nonfinite_inputs"
     what = {
       "nonfinite_inputs": "non-finite input",
@@ -289,9 +282,13 @@ class Response:
     kinds_seen = [k.name for k in inputs.kinds if out.count(k.name)]
     return "; ".join(inputs.describe(k, out) for k in kinds_seen) or "the inputs"
 
-  def stop_reason(self, out: LoopOutput, *, signaled: bool) -> str:
-    """Why fit() stops after this loop: "completed" (not yet) unless the data
-    ended, a signal came, or no batch was usable (BadInputError)."""
+  def _step(self) -> int:
+    return int(variables.number(self._run.step))
+
+  def stopped_by(self, out: LoopOutput, *, signaled: bool) -> str | None:
+    """Why fit() stops after this loop, as `FitResult.stopped` says it
+    ("data_exhausted", "preempted"), or None: it goes on. No usable batch
+    raises BadInputError."""
     if int(out.stop) == STOP_DATA_END:
       logging.warning(
         "The training data ended at step %d before train.steps=%d; "
@@ -301,11 +298,11 @@ class Response:
       )
       return "data_exhausted"
     if not int(out.applied) and int(out.counts[kinds.SKIPPED_BATCH]) == int(out.attempts):
-      self._save()
+      self._keeper.save()
       raise BadInputError(
         f"no usable batch in {int(out.attempts)} consecutive batches after step "
         f"{self._step()}: every one had bad inputs "
         f"({self._bad_inputs_what(out)}); clean the data or check the "
         "input pipeline"
       )
-    return "preempted" if signaled else "completed"
+    return "preempted" if signaled else None

@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from typing import NoReturn
 
 import ml_collections
 import tensorflow as tf
 from absl import logging
 
+from safetrain.checkpoint import resume
 from safetrain.checkpoint.store import CORRUPT_DIR, CheckpointStore, step_of
 from safetrain.core import kinds, variables
+from safetrain.core.distribute import Workers
 from safetrain.core.errors import DivergenceError
+from safetrain.diagnosis.forensics import Examiner
 from safetrain.records.incidents import IncidentLog
 from safetrain.recovery import rate_probe
+from safetrain.recovery.keeper import Keeper
 from safetrain.recovery.rate_probe import RateProbe
-from safetrain.recovery.snapshots import SnapshotRing
-from safetrain.training.state import DataState, RunState
+from safetrain.training.feed import Feed
+from safetrain.training.state import RunState
 
 
 class RecoveryState(tf.Module):
@@ -143,24 +146,20 @@ class Recovery:
     policy: the recovery settings.
     state: the recovery state (checkpointed, never rolled back).
     run: the run state (its step is what a rollback restores).
-    data: the data state (its position tells the batches a rollback skips).
+    feed: the training data (its position tells the batches a rollback
+      skips; under `recovery.data=replay` it is restored and re-sought).
     checkpoints: the checkpoint store.
     rollback_objects: what a rollback restores (model, optimizer, loss scale...).
-    replay_objects: returns what `recovery.data=replay` restores besides.
-    reseek: re-creates a data iterator that is not checkpointed at the data
-      position (after a replay), or None when the iterator is checkpointed.
-    healthy: whether every model and optimizer variable is finite.
-    agree: the chief's choice of checkpoint on every worker (a collective).
-    is_chief: whether this process writes and repairs the checkpoints.
+    keeper: the kept states (the in-memory snapshots, and the check that a
+      restored state is finite).
+    workers: the run's processes (the chief picks the target; every worker
+      restores it).
     incidents: the incident log.
-    diagnose: kind -> the diagnosis of the divergence (forensics).
-    reproduces: whether the offending batch fails again from the live state
-      (the replay): the evidence a failure on the initial weights needs.
-    snapshots: the in-memory snapshots, or None (disk checkpoints only).
+    examiner: forensics on the offending batch (the diagnosis; whether the
+      batch fails again from the live state, the evidence a failure on the
+      initial weights needs).
     probe: the rate probe a `not_learning` rollback chooses its scale with
       (`recovery.rate_probe`), or None: the scale is cut by lr_backoff.
-    single_worker: the run has one worker (an abort then puts the last
-      healthy checkpoint back into the live objects).
   """
 
   def __init__(
@@ -169,36 +168,26 @@ class Recovery:
     policy: Policy,
     state: RecoveryState,
     run: RunState,
-    data: DataState,
+    feed: Feed,
     checkpoints: CheckpointStore,
     rollback_objects: dict,
-    replay_objects: Callable[[], dict],
-    reseek: Callable[[], None] | None,
-    healthy: Callable[[], bool],
-    agree: Callable[[str | None], str | None],
-    is_chief: bool,
+    keeper: Keeper,
+    workers: Workers,
     incidents: IncidentLog,
-    diagnose: Callable[[str], str],
-    reproduces: Callable[[], bool] = lambda: False,
-    snapshots: SnapshotRing | None = None,
+    examiner: Examiner,
     probe: RateProbe | None = None,
-    single_worker: bool = True,
   ):
     self.policy = policy
     self.state = state
     self.run = run
-    self.data = data
+    self.feed = feed
     self.checkpoints = checkpoints
     self.rollback_objects = rollback_objects
-    self.replay_objects = replay_objects
-    self.reseek = reseek
-    self.healthy = healthy
-    self.agree = agree
-    self.is_chief = is_chief
-    self.single_worker = single_worker
+    self.keeper = keeper
+    self.workers = workers
     self.incidents = incidents
-    self.diagnose = diagnose
-    self.reproduces = reproduces
+    self.examiner = examiner
+    snapshots = keeper.snapshots
     self.snapshots = snapshots if snapshots is not None and snapshots.enabled else None
     self.probe = probe
 
@@ -225,10 +214,15 @@ class Recovery:
     p, s = self.policy, self.state
     at_step = int(self.run.step.numpy()) + 1
     if diagnosis is None:
-      diagnosis = self.diagnose(kind)
+      diagnosis = self.examiner.diagnose(kind, at_step)
     lr_before = float(s.lr_scale.numpy())
     declared = kinds.declared().get(kind)
-    if at_step == 1 and declared is not None and declared.before_update and self.reproduces():
+    if (
+      at_step == 1
+      and declared is not None
+      and declared.before_update
+      and self.examiner.reproduces()
+    ):
       # No update was ever applied: the weights are the initial ones, the
       # failing value comes before any update, and the replay from them
       # fails again. A rollback would restore these same weights, and a
@@ -249,8 +243,8 @@ class Recovery:
       self.abort(kind, at_step, diagnosis, reason, lr_before, why=why, cause=cause)
     target, restored_position = self._restore_target(kind, at_step, diagnosis, lr_before)
     restored_step = int(self.run.step.numpy())
-    if p.data == "replay" and self.reseek is not None:
-      self.reseek()
+    if p.data == "replay":
+      self.feed.seek()
     if p.rewarm_steps:
       s.rewarm_start.assign(restored_step)  # before a probe: its trials re-warm alike
     probed = {}
@@ -259,7 +253,7 @@ class Recovery:
     skipped = 0
     if p.data == "skip":
       # Not restored under skip: the batches since the target, a probe's too.
-      skipped = int(self.data.position.numpy()) - restored_position
+      skipped = self.feed.position() - restored_position
       s.batches_skipped.assign_add(skipped)
     s.lr_scale.assign(lr_after)
     s.rollbacks_used.assign_add(1)
@@ -299,10 +293,11 @@ class Recovery:
     is nothing to try."""
 
     def restore() -> None:
-      data = self.replay_objects() if self.policy.data == "replay" else None
+      replay = self.policy.data == "replay"
+      data = self.feed.replay_objects() if replay else None
       self.checkpoints.restore_rollback(target.path, self.rollback_objects, data=data)
-      if self.policy.data == "replay" and self.reseek is not None:
-        self.reseek()
+      if replay:
+        self.feed.seek()
 
     chosen, trials = self.probe.choose(lr_before, restore=restore)
     if not trials:
@@ -366,22 +361,24 @@ class Recovery:
     """
     while True:
       # Workers agree on the chief's path (several workers have no snapshots).
-      chosen = self._readable_target(kind) if self.is_chief else None
+      chosen = self._readable_target(kind) if self.workers.is_chief else None
       if chosen is not None and chosen.in_memory:
         slot = self.snapshots.restore(chosen.slot)
         return chosen, slot.position
-      path = self.agree(chosen.path if chosen is not None else None)
+      path = resume.agreed_checkpoint(
+        self.checkpoints, chosen.path if chosen is not None else None, self.workers
+      )
       if path is None:
         corrupt = os.path.join(self.checkpoints.directory, CORRUPT_DIR)
         reason = f"no checkpoint is left to roll back to (unusable ones were moved to {corrupt})"
         self.abort(kind, at_step, diagnosis, reason, lr)
-      data = self.replay_objects() if self.policy.data == "replay" else None
+      data = self.feed.replay_objects() if self.policy.data == "replay" else None
       self.checkpoints.restore_rollback(path, self.rollback_objects, data=data)
-      if self.healthy():
+      if self.keeper.all_finite():
         if self.snapshots is not None:
           self.snapshots.drop_after(step_of(path))
         return Target(step_of(path), path=path), self.checkpoints.position_of(path)
-      if self.is_chief:
+      if self.workers.is_chief:
         self.checkpoints.set_aside(path, "it restores non-finite values")
 
   def _readable_target(self, kind: str) -> Target | None:
@@ -471,7 +468,7 @@ class Recovery:
     the last healthy checkpoint, as the workdir does, not the failing state
     the abort found. One worker only: with several, each worker's restore
     would need the chief's agreement, and the checkpoint is on disk anyway."""
-    if path is None or not self.single_worker:
+    if path is None or not self.workers.single:
       return
     try:
       self.checkpoints.restore_rollback(path, self.rollback_objects)

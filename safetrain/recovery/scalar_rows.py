@@ -15,12 +15,11 @@ the incident says so. A resumed run turns it on again from its records.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from absl import logging
 
 from safetrain.core import kinds
 from safetrain.recovery import triage
+from safetrain.training.compiled import Compiled
 
 ACTION = "row_losses"
 # Row probes of isolated quarantined batches per process (each costs up to
@@ -35,9 +34,9 @@ class ScalarRows:
   Args:
     ctx: the replay context (the live model and compute_loss).
     piece: the run's `PerExamplePiece` (`guard.drop_examples`).
-    scalar_loss: whether compute_loss returns a scalar (known once traced).
+    compiled: the run's compiled functions (whether compute_loss returns a
+      scalar, known once traced; the retrace the remedy needs).
     single_replica: the remedy works on one replica only.
-    retrace: drops the compiled loop (the next call traces it anew).
     incidents: the incident log.
     lr_scale: recovery's learning-rate scale (recorded, unchanged).
   """
@@ -47,17 +46,15 @@ class ScalarRows:
     *,
     ctx,
     piece,
-    scalar_loss: Callable[[], bool | None],
+    compiled: Compiled,
     single_replica: bool,
-    retrace: Callable[[], None],
     incidents,
     lr_scale,
   ):
     self.ctx = ctx
     self.piece = piece
-    self.scalar_loss = scalar_loss
+    self.compiled = compiled
     self.single_replica = single_replica
-    self.retrace = retrace
     self.incidents = incidents
     self.lr_scale = lr_scale
     self._probes = 0
@@ -68,14 +65,14 @@ class ScalarRows:
       self.piece is not None
       and not self.piece.scalar_rows
       and self.single_replica
-      and bool(self.scalar_loss())
+      and bool(self.compiled.scalar_loss)
     )
 
   def resume(self, records: list[dict]) -> None:
     """Turns the remedy on again when the run's records say it was on."""
     if self.piece is not None and any(r.get("action") == ACTION for r in records):
       if self.piece.enable_scalar_rows():
-        self.retrace()
+        self.compiled.retrace()
         logging.info("The scalar loss is evaluated per row when it is not finite (resumed).")
 
   def __call__(self, batch, *, step: int, rows: list[int] | None = None) -> bool:
@@ -97,7 +94,7 @@ class ScalarRows:
     if not rows:
       return False
     self.piece.enable_scalar_rows()
-    self.retrace()
+    self.compiled.retrace()
     lr = float(self.lr_scale.numpy())
     shown = ", ".join(str(r) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
     self.incidents.add(

@@ -35,8 +35,15 @@ class JsonlWriter:
     self.enabled = enabled
     self.key = key
     self._replayed: collections.Counter = collections.Counter()
-    if enabled:
-      _cut_torn_line(path)
+    self._opened = False
+
+  def open(self) -> None:
+    """Readies the file for appending, when the run starts writing the
+    workdir (not when the parts are built): a torn last record a crash left
+    is cut off. The first write opens a writer not opened yet."""
+    if self.enabled and not self._opened:
+      _cut_torn_line(self.path)
+    self._opened = True
 
   def expect_replay(self, after_step: int) -> int:
     """A resume from step `after_step` replays the steps after it: the records
@@ -65,6 +72,7 @@ class JsonlWriter:
     replay of a record already in the file)."""
     if not self.enabled:
       return False
+    self.open()
     if self._replayed:
       k = self._key(record)
       if self._replayed[k] > 0:

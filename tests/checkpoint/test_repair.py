@@ -115,7 +115,7 @@ def test_resume_removes_an_interrupted_save_keeps_damage_and_lists_what_is_left(
   evidence = {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d) if "ckpt-10." in n}
   fix = _repair(d)
   tried = []
-  restored = fix.resume(
+  restored = fix.restore_newest(
     files.scan(d), try_restore=lambda p: tried.append(p) or _readable(p), max_to_keep=3
   )
   assert restored == 5 and tried == [path_of(d, s) for s in (15, 10, 5)]
@@ -137,7 +137,7 @@ def test_resume_finishes_a_killed_sweep_and_sets_aside_a_kept_checkpoint_missing
   os.remove(path_of(d, 0) + ".index")
   os.remove(path_of(d, 5) + ".index")  # kept by max_to_keep: damage
   fix = _repair(d)
-  assert fix.resume(files.scan(d), try_restore=_readable, max_to_keep=3) == 15
+  assert fix.restore_newest(files.scan(d), try_restore=_readable, max_to_keep=3) == 15
   assert not any(n.startswith("ckpt-0.") for n in os.listdir(d))
   assert os.listdir(os.path.join(d, files.CORRUPT_DIR)) == ["ckpt-5.data-00000-of-00001"]
   assert list(files.scan(d).listed) == [10, 15]
@@ -149,7 +149,7 @@ def test_resume_with_every_committed_checkpoint_damaged_stops_and_deletes_nothin
   for s in (0, 5, 10):
     _flip(d, s)
   with pytest.raises(WorkdirError, match="no readable checkpoint .* Nothing was deleted"):
-    _repair(d).resume(files.scan(d), try_restore=_readable, max_to_keep=3)
+    _repair(d).restore_newest(files.scan(d), try_restore=_readable, max_to_keep=3)
   assert len(os.listdir(os.path.join(d, files.CORRUPT_DIR))) == 6
   assert not files.scan(d).files and not files.scan(d).has_state
 
@@ -159,7 +159,9 @@ def test_after_a_committed_rollback_a_newer_save_is_not_taken(tmp_path):
   _list(d, [0, 5, 10])
   _cut_index(d, 15)
   fix = _repair(d)
-  restored = fix.resume(files.scan(d), try_restore=_readable, max_to_keep=3, rollback_base=5)
+  restored = fix.restore_newest(
+    files.scan(d), try_restore=_readable, max_to_keep=3, rollback_base=5
+  )
   assert restored == 5  # the rollback's checkpoint, though ckpt-10 reads back
   assert sorted(files.scan(d).files) == [0, 5, 10] and files.scan(d).latest == 5
   assert "ckpt-15 was never committed" in fix.notes.messages[0]
@@ -172,7 +174,7 @@ def test_a_worker_that_is_not_the_chief_decides_the_same_and_changes_nothing(tmp
   _flip(d, 10)
   before = {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)}
   fix = _repair(d, write=False)
-  assert fix.resume(files.scan(d), try_restore=_readable, max_to_keep=3) == 5
+  assert fix.restore_newest(files.scan(d), try_restore=_readable, max_to_keep=3) == 5
   assert {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)} == before
   assert "left in place (not the chief)" in fix.notes.messages[1]
 

@@ -45,7 +45,7 @@ def test_resume_equals_an_uninterrupted_run_including_the_data_position(tmp_path
   for a, b in zip(_state(resumed), _state(straight)):
     np.testing.assert_array_equal(a, b)
   # The data position too: the next batch each would draw is the same.
-  nxt = lambda t: next(t._iterator)[0].numpy()
+  nxt = lambda t: next(t.parts.feed.iterator)[0].numpy()
   np.testing.assert_array_equal(nxt(resumed), nxt(straight))
   # Each start writes the resolved config; the resume says where it came from.
   cfg_json = json.load(open(tmp_path / "resumed" / "config.json"))
@@ -60,7 +60,7 @@ def test_a_finished_run_started_again_does_nothing_more(tmp_path):
   again = TinyTrainer(c, str(tmp_path))
   r = again.fit()
   assert r.step == 10
-  assert again._train_loop_fn.experimental_get_tracing_count() == 0
+  assert again.parts.compiled.loop.function.experimental_get_tracing_count() == 0
   assert len(safetrain.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))) == lines
 
 
@@ -120,7 +120,7 @@ def test_a_resume_with_another_batch_size_recreates_the_iterator_at_the_same_exa
   assert "batches of 16 rows then, (float32[32, 4], float32[32, 1]) now" in said
   assert "at batch 5" in said
   # 160 examples were read in batches of 16: batch 5 of 32, then 10 more.
-  assert int(bigger._data.position.numpy()) == 5 + 10
+  assert int(bigger.state["data"].position.numpy()) == 5 + 10
   assert json.load(open(tmp_path / "config.json"))["config"]["train"]["batch_size"] == 32
   # The next resume keeps the new size without a word.
   caplog.clear()

@@ -54,7 +54,7 @@ def test_a_state_file_naming_an_absent_checkpoint_is_rebuilt_from_the_files(tmp_
   assert r.step == 25
   with open(os.path.join(tmp_path, "config.json")) as f:
     assert json.load(f)["resumed_from"].endswith("ckpt-20")
-  assert any("names ckpt-999 as the latest" in n for n in trainer._checkpoints.repairs)
+  assert any("names ckpt-999 as the latest" in n for n in trainer.parts.checkpoints.repairs)
   found = files.scan(directory)
   assert found.latest == 25 and 20 in found.files
   # The lying state file is kept as evidence.

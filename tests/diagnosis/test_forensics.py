@@ -22,7 +22,7 @@ def built(cls, workdir, **overrides):
 
 
 def diagnose(t, kind="nonfinite_loss", step=7):
-  return forensics.diagnose(t._forensics, kind=kind, batch=t._first_batch, step=step)
+  return forensics.diagnose(t.parts.forensics, kind=kind, batch=t.parts.feed.first_batch, step=step)
 
 
 def state(t):
@@ -163,17 +163,17 @@ def test_nonfinite_params_and_missing_batch(workdir):
   t = built(TinyTrainer, workdir)
   kernel = t.model.layers[0].kernel
   kernel.assign(tf.fill(kernel.shape, np.nan))
-  text = forensics.diagnose(t._forensics, kind="nonfinite_params", batch=None, step=9)
+  text = forensics.diagnose(t.parts.forensics, kind="nonfinite_params", batch=None, step=9)
   assert text.startswith("After the update of step 9, these variables are non-finite: ")
   assert kernel.path in text
-  text = forensics.diagnose(t._forensics, kind="nonfinite_loss", batch=None, step=9)
+  text = forensics.diagnose(t.parts.forensics, kind="nonfinite_loss", batch=None, step=9)
   assert "not kept" in text
 
 
 def test_never_raises(workdir):
   t = built(TinyTrainer, workdir)
   # Anything going wrong inside falls back to a plain sentence.
-  t._forensics = dataclasses.replace(t._forensics, model=None)
+  t.parts.forensics = dataclasses.replace(t.parts.forensics, model=None)
   assert diagnose(t) == "the loss was not finite."
   assert os.path.isdir(workdir)
 

@@ -62,7 +62,10 @@ class NearWideTrainer(WideTrainer):
 def audit(t):
   g = t.config.guard
   return preflight.audit(
-    t._forensics, t._first_batch, bad_inputs=g.bad_inputs, fp16_margin=g.preflight_fp16_margin
+    t.parts.forensics,
+    t.parts.feed.first_batch,
+    bad_inputs=g.bad_inputs,
+    fp16_margin=g.preflight_fp16_margin,
   )
 
 

@@ -104,7 +104,7 @@ def test_histograms_and_layer_gradient_norms_every_n_steps(tmp_path):
   layers = sorted({p.rsplit("/", 1)[0] for p in paths})
   assert sorted(t[len("grad_norm/") :] for t in train if t.startswith("grad_norm/")) == layers
   # The norm of the first layer's gradient, on the first batch, in inference mode.
-  x, y = trainer._train_data.first_batch
+  x, y = trainer.parts.feed.source.first_batch
   first = [v for v in trainer.model.trainable_variables if v.path.startswith(layers[0] + "/")]
   with tf.GradientTape() as tape:
     loss = tf.reduce_mean(tf.square(trainer.model(x, training=False) - y))

@@ -5,6 +5,7 @@ undone."""
 
 import math
 import os
+import types
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def rollbacks(workdir):
 )
 def test_candidates(scale, factors, floor, expected):
   probe = rate_probe.RateProbe(
-    factors=factors, steps=10, min_lr_scale=floor, run_loop=None, lr_scale=None
+    factors=factors, steps=10, min_lr_scale=floor, loop=None, feed=None, lr_scale=None
   )
   assert probe.candidates(scale) == pytest.approx(expected)
 
@@ -64,7 +65,8 @@ class FakeLoop:
     self.diverge_at = diverge_at
     self.calls = []
 
-  def __call__(self, n):
+  def __call__(self, iterator, n):
+    assert iterator == "the live iterator"
     scale = float(self.lr_scale.numpy())
     self.calls.append((round(scale, 6), n))
     self.weight.assign_add(float(n))
@@ -96,7 +98,8 @@ def test_choose_runs_each_trial_from_the_restored_state_and_undoes_it():
     factors=(0.5, 0.08, 0.3),
     steps=10,
     min_lr_scale=0.01,
-    run_loop=loop,
+    loop=loop,
+    feed=types.SimpleNamespace(iterator="the live iterator"),
     lr_scale=lr_scale,
     carried=[carried],
   )

@@ -176,8 +176,8 @@ def test_a_run_killed_after_a_rollback_resumes_with_lower_lr_and_spent_budget(wo
   second = TinyTrainer(c, workdir)
   r = second.fit()
   assert r.step == 20 and r.lr_scale == 0.5 and r.rollbacks == 1 and all_finite(second)
-  assert int(second._recovery.rollbacks_used.numpy()) == 1
-  assert int(second._recovery.attempts.numpy()) > 14  # the drill did not fire again
+  assert int(second.state["recovery"].rollbacks_used.numpy()) == 1
+  assert int(second.state["recovery"].attempts.numpy()) > 14  # the drill did not fire again
 
 
 def test_healthy_run_is_identical_with_recovery_disabled(tmp_path):

@@ -220,7 +220,7 @@ def test_snapshots_over_their_memory_cap_are_off_and_rollbacks_go_to_disk(tmp_pa
   )
   t = TinyTrainer(c, str(tmp_path))
   r = t.fit()
-  ring = t._controller._snapshots
+  ring = t.parts.keeper.snapshots
   assert not ring.enabled and ring.bytes_per_slot > 1e-4 * 2**20
   [rollback] = [i for i in r.incidents if i["action"] == "rollback"]
   assert rollback["restored_step"] == 10 and rollback["checkpoint"].endswith("ckpt-10")
@@ -243,8 +243,8 @@ def test_a_state_whose_loss_is_far_above_its_best_is_not_saved_as_healthy(tmp_pa
   best = float(t.state["spike"].best.numpy())
   t.state["run"].step.assign(11)
   t.state["spike"].mean.assign(100 * best)  # finite, but 100x its best (guard.stall_factor 3)
-  t._controller._save_checkpoint()
+  t.parts.keeper.save()
   assert not os.path.exists(ckpt)
   t.state["spike"].mean.assign(best)
-  t._controller._save_checkpoint()
+  t.parts.keeper.save()
   assert os.path.exists(ckpt)

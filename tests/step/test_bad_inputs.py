@@ -254,7 +254,7 @@ def test_data_running_out_with_repeat_off_stops_cleanly_and_stays_stopped(tmp_pa
   trainer = _data_trainer("ShortTrainer", tmp_path, **{"train.repeat_data": False})
   result = trainer.fit()
   assert result.stopped == "data_exhausted" and result.step == 3
-  assert trainer._checkpoints.latest_step() == 3
+  assert trainer.parts.checkpoints.latest_step() == 3
   again = _data_trainer("ShortTrainer", tmp_path, **{"train.repeat_data": False}).fit()
   assert again.stopped == "data_exhausted" and again.step == 3  # no hang, no error
   # The command: exit 0, with a note on stderr.

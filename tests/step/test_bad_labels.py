@@ -93,7 +93,7 @@ def test_bad_labels_mid_run_are_dropped_rows_and_train_as_the_cleaned_data(workd
 )
 def test_bad_labels_of_shape_b1_and_on_logits_are_dropped_too(workdir, trainer, overrides):
   t, result = _fit(trainer, workdir, **overrides)
-  assert t._pieces.get("inputs").labels.num_classes == 5
+  assert t.parts.compiled.loop.pieces.get("inputs").labels.num_classes == 5
   _assert_label_drops(result)
   assert all_finite(t) and fixture.accuracy(t.model) > 0.8
 
@@ -122,7 +122,7 @@ def test_bad_labels_under_raise_exit_2_naming_the_value_position_and_row(tmp_pat
 
 def test_a_wider_batch_of_an_unknown_dim_spec_is_skipped_unseen_under_drop_rows(workdir):
   trainer, result = _fit("Wider", workdir)
-  inputs = trainer._pieces.get("inputs")
+  inputs = trainer.parts.compiled.loop.pieces.get("inputs")
   assert inputs.shapes.expected == ((4,),) and inputs.shapes.names == ("x",)
   assert result.step == 30 and result.attempts == 31 and result.skipped_steps == 1
   (record,) = result.incidents
@@ -143,14 +143,14 @@ def test_a_wider_batch_under_raise_exits_2_naming_expected_and_got_shapes(tmp_pa
 def test_a_healthy_run_has_no_incidents_and_a_static_spec_no_shape_check(workdir):
   trainer, result = _fit("Healthy", workdir)
   assert result.incidents == [] and result.step == 30 and result.attempts == 30
-  inputs = trainer._pieces.get("inputs")
+  inputs = trainer.parts.compiled.loop.pieces.get("inputs")
   assert inputs.labels is not None and inputs.shapes is None  # tf.data holds static shapes
 
 
 def test_a_custom_compute_loss_gets_no_label_check(workdir):
   trainer = _trainer("CustomLoss", workdir)
   trainer.build()
-  assert trainer._pieces.get("inputs").labels is None
+  assert trainer.parts.compiled.loop.pieces.get("inputs").labels is None
 
 
 def test_bad_labels_on_two_replicas_are_dropped_as_on_one(tmp_path):

@@ -63,7 +63,7 @@ def test_adaptive_clipping_state_survives_a_resume_bit_exactly(tmp_path):
   resumed.fit()
   straight = TinyTrainer(adaptive(26), str(tmp_path / "straight"))
   straight.fit()
-  assert int(straight._clip.count.numpy()) == 26
+  assert int(straight.state["clip"].count.numpy()) == 26
   for a, b in zip(clip_state(resumed) + weights(resumed), clip_state(straight) + weights(straight)):
     np.testing.assert_array_equal(a, b)
 

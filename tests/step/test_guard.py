@@ -106,7 +106,7 @@ def test_nan_rows_under_each_bad_inputs_policy(tmp_path, policy):
     with pytest.raises(safetrain.BadInputError, match=r"step 3: x\[:, 2\] \(2 rows\)"):
       t.fit()
     # Nothing lost: the healthy state before the bad batch is checkpointed.
-    assert t._checkpoints.latest_step() == 2 and all_finite(t)
+    assert t.parts.checkpoints.latest_step() == 2 and all_finite(t)
     return
   r = t.fit()
   assert r.step == 6 and all_finite(t)
@@ -246,7 +246,7 @@ def test_inner_loop_is_traced_once_across_loops_and_lr_scale_changes(tmp_path):
   t = TinyTrainer(c, str(tmp_path))
   r = t.fit()
   assert r.rollbacks == 1 and r.lr_scale == 0.5
-  assert t._train_loop_fn.experimental_get_tracing_count() == 1
+  assert t.parts.compiled.loop.function.experimental_get_tracing_count() == 1
 
 
 def test_a_spike_must_also_climb_back_towards_the_first_loss():

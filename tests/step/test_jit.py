@@ -6,7 +6,7 @@ from common import TinyTrainer, tiny_config
 
 def _xla_calls(trainer) -> int:
   """Function calls in the traced loop that XLA must compile."""
-  graph = trainer._train_loop_fn._list_all_concrete_functions()[0].graph
+  graph = trainer.parts.compiled.loop.function._list_all_concrete_functions()[0].graph
   library = graph.as_graph_def().library.function
   return sum(
     1
@@ -31,7 +31,7 @@ def test_xla_trains_the_same_weights_and_recovers_the_same_way(tmp_path):
   assert [i["kind"] for i in r_xla.incidents] == [i["kind"] for i in r_plain.incidents]
   for a, b in zip(plain.model.get_weights(), xla.model.get_weights()):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert xla._train_loop_fn.experimental_get_tracing_count() == 1
+  assert xla.parts.compiled.loop.function.experimental_get_tracing_count() == 1
 
 
 def test_xla_drops_non_finite_examples_and_reruns_the_step_on_the_rest(tmp_path):

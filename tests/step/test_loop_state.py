@@ -178,7 +178,7 @@ def test_weights_an_action_makes_non_finite_are_never_saved_and_are_rolled_back(
   assert all(np.isfinite(w).all() for w in t.model.get_weights())
   # Every checkpoint on disk holds finite values only.
   directory = os.path.join(str(tmp_path), "checkpoints")
-  saved = [s for s, _ in t._checkpoints.checkpoints()]
+  saved = [s for s, _ in t.parts.checkpoints.checkpoints()]
   assert saved and 20 in saved
   for step in saved:
     reader = tf.train.load_checkpoint(os.path.join(directory, f"ckpt-{step}"))

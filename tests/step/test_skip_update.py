@@ -41,7 +41,7 @@ class NormTrainer(TinyTrainer):
 
 def everything(t) -> list:
   """Every model and optimizer variable and the loss scale's, as numpy."""
-  s = t._loss_scale
+  s = t.state["loss_scale"]
   variables = t.model.variables + t.optimizer.variables + [s.scale, s.good_steps, s.hysteresis_left]
   return [np.array(v.numpy()) for v in variables]
 
@@ -81,16 +81,16 @@ def test_a_skipped_step_leaves_every_variable_bit_for_bit(mode, tmp_path):
   )
   t = NormTrainer(c, str(tmp_path))
   t.build()
-  assert t._loop.skip_update == mode
+  assert t.parts.compiled.loop.skip_update == mode
   start = everything(t)
-  t._loop(t._iterator, 2)
+  t.parts.compiled.loop(t.parts.feed.iterator, 2)
   before = everything(t)
   moved = sum(not np.array_equal(a, b) for a, b in zip(start, before))
   # kernels, biases, gamma/beta, the statistics, the seed, slots, iterations
   # and the loss scale's good-step count: what a skip has to put back.
   assert moved >= len(t.model.trainable_variables) * 3 + 4
-  t._loop(t._iterator, 1)
-  assert int(t._recovery.attempts.numpy()) == 3 and int(t._run.step.numpy()) == 2
+  t.parts.compiled.loop(t.parts.feed.iterator, 1)
+  assert int(t.state["recovery"].attempts.numpy()) == 3 and int(t.state["run"].step.numpy()) == 2
   assert_bitwise(before, everything(t))
   assert int(t.optimizer.iterations.numpy()) == 2
 
@@ -197,7 +197,9 @@ def test_the_select_loop_has_no_branch_around_the_update(tmp_path):
   for mode in MODES:
     t = TinyTrainer(tiny_config(**{"train.skip_update": mode}), str(tmp_path / mode))
     t.build()
-    fn = t._train_loop_fn.get_concrete_function(t._iterator, tf.constant(5, tf.int64))
+    fn = t.parts.compiled.loop.function.get_concrete_function(
+      t.parts.feed.iterator, tf.constant(5, tf.int64)
+    )
     graphs[mode] = fn.graph
   branches = {m: bench_step.body_branches(g) for m, g in graphs.items()}
   assert branches["select"] < branches["cond"], branches

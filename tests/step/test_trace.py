@@ -78,5 +78,5 @@ def test_the_loop_is_traced_once_for_the_whole_run(workdir, trainer_cls):
   c = tiny_config(**{"train.steps": 20, "train.steps_per_loop": 5, "checkpoint.every_steps": 5})
   trainer = trainer_cls(c, workdir)
   trainer.fit()
-  assert len(trainer._loop.function._list_all_concrete_functions()) == 1
+  assert len(trainer.parts.compiled.loop.function._list_all_concrete_functions()) == 1
   assert isinstance(trainer.model, keras.Model)

@@ -119,7 +119,7 @@ def test_a_skipped_step_changes_no_metric_state_and_train_metrics_reset_per_loop
   # the second loop did not start from the first one's count.
   assert [r["rows"] for r in loops] == [80, 80]
   assert all(0.0 <= r["auc"] <= 1.0 for r in loops)
-  metrics = trainer._train_metrics.metrics
+  metrics = trainer.parts.train_metrics.metrics
   assert float(metrics["rows"].result()) == 80
 
 

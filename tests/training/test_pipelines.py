@@ -129,7 +129,7 @@ def test_a_stateful_pipeline_trains_is_killed_and_resumes_at_its_data_position(
   runs = _batches(workdir)
   assert runs[:13] == [(s, s - 1) for s in range(1, 14)]
   assert runs[13:] == [(s, s - 1) for s in range(11, 21)]
-  assert int(resumed._data.position.numpy()) == 20
+  assert int(resumed.state["data"].position.numpy()) == 20
 
 
 @pytest.mark.parametrize("mode", ["skip", "replay"])
