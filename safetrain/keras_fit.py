@@ -53,6 +53,7 @@ from keras.src.trainers import compile_utils
 from safetrain.core import compat
 from safetrain.core import config as config_lib
 from safetrain.results import FitResult
+from safetrain.step import batch_checks
 from safetrain.storage.jsonl import read_jsonl
 from safetrain.trainer import Trainer
 from safetrain.training import losses as losses_lib
@@ -749,6 +750,20 @@ class _FitTrainer(Trainer):
     # data live in the caller's process): the run exports model.keras itself.
     self._origin = {"file": None, "arg": None}
 
+  def _takes_class_indices(self) -> bool:
+    """A single compiled loss that is a sparse categorical cross-entropy
+    (by name, class or function) without an `ignore_class` (whose value may
+    lie outside the classes on purpose) reads `y` as class indices."""
+    compiled = getattr(self._user_model, "_compile_loss", None)
+    loss = getattr(compiled, "_user_loss", None)
+    while isinstance(loss, (list, tuple, dict)) and len(loss) == 1:
+      loss = next(iter(loss.values())) if isinstance(loss, dict) else loss[0]
+    if isinstance(loss, str):
+      return losses_lib.takes_class_indices(loss)
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+      return loss.get_config().get("ignore_class") is None
+    return loss is keras.losses.sparse_categorical_crossentropy
+
   def build_train_dataset(self):
     return self._train.dataset()
 
@@ -759,6 +774,10 @@ class _FitTrainer(Trainer):
     model = self._user_model
     x, y, sample_weight = _unpack(self._first_batch)
     y_pred = model(x, training=False)  # builds an unbuilt model, eagerly
+    if self._takes_class_indices() and isinstance(y_pred, tf.Tensor):
+      # The eager build of the loss reads the labels in range, as the
+      # trainer's build does after this hook (the loop drops bad rows).
+      y = batch_checks.Labels(leaf=0, name="y", num_classes=int(y_pred.shape[-1])).in_range(y)
     if getattr(model, "_compile_loss", None) is not None:
       self._keras_loss = _KerasLoss(model, y, losses_lib.float32_predictions(y_pred), sample_weight)
     self._first_pred = y_pred

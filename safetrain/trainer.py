@@ -233,6 +233,11 @@ class Trainer(TrainerHooks):
     self.model = hook("build_model", self.build_model)()
     if not isinstance(self.model, keras.Model):
       raise TypeError(f"build_model() returned {type(self.model).__name__}, not a keras.Model")
+    self._labels = self._label_check()
+    if self._labels is not None:
+      # Every eager pass of the build (and the replays after) reads the first
+      # batch with its bad labels replaced; the loop still drops them.
+      self._first_batch = self._train_data.first_batch = self._labels.in_range(self._first_batch)
     if not self.model.built:
       sample_loss(self.model, self._first_batch, self._element_spec)  # builds the variables
     hook_checks.check_model(self.model, trainer=name)
@@ -351,30 +356,42 @@ class Trainer(TrainerHooks):
     self._train_loop_fn = self._loop.function
     self._all_finite_fn = tf.function(self._loop.params_finite, autograph=False)
 
+  def _takes_class_indices(self) -> bool:
+    """Whether the loss reads `y` as integer class labels in [0, the
+    model's output size): the default compute_loss with a sparse categorical
+    `config.loss` (safetrain.fit's trainer says it for a compiled Keras loss)."""
+    return type(self).compute_loss is Trainer.compute_loss and losses.takes_class_indices(
+      self.config.loss
+    )
+
+  def _label_check(self) -> batch_checks.Labels | None:
+    """The label check, when the loss takes class indices: `y` of the first
+    batch against the model's output size (which an unbuilt model's call on
+    the first batch's x builds, as the default compute_loss would)."""
+    first = self._first_batch
+    leaf = data_lib.label_leaf(first)
+    if not self._takes_class_indices() or leaf is None:
+      return None
+    y = tf.nest.flatten(first)[leaf]
+    x, _, _ = data_lib.unpack_batch(first)
+    n = losses.num_classes(self.model, x)
+    if n is None or not (y.dtype.is_integer or y.dtype.is_floating):
+      return None
+    name = guard.flatten_with_names(first)[leaf][0]
+    return batch_checks.Labels(leaf=leaf, name=name, num_classes=n)
+
   def _batch_checks(self) -> tuple[batch_checks.Labels | None, batch_checks.Shapes | None]:
     """What the input check holds batches to beyond finiteness.
 
-    Labels: with the default compute_loss and a sparse categorical
-    `config.loss`, the label `y` against the model's output size (an
-    override's labels may mean anything: not checked). Shapes: the leaves
+    Labels: when the loss takes class indices (`_takes_class_indices`), the
+    label `y` against the model's output size (an override's labels may mean
+    anything: not checked). Shapes: the leaves
     whose element spec leaves a non-batch dimension unknown, against the
     first batch's, unless the model declares a variable input dimension
     (a sequence model takes varying lengths) or declares no inputs.
     """
     first = self._first_batch
-    labels = None
-    leaf = data_lib.label_leaf(first)
-    if (
-      type(self).compute_loss is Trainer.compute_loss
-      and losses.takes_class_indices(self.config.loss)
-      and leaf is not None
-    ):
-      y = tf.nest.flatten(first)[leaf]
-      x, _, _ = data_lib.unpack_batch(first)
-      n = losses.num_classes(self.model, x)
-      if n is not None and (y.dtype.is_integer or y.dtype.is_floating):
-        name = guard.flatten_with_names(first)[leaf][0]
-        labels = batch_checks.Labels(leaf=leaf, name=name, num_classes=n)
+    labels = self._labels
     shapes = None
     unknown = batch_checks.unknown_dims(self._element_spec)
     if unknown and batch_checks.model_takes_any_shape(self.model) is False:

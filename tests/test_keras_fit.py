@@ -409,6 +409,69 @@ def test_nan_rows_in_x_are_dropped_counted_and_the_rest_trains(tmp_path):
   assert len(result.history["loss"]) == 2 and np.isfinite(result.history["loss"]).all()
 
 
+@pytest.mark.parametrize(
+  "loss",
+  [
+    "sparse_categorical_crossentropy",
+    keras.losses.SparseCategoricalCrossentropy(),
+    keras.losses.sparse_categorical_crossentropy,
+  ],
+  ids=["name", "class", "function"],
+)
+def test_out_of_range_labels_of_a_compiled_sparse_loss_are_dropped_rows(tmp_path, loss):
+  """Labels of -1 or num_classes (Keras fit: an InvalidArgumentError on the
+  CPU, NaN on a GPU) are bad rows for a compiled sparse cross-entropy, as
+  for a Trainer's config.loss: dropped, named, and the rest trains."""
+  x, y = classification_data(96)
+  y[[5, 40]] = 3  # num_classes
+  y[70] = -1
+  model = classifier()
+  model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
+  result = safetrain.fit(
+    model,
+    x,
+    y,
+    batch_size=32,
+    epochs=2,
+    shuffle=False,
+    workdir=str(tmp_path),
+    config=keras_config(),
+  )
+  bad = [r for r in result.incidents if r["kind"] == "bad_labels"]
+  assert bad and {r["action"] for r in bad} == {"dropped_rows"}
+  assert "class labels y outside [0, 3)" in bad[0]["diagnosis"]
+  assert (result.step, result.stopped) == (6, "completed")
+  dropped = [
+    r["dropped_rows"] for r in records(str(tmp_path), "metrics.jsonl") if "dropped_rows" in r
+  ]
+  assert sum(dropped) == 2 * 3  # three bad rows, two epochs
+  assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_labels_equal_to_ignore_class_are_not_bad_rows(tmp_path):
+  """A sparse cross-entropy with ignore_class reads that value on purpose:
+  its rows are no bad labels, and the run trains on them as Keras does."""
+  x, y = classification_data(96)
+  y[[5, 40, 70]] = -1
+  model = classifier()
+  model.compile(
+    optimizer=keras.optimizers.Adam(1e-2),
+    loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=-1),
+  )
+  result = safetrain.fit(
+    model,
+    x,
+    y,
+    batch_size=32,
+    epochs=1,
+    shuffle=False,
+    workdir=str(tmp_path),
+    config=keras_config(),
+  )
+  assert result.incidents == [] and result.step == 3
+  assert np.isfinite(result.history["loss"]).all()
+
+
 class LogLoss(keras.losses.Loss):
   """A squared error that is NaN where y_true is 0 (log(0) * 0): a bad example."""
 

@@ -98,6 +98,19 @@ def test_bad_labels_of_shape_b1_and_on_logits_are_dropped_too(workdir, trainer, 
   assert all_finite(t) and fixture.accuracy(t.model) > 0.8
 
 
+@pytest.mark.parametrize("trainer", ["FirstBatch", "FirstBatchSubclassed"])
+def test_bad_labels_in_the_first_batch_are_dropped_at_step_1_not_a_build_error(workdir, trainer):
+  """The build reads the first batch eagerly (the model's variables, the
+  metrics, the not-learning reference); its bad labels do not stop it, and
+  the step drops those rows like any other batch's."""
+  t, result = _fit(trainer, workdir)
+  got = [(r["step"], r["kind"], r["action"]) for r in result.incidents]
+  assert got == [(1, "bad_labels", "dropped_rows")], got
+  assert "in 2 rows: the first, 5, in row 1" in result.incidents[0]["diagnosis"]
+  assert (result.step, result.stopped, result.skipped_steps) == (30, "completed", 0)
+  assert fixture.accuracy(t.model) > 0.8  # 5 classes: chance is 0.2
+
+
 def test_bad_labels_under_skip_batch_skip_their_batches(workdir):
   trainer, result = _fit("Labels", workdir, **{"guard.bad_inputs": "skip_batch"})
   assert result.step == 30 and result.attempts == 32 and result.skipped_steps == 2
