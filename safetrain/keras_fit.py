@@ -58,6 +58,7 @@ from safetrain.storage.jsonl import read_jsonl
 from safetrain.trainer import Trainer
 from safetrain.training import losses as losses_lib
 from safetrain.training import optimizers as optimizers_lib
+from safetrain.training import reference as reference_lib
 
 __all__ = ["KerasFitResult", "fit"]
 
@@ -717,6 +718,33 @@ class _View(keras.metrics.Metric):
 # --------------------------------------------------------------- the trainer
 
 
+# A Loss configured on logits has the logits form of its closed form.
+_ON_LOGITS = {
+  "sparse_categorical_crossentropy": "softmax_cross_entropy",
+  "binary_crossentropy": "sigmoid_cross_entropy",
+}
+
+
+def _closed_form(loss) -> tuple[str, Callable] | None:
+  """(the name `reference.trivial` knows the loss by, the loss as a
+  function of (y, y_pred)) for a compiled loss given by name, Loss object or
+  keras function; None when it is not a mean over the batch (its trivial
+  value would not compare) or is unknown (trivial then says None)."""
+  if isinstance(loss, str):
+    return loss, keras.losses.get(loss)
+  if isinstance(loss, keras.losses.Loss):
+    config = loss.get_config()
+    if config.get("reduction") != "sum_over_batch_size":
+      return None
+    name = config.get("name", "")
+    if config.get("from_logits"):
+      name = _ON_LOGITS.get(name, "")
+    return name, loss
+  if callable(loss) and getattr(loss, "__module__", "").startswith("keras"):
+    return loss.__name__, loss
+  return None
+
+
 class _FitTrainer(Trainer):
   """The Trainer `safetrain.fit` runs: the user's model and data, Keras's
   loss and metrics."""
@@ -750,14 +778,31 @@ class _FitTrainer(Trainer):
     # data live in the caller's process): the run exports model.keras itself.
     self._origin = {"file": None, "arg": None}
 
-  def _takes_class_indices(self) -> bool:
-    """A single compiled loss that is a sparse categorical cross-entropy
-    (by name, class or function) without an `ignore_class` (whose value may
-    lie outside the classes on purpose) reads `y` as class indices."""
+  def _single_loss(self):
+    """The model's one compiled loss (a name, a Loss or a function), or
+    None (several, or none)."""
     compiled = getattr(self._user_model, "_compile_loss", None)
     loss = getattr(compiled, "_user_loss", None)
     while isinstance(loss, (list, tuple, dict)) and len(loss) == 1:
       loss = next(iter(loss.values())) if isinstance(loss, dict) else loss[0]
+    return None if isinstance(loss, (list, tuple, dict)) else loss
+
+  def _learn_reference(self):
+    """For one compiled keras loss of known closed form (`reference`), the
+    trivial predictor's loss, as for a Trainer's `config.loss`; else the
+    initial weights'."""
+    named = _closed_form(self._single_loss()) if self.config.guard.learn_steps else None
+    if named is not None:
+      found = reference_lib.trivial(*named, self.model, self._first_batch)
+      if found is not None:
+        return found
+    return super()._learn_reference()
+
+  def _takes_class_indices(self) -> bool:
+    """A single compiled loss that is a sparse categorical cross-entropy
+    (by name, class or function) without an `ignore_class` (whose value may
+    lie outside the classes on purpose) reads `y` as class indices."""
+    loss = self._single_loss()
     if isinstance(loss, str):
       return losses_lib.takes_class_indices(loss)
     if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):

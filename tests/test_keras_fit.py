@@ -472,6 +472,44 @@ def test_labels_equal_to_ignore_class_are_not_bad_rows(tmp_path):
   assert np.isfinite(result.history["loss"]).all()
 
 
+@pytest.mark.parametrize(
+  "loss, target, what",
+  [
+    ("mse", "gaussian", "predicting the targets' mean"),
+    (keras.losses.MeanAbsoluteError(), "gaussian", "predicting the targets' median"),
+    (keras.losses.BinaryCrossentropy(from_logits=True), "binary", "predicting the positive rate"),
+  ],
+  ids=["mse-name", "mae-class", "bce-logits"],
+)
+def test_a_compiled_keras_loss_is_held_to_the_trivial_predictor(tmp_path, loss, target, what):
+  """Targets drawn apart from the inputs: nothing to learn. A compiled keras
+  loss of known closed form is held to the constant predictor's loss, as a
+  Trainer's config.loss is (not to the initial weights', which any constant
+  offset beats): not_learning, a rollback with the rate probe, then the
+  abort (exit 3), never a success."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(512, 4)).astype("float32")
+  if target == "gaussian":
+    y = (5.0 + rng.normal(size=(512, 1))).astype("float32")
+  else:
+    y = (rng.random((512, 1)) < 0.3).astype("float32")
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential(
+    [
+      keras.Input((4,)),
+      keras.layers.Dense(8, activation="relu"),
+      keras.layers.Dense(1),
+    ]
+  )
+  model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
+  config = keras_config(**{"guard.learn_steps": 100, "train.steps_per_loop": 10})
+  with pytest.raises(safetrain.DivergenceError, match="not_learning") as err:
+    safetrain.fit(model, x, y, batch_size=32, epochs=40, workdir=str(tmp_path), config=config)
+  assert what in err.value.diagnosis
+  decided = [(r["kind"], r["action"]) for r in err.value.incidents if r["action"] != "skipped_step"]
+  assert decided == [("not_learning", "rollback"), ("not_learning", "abort")], decided
+
+
 class LogLoss(keras.losses.Loss):
   """A squared error that is NaN where y_true is 0 (log(0) * 0): a bad example."""
 

@@ -220,17 +220,23 @@ class Health:
   def _still_falling(self, start: int, step: int) -> bool | None:
     """Whether the loss is still falling: over the last `learn_steps` steps
     (since `start`), the median loop loss of the later half is under
-    `1 - _FALLING` times the earlier half's (a slow run is learning, and no
-    lower rate helps it; medians, so that one loop's blow-up does not count
-    as a trend). None with too few loops to tell (a resume mid-window keeps
-    no history)."""
+    `1 - _FALLING` times the earlier half's, by more than the loops' noise
+    could make it (a slow run is learning, and no lower rate helps it;
+    medians, so that one loop's blow-up does not count as a trend). None
+    with too few loops to tell (a resume mid-window keeps no history)."""
     first = max(start, step - self.learn_steps)
     self._losses = [(s, loss) for s, loss in self._losses if s > first]
     window = [loss for _, loss in self._losses if math.isfinite(loss)]
     if len(window) < _MIN_LOOPS:
       return None
     half = len(window) // 2
-    return statistics.median(window[-half:]) < (1.0 - _FALLING) * statistics.median(window[:half])
+    early, late = statistics.median(window[:half]), statistics.median(window[-half:])
+    # A loop's loss is noisy: its spread, from successive differences (which
+    # cancel a trend), bounds what a fall between two medians of `half`
+    # loops must exceed to be one; a stuck run's noise is no fall.
+    spread = statistics.median(abs(b - a) for a, b in zip(window, window[1:])) / 0.954
+    noise = _FALL_SIGNIFICANCE * 1.2 * spread * math.sqrt(2.0 / half)
+    return late < (1.0 - _FALLING) * early and early - late > noise
 
   def _not_learning(self, step: int) -> Finding | None:
     ref = self.reference
@@ -326,6 +332,9 @@ class Health:
 # A run whose loss fell by this fraction from the first half of its window to
 # the second is still learning; a check needs this many loops in the window.
 _FALLING = 0.03
+# How many standard errors of the difference of the two halves' medians a
+# fall must exceed (1.5: a stuck run's noise passes for a fall in ~7% of checks).
+_FALL_SIGNIFICANCE = 1.5
 _MIN_LOOPS = 4
 # A rate cut for not_learning helped if the running loss is this much lower
 # at the next finding (less is noise between windows).
@@ -367,10 +376,11 @@ def build(
   def describe_lr() -> str:
     lr = float(compat.learning_rate_schedule(optimizer)(optimizer.iterations))
     scale = float(lr_scale.numpy())
-    return (
-      f"learning rate {lr:.4g} ({type(optimizer).__name__}, optimizer.learning_rate="
-      f"{config.optimizer.learning_rate:g} times recovery's scale {scale:.4g})"
-    )
+    # The optimizer may be the user's (build_optimizer, a compiled Keras
+    # model's): its own schedule's rate, not config.optimizer's, is the base.
+    base = f"its schedule's {lr / scale:.4g} now times " if scale > 0 else ""
+    name = type(optimizer).__name__
+    return f"learning rate {lr:.4g} ({name}: {base}recovery's scale {scale:.4g})"
 
   return Health(
     state=state,

@@ -256,6 +256,7 @@ class Recovery:
       skipped = self.feed.position() - restored_position
       s.batches_skipped.assign_add(skipped)
     s.lr_scale.assign(lr_after)
+    lr_after = float(s.lr_scale.numpy())  # as the run goes on with it (float32)
     s.rollbacks_used.assign_add(1)
     s.rollbacks_total.assign_add(1)
     s.last_restored_step.assign(restored_step)

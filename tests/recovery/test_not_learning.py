@@ -65,8 +65,9 @@ def test_a_rate_too_high_to_learn_is_rolled_back_with_a_lower_rate_and_then_lear
   (rollback,) = [r for r in incidents(workdir) if r["action"] == "rollback"]
   assert rollback["kind"] == "not_learning" and rollback["cause"] == "not_learning"
   # Its loss fell for the first 100 steps (from a blow-up), then stopped:
-  # the check waits for a flat window, steps 51..150.
-  assert rollback["step"] == 151 and rollback["lr_scale_after"] == 0.5
+  # the check waits for a window whose fall is within the loops' noise,
+  # steps 41..140.
+  assert rollback["step"] == 141 and rollback["lr_scale_after"] == 0.5
   assert "predicting the targets' mean" in rollback["diagnosis"]
   # After the rollback the run does better than the mean predictor.
   assert result.loss < 0.95 * float(y.var())
@@ -87,10 +88,11 @@ def test_a_run_with_nothing_to_learn_ends_in_divergence_error_not_success(workdi
     ("not_learning", "abort", "not_learning"),
   ]
   # The loss falls to the label frequencies' and then wanders: the first
-  # window of 100 steps whose later half is not 3% under its earlier half
-  # ends at step 150; the next is counted from the state the rollback
-  # restored (step 100), so it is at least 100 steps later.
-  assert [(r["step"], r["restored_step"]) for r in decided] == [(151, 100), (221, None)]
+  # window of 100 steps whose later half is not under its earlier half by
+  # 3% and by more than the loops' noise ends at step 120; the next is
+  # counted from the state the rollback restored (step 100), so it is at
+  # least 100 steps later.
+  assert [(r["step"], r["restored_step"]) for r in decided] == [(121, 100), (201, None)]
   losses = [t["loss"] for t in decided[0]["probe"]]
   assert len(losses) == 3 and max(losses) < 1.02 * min(losses)
   assert decided[1]["lr_scale_before"] == decided[0]["lr_scale_after"]
