@@ -41,3 +41,17 @@ def test_a_trainer_checkpoints_what_it_declares_under_the_declared_keys(tmp_path
   assert keys - {"iterator", "model"} <= saved
   position_key = t.state.key_of(t.state.carried()["data"].position)
   assert tf.train.load_variable(path, position_key) == 10
+
+
+def test_parts_are_what_fit_runs_and_only_after_build(tmp_path):
+  """`Trainer.parts` is what build() made, the same objects fit() uses: the
+  feed's iterator advances with the run, the store lists its checkpoints."""
+  t = TinyTrainer(tiny_config(**{"train.steps": 10}), str(tmp_path))
+  with pytest.raises(RuntimeError, match="not built yet"):
+    t.parts  # noqa: B018 - the property raises before build()
+  t.fit()
+  p = t.parts
+  assert p.feed.position() == int(t.state["data"].position.numpy()) == 10
+  assert p.checkpoints.latest_step() == 10
+  assert p.compiled.loop.function.experimental_get_tracing_count() == 1
+  assert p.keeper.healthy() and p.keeper.all_finite()
