@@ -97,6 +97,7 @@ def test_bench_distribute_safe_loop_runs(strategy, tmp_path):
   assert run() > 0
 
 
+@pytest.mark.slow  # two fresh processes, ~17 s: the suite's 10 minutes
 def test_bench_cold_runs_each_contender_in_a_fresh_process():
   """The cold-start benchmark's children: one fit() each, in a new process,
   with safetrain's time split into parts that add up to the total."""
