@@ -725,24 +725,31 @@ _ON_LOGITS = {
 }
 
 
-def _closed_form(loss) -> tuple[str, Callable] | None:
-  """(the name `reference.trivial` knows the loss by, the loss as a
-  function of (y, y_pred)) for a compiled loss given by name, Loss object or
-  keras function; None when it is not a mean over the batch (its trivial
-  value would not compare) or is unknown (trivial then says None)."""
+def _loss_name(loss) -> str | None:
+  """The name safetrain knows a compiled loss by (`config.loss`'s names, a
+  Loss on logits by its logits form), given by name, Loss object or keras
+  function; None for any other loss."""
   if isinstance(loss, str):
-    return loss, keras.losses.get(loss)
+    return loss
   if isinstance(loss, keras.losses.Loss):
     config = loss.get_config()
-    if config.get("reduction") != "sum_over_batch_size":
-      return None
     name = config.get("name", "")
-    if config.get("from_logits"):
-      name = _ON_LOGITS.get(name, "")
-    return name, loss
+    return _ON_LOGITS.get(name, "") if config.get("from_logits") else name
   if callable(loss) and getattr(loss, "__module__", "").startswith("keras"):
-    return loss.__name__, loss
+    return loss.__name__
   return None
+
+
+def _closed_form(loss) -> tuple[str, Callable] | None:
+  """(`_loss_name`, the loss as a function of (y, y_pred)) for
+  `reference.trivial`; None when the loss is not a mean over the batch (its
+  trivial value would not compare) or is unknown (trivial then says None)."""
+  name = _loss_name(loss)
+  if name is None:
+    return None
+  if isinstance(loss, keras.losses.Loss):
+    return (name, loss) if loss.get_config().get("reduction") == "sum_over_batch_size" else None
+  return name, keras.losses.get(loss) if isinstance(loss, str) else loss
 
 
 class _FitTrainer(Trainer):
@@ -803,11 +810,11 @@ class _FitTrainer(Trainer):
     (by name, class or function) without an `ignore_class` (whose value may
     lie outside the classes on purpose) reads `y` as class indices."""
     loss = self._single_loss()
-    if isinstance(loss, str):
-      return losses_lib.takes_class_indices(loss)
-    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):  # whatever its name
       return loss.get_config().get("ignore_class") is None
-    return loss is keras.losses.sparse_categorical_crossentropy
+    if isinstance(loss, keras.losses.Loss):
+      return False
+    return losses_lib.takes_class_indices(_loss_name(loss) or "")
 
   def build_train_dataset(self):
     return self._train.dataset()

@@ -254,9 +254,7 @@ class Response:
       return ""
     # The stash holds the kind's last batch: its own step, not the loop's end.
     step = int(out.kind_last[registry.code(kind)]) or self._step() + 1
-    self._bad_batch_diagnosis = forensics.diagnose(
-      self._examiner.ctx, kind=kind, batch=batch, step=step
-    )
+    self._bad_batch_diagnosis = self._examiner.diagnose(kind, step)
     return self._bad_batch_diagnosis
 
   def _bad_input(self, out: LoopOutput) -> str:

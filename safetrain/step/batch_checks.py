@@ -40,13 +40,16 @@ class Labels:
   def _ok(self, y: tf.Tensor) -> tf.Tensor:
     return (y >= 0) & (y < tf.cast(self.num_classes, y.dtype))
 
+  def clamped(self, y: tf.Tensor) -> tf.Tensor:
+    """`y` with each label outside [0, num_classes) replaced by 0."""
+    return tf.where(self._ok(y), y, tf.zeros_like(y))
+
   def in_range(self, batch):
-    """`batch` with each label outside [0, num_classes) replaced by 0: what
-    the build's eager passes over the first batch read (an op on a bad label
-    raises on the CPU); the step itself sees and drops the real rows."""
+    """`batch` with its bad labels `clamped`: what the build's eager passes
+    over the first batch read (an op on a bad label raises on the CPU); the
+    step itself sees and drops the real rows."""
     flat = list(tf.nest.flatten(batch))
-    y = tf.convert_to_tensor(flat[self.leaf])
-    flat[self.leaf] = tf.where(self._ok(y), y, tf.zeros_like(y))
+    flat[self.leaf] = self.clamped(tf.convert_to_tensor(flat[self.leaf]))
     return tf.nest.pack_sequence_as(batch, flat)
 
   def all_ok(self, batch) -> tf.Tensor:

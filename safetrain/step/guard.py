@@ -115,7 +115,7 @@ def keep_rows(batch, row_ok, any_kept, labels: batch_checks.Labels | None = None
       if t.dtype.is_floating:
         t = tf.where(tf.math.is_finite(t), t, tf.zeros_like(t))
       if labels is not None and i == labels.leaf:
-        t = tf.where((t >= 0) & (t < tf.cast(labels.num_classes, t.dtype)), t, tf.zeros_like(t))
+        t = labels.clamped(t)
       flat[i] = t
     return tf.nest.pack_sequence_as(batch, flat)
 
