@@ -55,6 +55,14 @@ from safetrain.training.actions import LoopRecord
 __all__ = ["FitResult", "LoopRecord", "Trainer"]
 
 
+def jit_compile(choice: bool | None) -> bool:
+  """`train.jit_compile` resolved: None (auto) is XLA when a GPU is visible,
+  as Keras's `jit_compile="auto"`; on a CPU XLA is slower (docs/speed.md)."""
+  if choice is not None:
+    return bool(choice)
+  return bool(tf.config.list_logical_devices("GPU"))
+
+
 def skip_update(choice: str, *, jit_compile: bool) -> str:
   """`train.skip_update` resolved: "auto" is the select with a GPU visible or
   under XLA (a cond's predicate is copied to the host there, each step) and
@@ -329,6 +337,7 @@ class Trainer(TrainerHooks):
         shapes=shapes,
       ),
     )
+    jit = jit_compile(c.train.jit_compile)
     self._loop = step_lib.GuardedLoop(
       strategy=self._strategy,
       model=self.model,
@@ -349,11 +358,11 @@ class Trainer(TrainerHooks):
       stash=self._stash.variables if self._stash is not None else None,
       skip_keras_all_reduce=self._skip_keras_all_reduce,
       metric_names=sorted(sample_metrics),
-      jit_compile=c.train.jit_compile,
+      jit_compile=jit,
       train_metrics=self._train_metrics or None,
-      skip_update=skip_update(c.train.skip_update, jit_compile=c.train.jit_compile),
+      skip_update=skip_update(c.train.skip_update, jit_compile=jit),
+      element_spec=self._element_spec,
     )
-    self._train_loop_fn = self._loop.function
     self._all_finite_fn = tf.function(self._loop.params_finite, autograph=False)
 
   def _takes_class_indices(self) -> bool:

@@ -302,3 +302,21 @@ def test_fp16_overflow_on_one_replica_lowers_the_scale_on_every_replica(tmp_path
   assert_replicas_agree(two)
   for a, b in zip(weights(one), weights(two)):
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_xla_under_mirrored_runs_the_run_without_xla(tmp_path):
+  """Several replicas build every rare path at once (a shard's rows are not
+  the batch's): no lean loop, XLA compiles compute_loss and its gradient on
+  each replica, and the run's decisions and weights are those without XLA."""
+  drills = {"drill.loss_steps": "3", "drill.grad_steps": "5", "drill.replica": 1}
+  plain, r_plain = run(mirrored_config(**drills), str(tmp_path / "plain"))
+  xla, r_xla = run(mirrored_config(**drills, **{"train.jit_compile": True}), str(tmp_path / "xla"))
+  loop = xla.parts.compiled.loop
+  assert not loop.lean and not loop.jit_step and not plain.parts.compiled.loop.lean
+  graph = loop.function._list_all_concrete_functions()[0].graph.as_graph_def()
+  marked = [n for f in graph.library.function for n in f.node_def if n.attr["_XlaMustCompile"].b]
+  assert len(marked) >= 1
+  assert kinds(r_xla) == kinds(r_plain) and r_xla.incidents
+  assert (r_xla.step, r_xla.skipped_steps) == (r_plain.step, r_plain.skipped_steps)
+  assert_replicas_agree(xla)
+  assert_same_weights(plain, xla)

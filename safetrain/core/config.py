@@ -67,13 +67,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.repeat_data = True
   # tf.config.experimental.enable_op_determinism(): bit-exact CPU reruns.
   c.train.deterministic = False
-  # XLA for compute_loss and its gradient (the guard, update and loop stay
-  # TensorFlow's): for GPUs; slower on a 2-core CPU. docs/speed.md.
-  c.train.jit_compile = False
+  # XLA: the whole guarded step (the guard, classification, clipping, loss
+  # scaling and the update; the iterator and the host stay outside) as one
+  # compiled program, and compute_loss with its gradient once a rare path is
+  # built. None (auto): on when a GPU is visible, off on a CPU, as Keras's
+  # jit_compile="auto"; true/false force it. docs/speed.md.
+  c.train.jit_compile = ml_collections.config_dict.placeholder(bool)
   # How a step that is not good leaves the state: cond (the update in a
   # tf.cond), select (the update always, the old values selected back with
   # tf.where: no branch a GPU waits on the host for, one copy of the
-  # optimizer's state a step), or auto: select with a GPU or
+  # optimizer's state a step), or auto: select with a GPU or under
   # train.jit_compile, cond otherwise. docs/speed.md.
   c.train.skip_update = "auto"
 
@@ -351,7 +354,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _bool(config, "recovery.float32_fallback")
   _bool(config, "recovery.scalar_rows")
   _bool(config, "train.deterministic")
-  _bool(config, "train.jit_compile")
+  _check(
+    config.train.jit_compile in (None, True, False),
+    "train.jit_compile",
+    config.train.jit_compile,
+    "true, false or None (auto: XLA with a GPU)",
+  )
   _choice(config, "train.skip_update", SKIP_UPDATES)
   _int(config, "eval.every_steps", 0, MAX_STEPS)
   _int(config, "eval.steps", 0, MAX_STEPS)

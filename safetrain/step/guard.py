@@ -104,22 +104,26 @@ def finite_rows_only(batch):
   return mask_rows(batch, row_ok)
 
 
+def sanitised(batch, labels: batch_checks.Labels | None = None, *, rows: int | None = None):
+  """The batch (its first `rows` rows, or all) with finite floats (0 where
+  not) and labels in range: what the model may see of a bad batch."""
+  flat = [t if rows is None else t[:rows] for t in tf.nest.flatten(batch)]
+  for i, t in enumerate(flat):
+    if t.dtype.is_floating:
+      t = tf.where(tf.math.is_finite(t), t, tf.zeros_like(t))
+    if labels is not None and i == labels.leaf:
+      t = labels.clamped(t)
+    flat[i] = t
+  return tf.nest.pack_sequence_as(batch, flat)
+
+
 def keep_rows(batch, row_ok, any_kept, labels: batch_checks.Labels | None = None):
   """Drops bad rows; a shard with none left keeps row 0, sanitised (finite
   floats, a label in range), so it can still take part in the step's
   collectives (its loss weight is 0)."""
-
-  def sanitise(batch):
-    flat = [t[:1] for t in tf.nest.flatten(batch)]
-    for i, t in enumerate(flat):
-      if t.dtype.is_floating:
-        t = tf.where(tf.math.is_finite(t), t, tf.zeros_like(t))
-      if labels is not None and i == labels.leaf:
-        t = labels.clamped(t)
-      flat[i] = t
-    return tf.nest.pack_sequence_as(batch, flat)
-
-  return tf.cond(any_kept, lambda: mask_rows(batch, row_ok), lambda: sanitise(batch))
+  return tf.cond(
+    any_kept, lambda: mask_rows(batch, row_ok), lambda: sanitised(batch, labels, rows=1)
+  )
 
 
 # What made a batch bad (InputCheck.cause), first match wins.
@@ -224,9 +228,15 @@ class InputPiece(piece.Piece):
       return None
     return cls(policy=g.bad_inputs, leaf_names=ctx.leaf_names, labels=ctx.labels, shapes=ctx.shapes)
 
+  def compiles_with_xla(self) -> bool:
+    # A batch of another shape is replaced by a row of the first batch's.
+    return self.shapes is None
+
   # in graph
   def inputs(self, step: piece.Step) -> None:
-    if step.replicas == 1:
+    if step.replicas == 1 and step.lean:
+      checked = self._lean(step)
+    elif step.replicas == 1:
       checked = self._one_replica(step.batch)
     else:
       checked = self._replicas(step.batch, step.ctx, step.replicas)
@@ -372,14 +382,36 @@ class InputPiece(piece.Piece):
       return batch
     return tf.cond(shape_bad, lambda: self.shapes.replacement(batch), lambda: batch)
 
-  def _one_replica(self, batch) -> InputCheck:
+  def _all_ok(self, batch) -> tuple[tf.Tensor, tf.Tensor]:
+    """(whether nothing in the batch is bad, its non-batch dims)."""
     flags = [tf.reduce_all(tf.math.is_finite(t)) for _, t in float_leaves(batch)]
     if self.labels is not None:
       flags.append(self.labels.all_ok(batch))
     got = self._got(batch)
     if self.shapes is not None:
       flags.append(self.shapes.ok(got))
-    all_ok = flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))
+    return (flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))), got
+
+  def _lean(self, step: piece.Step) -> InputCheck:
+    """The lean loop's check: a bad batch is pending (redone with the rare
+    paths built); the model sees a stand-in the op cannot fail on (finite,
+    labels in range, the first batch's shape), by a select where it can."""
+    batch = step.batch
+    all_ok, _ = self._all_ok(batch)
+    step.pending = step.pending | tf.logical_not(all_ok)
+    if self.shapes is not None:
+      seen = tf.cond(all_ok, lambda: batch, lambda: self.shapes.replacement(batch))
+    elif step.branchless:
+      seen = sanitised(batch, self.labels)
+    else:
+      seen = tf.cond(all_ok, lambda: batch, lambda: sanitised(batch, self.labels, rows=1))
+    zero = tf.constant(0)
+    return InputCheck(
+      seen, None, tf.constant(False), zero, zero, tf.constant(CLEAN), self._no_state()
+    )
+
+  def _one_replica(self, batch) -> InputCheck:
+    all_ok, got = self._all_ok(batch)
     zero = tf.constant(0)
     none = self._no_state()
 

@@ -9,6 +9,13 @@ update on a good step; on any other, the state is left exactly as it was,
 by a `tf.cond` or, under `skip_update="select"`, by the update run always
 and the old values selected back).
 
+The rare paths (a dirty batch's rows dropped, the forward and backward pass
+again on the examples kept) are built only when a batch first needs one
+(`lazy`, one replica): until then the loop is traced lean, a batch that
+needs one ends the call before its update (nothing of that attempt is
+applied or counted), and the loop is traced again with every rare path and
+goes on from that batch, in the same call (`GuardedLoop.__call__`).
+
 Counters are carried through the loop as tensors and written to variables once
 per loop: per-step variable traffic is what makes a guarded loop slow.
 """
@@ -21,6 +28,7 @@ from typing import Literal
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from safetrain.core import compat, kinds
 from safetrain.step import guard, loop_state
@@ -57,8 +65,10 @@ class GuardedLoop:
     stash: variables that keep the last divergent batch for forensics, or None.
     skip_keras_all_reduce: the optimizer was told not to all-reduce again.
     metric_names: the names of compute_loss's metrics.
-    jit_compile: `train.jit_compile`: compute_loss (forward, and through the
-      tape its backward pass) runs as one XLA-compiled function.
+    jit_compile: `train.jit_compile` resolved: the lean loop's replica step
+      (the guard, classification, clipping, loss scaling and the update) is
+      one XLA program; with the rare paths built, compute_loss (forward, and
+      through the tape its backward pass) is.
     train_metrics: the stateful Keras metrics (`metrics.MetricSet`),
       updated on good steps only, or None; compute_loss then returns y_pred
       as a third element.
@@ -67,6 +77,9 @@ class GuardedLoop:
       the old value of every variable it (or the forward pass) wrote where
       the step is not good, with `tf.where`: no branch whose predicate a GPU
       must copy to the host, for a copy of the optimizer's state a step.
+    element_spec: the spec of one batch; with it (and one replica) the loop
+      is first traced lean: the rare paths are built when a batch first
+      needs one (see the module docstring). None builds them at once.
   """
 
   def __init__(
@@ -89,6 +102,7 @@ class GuardedLoop:
     train_metrics=None,
     jit_compile: bool = False,
     skip_update: Literal["cond", "select"] = "cond",
+    element_spec=None,
   ):
     if skip_update not in SKIP_UPDATES:
       raise ValueError(f"skip_update is one of {', '.join(SKIP_UPDATES)}, not {skip_update!r}")
@@ -110,24 +124,78 @@ class GuardedLoop:
     self.skip_update = skip_update
     # Whether compute_loss returns a scalar (known once traced).
     self.scalar_loss: bool | None = None
+    self.element_spec = element_spec
+    # Lean: the rare paths are not in the graph yet (see the module docstring).
+    self.lean = element_spec is not None and strategy.num_replicas_in_sync == 1
+    self._resume: _Resume | None = None
     self.retrace()
 
   def retrace(self) -> None:
     """Makes the compiled functions (at build, and again when a layer's
     dtype changed: the next call traces anew)."""
     # The gradient of an XLA-compiled function is compiled with it.
+    # Under XLA the lean loop's replica step is one compiled program (the
+    # guard, the classification, clipping, loss scaling and the update); the
+    # rare paths' dynamic shapes are not for XLA: with them built, only
+    # compute_loss and its gradient are.
+    self.jit_step = (
+      self._jit_compile and self.lean and all(p.compiles_with_xla() for p in self.pieces)
+    )
     c = self._compute_loss
-    self.compute_loss = tf.function(c, jit_compile=True) if self._jit_compile else c
+    alone = self._jit_compile and not self.jit_step
+    self.compute_loss = tf.function(c, jit_compile=True) if alone else c
+    step = self._replica_step
+    self._step_fn = tf.function(step, jit_compile=True, autograph=False) if self.jit_step else step
     self.function = tf.function(self._loop, autograph=False)
 
   def __call__(self, iterator, n: int) -> loop_state.LoopOutput:
     """Runs one loop of up to `n` updates; returns its output as numpy."""
-    out = self.function(iterator, tf.constant(n, tf.int64))
+    n = tf.constant(n, tf.int64)
+    if not self.lean:
+      out = self.function(iterator, n)
+    else:
+      out, state, batch = self.function(iterator, n)
+      if int(out.stop) == loop_state.STOP_PENDING:
+        self._go_on_from(state, batch)
+        out = self.function(iterator, n)
     return tf.nest.map_structure(lambda t: t.numpy(), out)
+
+  def build_rare_paths(self) -> bool:
+    """Traces the loop with every rare path from its next call on; True if
+    it was lean (the caller's next call traces anew)."""
+    was, self.lean = self.lean, False
+    if was:
+      self.retrace()
+    return was
+
+  def _go_on_from(self, state: loop_state.LoopState, batch) -> None:
+    """After a lean call ended at a batch that needs a rare path: the loop
+    with every rare path, its next call starting from that call's state and
+    that batch."""
+    step = int(state.counters[loop_state.RUN_STEP]) + 1
+    logging.info(
+      "Step %d: a batch needs one of the guard's rare paths (non-finite inputs or examples); "
+      "the loop is traced again with them (once).",
+      step,
+    )
+    state = loop_state.with_stop(state, loop_state.STOP_NONE)
+    if self._resume is None:
+      with self.strategy.scope():
+        self._resume = _Resume(
+          state=tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), state),
+          batch=[
+            tf.Variable(t, trainable=False, shape=tf.TensorShape(None))
+            for t in tf.nest.flatten(batch)
+          ],
+          active=tf.Variable(True, trainable=False),
+        )
+    else:
+      self._resume.assign(state, batch)
+    self.build_rare_paths()
 
   # ------------------------------------------------------------ the loop
 
-  def _loop(self, iterator, n) -> loop_state.LoopOutput:
+  def _loop(self, iterator, n):
     max_attempts = 2 * n + self.rollback_after
     carried = {p.name: p.carry() for p in self.pieces}
     s = loop_state.initial(
@@ -135,16 +203,45 @@ class GuardedLoop:
       metric_names=self.metric_names,
       pieces={k: v for k, v in carried.items() if v is not None},
     )
-    (s,) = tf.while_loop(
-      lambda s: loop_state.running(s, n, max_attempts),
-      lambda s: (self._next(iterator, s),),
-      (s,),
-    )
+    lean, resume = self.lean, None if self.lean else self._resume
+    begin = tf.constant(0, tf.int64)
+    if resume is not None:
+      # The call after a lean one stopped: from its state, at its batch.
+      active = resume.active.read_value()
+      start = tf.nest.map_structure(lambda v: v.read_value(), resume.state)
+      s = tf.nest.map_structure(lambda a, b: tf.where(active, a, b), start, s)
+      begin = tf.where(active, start.counters[loop_state.ATTEMPTS], begin)
+      resume = (active, begin, resume.read_batch(self.element_spec))
+    running = lambda s, *_: loop_state.running(s, n, max_attempts)  # noqa: E731
+    if lean:
+      # The batch of the last attempt goes out with the state: the one a
+      # rare path needs when the loop stopped for it. Under select, with
+      # static shapes, the last divergent batch is carried too (a select,
+      # not a branch) and stashed once, after the loop.
+      last = tf.nest.map_structure(_empty, self.element_spec)
+      held = [tf.zeros(spec.shape, spec.dtype) for spec in self._held_specs()]
+      s, last, held = tf.while_loop(
+        running,
+        lambda s, last, held: self._next(iterator, s, last, held=held),
+        (s, last, held),
+        shape_invariants=(
+          tf.nest.map_structure(lambda t: t.shape, s),
+          tf.nest.map_structure(lambda t: _any_rows(t.shape), last),
+          [t.shape for t in held],
+        ),
+      )
+      if held:
+        diverged = s.tallies[kinds.DIVERGENCE] > 0
+        tf.cond(diverged, lambda: self._stash_flat(held), tf.no_op)
+    else:
+      (s,) = tf.while_loop(running, lambda s: (self._next(iterator, s, resume=resume),), (s,))
     v, c = self.variables, tf.unstack(s.counters)
     v.step.assign(c[loop_state.RUN_STEP])
     v.consecutive_bad.assign(c[loop_state.BAD_RUN])
     v.attempts.assign(c[loop_state.RUN_ATTEMPT])
-    v.position.assign_add(c[loop_state.ATTEMPTS])
+    v.position.assign_add(c[loop_state.ATTEMPTS] - begin)
+    if resume is not None:
+      self._resume.active.assign(False)
     for p in self.pieces:
       if p.name in s.pieces:
         p.write(s.pieces[p.name])
@@ -152,17 +249,67 @@ class GuardedLoop:
     schedule = compat.learning_rate_schedule(self.optimizer)
     lr = tf.cast(schedule(self.optimizer.iterations - 1), tf.float32)
     # The host's health check, here: one reduction per variable, once a loop.
-    return loop_state.output(s, lr=lr, params_finite=self.params_finite(), pieces=self.pieces)
+    out = loop_state.output(s, lr=lr, params_finite=self.params_finite(), pieces=self.pieces)
+    return (out, s, last) if lean else out
 
-  def _next(self, iterator, s: loop_state.LoopState) -> loop_state.LoopState:
-    """One attempt on the next batch, or the data's end."""
+  def _held_specs(self) -> list:
+    """The specs of the stash's leaves when a lean loop carries the last
+    divergent batch by select (static shapes, `branchless`), else []."""
+    if self.stash is None or self.skip_update != "select" and not self.jit_step:
+      return []
+    specs = tf.nest.flatten(self.element_spec)
+    if not all(spec.shape.is_fully_defined() for spec in specs):
+      return []
+    return [spec for var, spec in zip(self.stash, specs) if var is not None]
+
+  def _hold(self, s, new, batch, held: list) -> list:
+    """The last divergent batch, carried: this attempt's (as the model saw
+    it) where it diverged."""
+    seen = self.drill.corrupt_inputs(batch, s.counters[loop_state.RUN_ATTEMPT] + 1)
+    diverged = new.tallies[kinds.DIVERGENCE] > s.tallies[kinds.DIVERGENCE]
+    flat = [t for var, t in zip(self.stash, tf.nest.flatten(seen)) if var is not None]
+    return [tf.where(diverged, t, h) for t, h in zip(flat, held)]
+
+  def _next(self, iterator, s: loop_state.LoopState, last=None, resume=None, held=None):
+    """One attempt on the next batch, or the data's end. A lean loop passes
+    the last attempt's batch (`last`) and the held divergent batch (`held`)
+    and gets (state, batch, held) back. `resume`: (active, begin, batch): the
+    first attempt of the call after a lean one stopped takes that call's
+    batch, not the iterator's next."""
+    if last is not None:
+      return self._next_lean(iterator, s, last, held)
+    take = None
+    if resume is not None:
+      active, begin, pending = resume
+      take = active & tf.equal(s.counters[loop_state.ATTEMPTS], begin)
     if self.repeat_data:
-      return self._attempt(s, next(iterator))
+      if take is None:
+        batch = next(iterator)
+      else:
+        batch = tf.cond(take, lambda: pending, lambda: next(iterator))
+      return self._attempt(s, batch)
+    if take is None:
+      optional = iterator.get_next_as_optional()
+    else:
+      optional = tf.cond(
+        take,
+        lambda: tf.experimental.Optional.from_value(pending),
+        iterator.get_next_as_optional,
+      )
+    end = lambda: loop_state.with_stop(s, loop_state.STOP_DATA_END)  # noqa: E731
+    return tf.cond(optional.has_value(), lambda: self._attempt(s, optional.get_value()), end)
+
+  def _next_lean(self, iterator, s, last, held):
+    def attempt(batch):
+      new = self._attempt(s, batch)
+      return new, batch, self._hold(s, new, batch, held) if held else held
+
+    if self.repeat_data:
+      return attempt(next(iterator))
     optional = iterator.get_next_as_optional()
+    end = loop_state.with_stop(s, loop_state.STOP_DATA_END)
     return tf.cond(
-      optional.has_value(),
-      lambda: self._attempt(s, optional.get_value()),
-      lambda: loop_state.with_stop(s, loop_state.STOP_DATA_END),
+      optional.has_value(), lambda: attempt(optional.get_value()), lambda: (end, last, held)
     )
 
   def params_finite(self) -> tf.Tensor:
@@ -175,14 +322,27 @@ class GuardedLoop:
     strategy = self.strategy
     first = lambda x: strategy.experimental_local_results(x)[0]  # noqa: E731
     attempt_now = s.counters[loop_state.RUN_ATTEMPT] + 1
-    out = strategy.run(self._replica_step, args=(batch, attempt_now, s.pieces))
-    return loop_state.fold(
+    out = tf.nest.map_structure(
+      first, strategy.run(self._step_fn, args=(batch, attempt_now, s.pieces))
+    )
+    if self.lean and self.stash is not None and not self._held_specs():
+      # Out of the step (a variable of the batch's shape is not XLA's): the
+      # batch the model saw (a lean step changes no batch it does not redo).
+      seen = self.drill.corrupt_inputs(batch, attempt_now)
+      tf.cond(out.step_class == kinds.DIVERGENCE, lambda: self._stash_batch(seen), tf.no_op)
+    folded = loop_state.fold(
       s,
-      tf.nest.map_structure(first, out),
+      out,
       pieces=self.pieces,
       rollback_after=self.rollback_after,
       raise_on_bad_inputs=self.raise_on_bad_inputs,
     )
+    if not self.lean:
+      return folded
+    # A batch that needs a rare path: the attempt is not folded (its step
+    # left every variable as it was); the loop stops for the retrace.
+    stopped = loop_state.with_stop(s, loop_state.STOP_PENDING)
+    return tf.nest.map_structure(lambda a, b: tf.where(out.pending, a, b), stopped, folded)
 
   # ------------------------------------------------------- one replica
 
@@ -198,9 +358,12 @@ class GuardedLoop:
       ctx=ctx,
       attempt=attempt,
       carried=carried,
-      branchless=self.skip_update == "select",
+      # XLA wants static shapes: a branch a select can replace is one.
+      branchless=self.skip_update == "select" or self.jit_step,
+      lean=self.lean,
     )
     step.skip = tf.constant(False)
+    step.pending = tf.constant(False)
     for p in self.pieces:
       p.inputs(step)
     if step.weight is None and step.replicas > 1:
@@ -223,11 +386,16 @@ class GuardedLoop:
     step.grads_finite, step.norm = guard.finite_and_norm(step.grads, branchless=step.branchless)
 
     step.step_class, step.kind = self.pieces.classify(step)
+    if self.lean:
+      # Not good, no incident, no overflow: the update is skipped and no
+      # piece counts the attempt (its outcome is not folded either).
+      step.step_class = tf.where(step.pending, kinds.SKIPPED_BATCH, step.step_class)
+      step.kind = tf.where(step.pending, kinds.NO_KIND, step.kind)
     good = step.step_class == kinds.GOOD
     if self.train_metrics is not None:
       # Every replica decided the same class: each adds its shard on a good step.
       tf.cond(good, lambda: self.train_metrics.update(step.batch, pred[0]), tf.no_op)
-    if self.stash is not None:
+    if self.stash is not None and not self.lean:
       tf.cond(step.step_class == kinds.DIVERGENCE, lambda: self._stash_batch(step.batch), tf.no_op)
     apply_args = {p.name: p.apply_args(step) for p in self.pieces}
     apply_args = {k: v for k, v in apply_args.items() if v is not None}
@@ -296,6 +464,7 @@ class GuardedLoop:
       norm_good=norm_good,
       metrics={k: tf.where(good, m, 0.0) for k, m in step.metrics.items()},
       pieces={k: v for k, v in outcomes.items() if v is not None},
+      pending=step.pending,
     )
 
   def _row_weight(self, step: piece_lib.Step) -> tf.Tensor:
@@ -338,6 +507,11 @@ class GuardedLoop:
     for var, t in zip(self.stash, tf.nest.flatten(batch)):
       if var is not None:
         var.assign(t)
+    return tf.no_op()
+
+  def _stash_flat(self, held: list):
+    for var, t in zip([v for v in self.stash if v is not None], held):
+      var.assign(t)
     return tf.no_op()
 
   # ------------------------------------------------- the update itself
@@ -416,3 +590,34 @@ class GuardedLoop:
     guard.select(self.model.non_trainable_variables, good, nt_before)
     for p in self.pieces:
       p.on_update(good, step_class)
+
+
+class _Resume:
+  """What the call after a lean one stopped starts from: that call's state
+  and batch, and whether it is still to be taken (variables, so the traced
+  loop reads them)."""
+
+  def __init__(self, *, state, batch: list, active: tf.Variable):
+    self.state, self.batch, self.active = state, batch, active
+
+  def assign(self, state, batch) -> None:
+    tf.nest.map_structure(lambda v, t: v.assign(t), self.state, state)
+    for v, t in zip(self.batch, tf.nest.flatten(batch)):
+      v.assign(t)
+    self.active.assign(True)
+
+  def read_batch(self, element_spec):
+    flat = [
+      tf.ensure_shape(v.read_value(), spec.shape)
+      for v, spec in zip(self.batch, tf.nest.flatten(element_spec))
+    ]
+    return tf.nest.pack_sequence_as(element_spec, flat)
+
+
+def _empty(spec: tf.TensorSpec) -> tf.Tensor:
+  """A batch of no rows of `spec` (the lean loop's last batch, at first)."""
+  return tf.zeros([0] + [d or 0 for d in spec.shape[1:]], spec.dtype)
+
+
+def _any_rows(shape: tf.TensorShape) -> tf.TensorShape:
+  return tf.TensorShape([None] + [None] * (shape.rank - 1)) if shape.rank else shape

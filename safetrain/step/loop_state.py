@@ -22,8 +22,9 @@ from safetrain.core import kinds
 from safetrain.step import piece as piece_lib
 from safetrain.step import registry
 
-# Why a loop ended before its `n` updates.
-STOP_NONE, STOP_ROLLBACK, STOP_DATA_END, STOP_RAISE = range(4)
+# Why a loop ended before its `n` updates. STOP_PENDING (a lean loop's batch
+# needs a rare path) never leaves `GuardedLoop.__call__`.
+STOP_NONE, STOP_ROLLBACK, STOP_DATA_END, STOP_RAISE, STOP_PENDING = range(5)
 NUM_CLASSES = len(kinds.CLASSES)
 NUM_KINDS = len(registry.KINDS)
 NUM_SUMS = len(registry.SUMS)
@@ -102,6 +103,7 @@ class Outcome(NamedTuple):
     loss: the attempt's loss; norm_good: the pre-clip norm of a good step.
     metrics: {name: metric of a good step, else 0}.
     pieces: {piece name: its `outcome`}.
+    pending: bool: a lean loop's attempt needs a rare path (not folded).
   """
 
   step_class: tf.Tensor
@@ -111,6 +113,7 @@ class Outcome(NamedTuple):
   norm_good: tf.Tensor
   metrics: dict
   pieces: dict
+  pending: Any = False
 
 
 class LoopState(NamedTuple):

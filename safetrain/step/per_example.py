@@ -190,6 +190,10 @@ class PerExamplePiece(piece.Piece):
       return
     if not step.grads:
       return
+    if step.lean:
+      # The rerun is a rare path: the attempt is redone with it built.
+      step.pending = step.pending | masked.rerun
+      return
     # Dropped examples still poison the gradient through their own ops:
     # recompute it on the rows kept.
     grads = step.grads
@@ -204,6 +208,10 @@ class PerExamplePiece(piece.Piece):
     """A non-finite scalar loss: the rows alone, and the step again on the
     finite ones (see the class docstring)."""
     if not self.scalar_rows or step.replicas > 1 or not step.grads or step.row_losses is None:
+      return
+    if step.lean:
+      # Each row alone and the step again are a rare path.
+      step.pending = step.pending | ~tf.math.is_finite(step.loss) & ~step.skip
       return
     loss, grads, metrics = step.loss, step.grads, step.metrics
     nothing = tf.constant(0.0)

@@ -100,6 +100,9 @@ class Step:
     step_class, kind: the classification, once made.
     branchless: `train.skip_update=select`: a hook selects rather than
       branches where it can (each branch's predicate goes to the host on a GPU).
+    lean: the loop is traced without its rare paths: a hook that would take
+      one sets `pending` instead (the attempt is redone with them built).
+    pending: bool, this attempt needs a rare path the lean loop lacks.
   """
 
   batch: Any
@@ -123,6 +126,8 @@ class Step:
   step_class: tf.Tensor = None
   kind: tf.Tensor = None
   branchless: bool = False
+  lean: bool = False
+  pending: tf.Tensor = None
 
   @property
   def replicas(self) -> int:
@@ -192,6 +197,11 @@ class Piece:
   def clip(self, grads: list, norm: tf.Tensor, args: Any) -> list:
     """The gradients the update applies (cross-replica, per replica)."""
     return grads
+
+  def compiles_with_xla(self) -> bool:
+    """Whether the piece's lean hooks keep static shapes, so the lean step
+    may be one XLA program (`train.jit_compile`)."""
+    return True
 
   def on_update(self, applied: tf.Tensor, step_class: tf.Tensor) -> None:
     """After the update (cross-replica): `applied` (bool) whether it was kept,

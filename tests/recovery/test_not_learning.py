@@ -64,10 +64,12 @@ def test_a_rate_too_high_to_learn_is_rolled_back_with_a_lower_rate_and_then_lear
   assert result.step == 300
   (rollback,) = [r for r in incidents(workdir) if r["action"] == "rollback"]
   assert rollback["kind"] == "not_learning" and rollback["cause"] == "not_learning"
-  # Its loss fell for the first 100 steps (from a blow-up), then stopped:
-  # the check waits for a window whose fall is within the loops' noise,
-  # steps 41..140.
-  assert rollback["step"] == 141 and rollback["lr_scale_after"] == 0.5
+  # Its loss fell for the first steps (from a blow-up), then stopped: the
+  # check waits for learn_steps good steps and a window whose fall is within
+  # the loops' noise (which window is chaotic at this rate: steps 1..100 or
+  # 41..140 on two CPUs).
+  assert 101 <= rollback["step"] <= 201 and rollback["step"] % 10 == 1
+  assert rollback["lr_scale_after"] == 0.5
   assert "predicting the targets' mean" in rollback["diagnosis"]
   # After the rollback the run does better than the mean predictor.
   assert result.loss < 0.95 * float(y.var())

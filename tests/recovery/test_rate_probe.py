@@ -121,7 +121,10 @@ def test_a_rate_far_too_high_is_probed_down_and_learns(workdir):
   (test_not_learning.py); the probe finds a scale that learns."""
   result = TinyTrainer(learn_config(**{"optimizer.learning_rate": 3.0}), workdir).fit()
   (rollback,) = rollbacks(workdir)
-  assert rollback["kind"] == "not_learning" and rollback["step"] == 141
+  # The check waits for learn_steps good steps; where the blow-up's fall
+  # ends is chaotic at this rate (101 or 141 on two CPUs), so any window.
+  assert rollback["kind"] == "not_learning"
+  assert 101 <= rollback["step"] <= 201 and rollback["step"] % 10 == 1
   scales = [t["lr_scale"] for t in rollback["probe"]]
   assert scales == pytest.approx([0.5, 0.1, 0.02])
   best = min(rollback["probe"], key=lambda t: t["loss"])
@@ -132,7 +135,7 @@ def test_a_rate_far_too_high_is_probed_down_and_learns(workdir):
   assert result.loss < 0.05 * float(y.var()), result.loss
   # Under recovery.data=skip the data is not replayed: the batches from the
   # restored state to the finding, and the three trials' 100 each, are skipped.
-  assert rollback["batches_skipped"] == (141 - 1 - rollback["restored_step"]) + 300
+  assert rollback["batches_skipped"] == (rollback["step"] - 1 - rollback["restored_step"]) + 300
 
 
 def test_the_trials_are_undone(tmp_path):
