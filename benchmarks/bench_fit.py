@@ -26,11 +26,13 @@ It also prints the number of graph nodes in each compiled loop's body, the
 per-step op budget the guard adds.
 
   .venv/bin/python benchmarks/bench_fit.py [--rounds 3] [--short 200] [--long 8200] [--breakdown]
-      [--clock cpu --threads 1]
+      [--select] [--xla] [--cold] [--clock cpu --threads 1]
 
 --breakdown adds safetrain runs with one checkpoint only (at the end), then
 also spike detection off, then also the input check off: the end-to-end cost
 of each piece; and one with train.jit_compile (XLA) at defaults otherwise.
+--xla adds safetrain with train.jit_compile forced on (the whole guarded
+step one XLA program; auto's choice on a GPU) and forced off.
 --select adds safetrain with train.skip_update=select (the branchless
 apply-or-skip, auto's choice on a GPU) beside the default (auto: the cond on
 a CPU), and prints their ratio.
@@ -195,6 +197,11 @@ def parser() -> argparse.ArgumentParser:
     "input check off: what each costs",
   )
   p.add_argument(
+    "--xla",
+    action="store_true",
+    help="also safetrain with train.jit_compile forced on and off",
+  )
+  p.add_argument(
     "--select",
     action="store_true",
     help="also safetrain with train.skip_update=select (the branchless apply-or-skip)",
@@ -247,8 +254,12 @@ def measure(args) -> None:
     runs["-ckpt-spike-input"] = functools.partial(
       safe_fit, **one_save, **{"guard.spike_detection": False, "guard.check_inputs": False}
     )
-    # XLA for compute_loss and its gradient (a GPU option; measured, not a default).
+  if args.breakdown or args.xla:
+    # The whole guarded step as one XLA program, and without (auto is XLA
+    # on a GPU and not on a CPU: both are measured wherever this runs).
     runs["+xla"] = functools.partial(safe_fit, **{"train.jit_compile": True})
+  if args.xla:
+    runs["-xla"] = functools.partial(safe_fit, **{"train.jit_compile": False})
   names = list(runs)
   per_step = {k: [] for k in names}
   startup = {k: [] for k in names}

@@ -361,7 +361,8 @@ class Trainer(TrainerHooks):
       jit_compile=jit,
       train_metrics=self._train_metrics or None,
       skip_update=skip_update(c.train.skip_update, jit_compile=jit),
-      element_spec=self._element_spec,
+      # A drill of bad rows needs a rare path for certain: no lean trace first.
+      element_spec=None if self._drill.poisons_rows else self._element_spec,
     )
     self._all_finite_fn = tf.function(self._loop.params_finite, autograph=False)
 

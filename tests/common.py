@@ -59,6 +59,23 @@ class TinyTrainer(safetrain.Trainer):
     return ds.batch(self.config.train.batch_size, drop_remainder=True)
 
 
+class DirtyTrainer(TinyTrainer):
+  """TinyTrainer's data in order (batch k is rows 16k..16k+15 at the
+  default batch size), with faults in the data itself: a NaN feature in
+  `NAN_ROWS`, and in `HUGE_ROWS` a finite target so large (3e19) that its
+  squared error overflows float32: a non-finite example of finite inputs."""
+
+  NAN_ROWS: tuple = ()
+  HUGE_ROWS: tuple = ()
+
+  def build_train_dataset(self):
+    x, y = regression_data()
+    x[list(self.NAN_ROWS), 1] = np.nan
+    y[list(self.HUGE_ROWS), 0] = 3e19
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    return ds.batch(self.config.train.batch_size, drop_remainder=True)
+
+
 class IndexTrainer(safetrain.Trainer):
   """Batches carry their own index, so a test can see which batches trained.
 

@@ -139,3 +139,10 @@ def test_bench_models_runs_the_transformer_in_both_precisions():
     ("transformer", "float32"),
     ("transformer", "mixed_float16"),
   ]
+
+
+def test_bench_fit_measures_xla_forced_on_and_off():
+  """--xla adds the whole guarded step under XLA and the step without it,
+  whatever auto chooses on the machine (a GPU's default is XLA)."""
+  assert bench_fit.parser().parse_args(["--xla"]).xla
+  assert not bench_fit.parser().parse_args([]).xla

@@ -50,6 +50,12 @@ class Drill:
     self.loss_rows = loss_rows
 
   @property
+  def poisons_rows(self) -> bool:
+    """Whether the drill will make rows bad (inputs, or some examples'
+    losses): a rare path of the guard is then certain, and built at once."""
+    return bool(self.input or self.loss and self.loss_rows > 0)
+
+  @property
   def active(self) -> bool:
     return bool(self.loss or self.grad or self.input)
 

@@ -45,8 +45,9 @@ class GuardedLoop:
   """Runs guarded steps until `n` are applied, recovery is needed, or the
   data ends (with `repeat_data` False).
 
-  Built once by the trainer; the compiled function is traced once and never
-  retraced (`n` is a tensor; the learning-rate scale is a variable).
+  Built once by the trainer; the compiled function is traced once (`n` is a
+  tensor; the learning-rate scale is a variable), and once more, with the
+  rare paths, when a lean loop meets a batch that needs one.
 
   Args:
     strategy: the distribution strategy.

@@ -8,7 +8,7 @@ weights up to XLA's float rounding."""
 import keras
 import numpy as np
 import pytest
-from common import TinyTrainer, tiny_config
+from common import DirtyTrainer, TinyTrainer, tiny_config
 
 import safetrain
 from safetrain import trainer as trainer_lib
@@ -116,12 +116,18 @@ def test_xla_runs_the_run_without_xla(fault, tmp_path):
   assert int(xla.optimizer.iterations.numpy()) == int(plain.optimizer.iterations.numpy())
 
 
+class Dirty(DirtyTrainer):
+  NAN_ROWS = (100,)  # step 7
+  HUGE_ROWS = (180, 181, 182)  # step 12
+
+
 def test_a_rare_path_under_xla_compiles_compute_loss_only(tmp_path):
-  """NaN input rows and non-finite examples: the loop is traced again with
-  its rare paths (dynamic shapes), compute_loss and its gradient under XLA."""
-  overrides = {"drill.input_steps": "7", "drill.loss_steps": "12", "drill.loss_rows": 3}
-  plain, r_plain = _fit(tmp_path, False, **overrides)
-  xla, r_xla = _fit(tmp_path, True, **overrides)
+  """NaN input rows and non-finite examples in the data: the loop is traced
+  again with its rare paths (dynamic shapes), compute_loss and its gradient
+  under XLA."""
+  # 15 steps: one pass over the 16 batches, each fault once.
+  plain, r_plain = _fit(tmp_path, False, cls=Dirty, **{"train.steps": 15})
+  xla, r_xla = _fit(tmp_path, True, cls=Dirty, **{"train.steps": 15})
   loop = xla.parts.compiled.loop
   assert not loop.lean and not loop.jit_step
   assert _xla_functions(xla), "compute_loss is compiled"

@@ -2,7 +2,8 @@
 forward and backward pass again on the examples kept) are traced only when a
 batch first needs one. A clean run never traces them; a run that meets one
 traces the loop again once, from that batch, and ends bit for bit where a
-loop with every rare path built from the start ends."""
+loop with every rare path built from the start ends. The faults are in the
+data (a drill of bad rows builds the rare paths at once)."""
 
 import json
 import os
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import logging
-from common import TinyTrainer, tiny_config
+from common import DirtyTrainer, TinyTrainer, tiny_config
 
 
-class NormTrainer(TinyTrainer):
+class NormTrainer(DirtyTrainer):
   """State a forward pass writes (BatchNorm statistics, dropout's seed)."""
 
   def build_model(self):
@@ -28,6 +29,12 @@ class NormTrainer(TinyTrainer):
         keras.layers.Dense(1),
       ]
     )
+
+
+def dirty(base=DirtyTrainer, nan=(), huge=()):
+  """A trainer class whose data holds NaN features in rows `nan` and
+  overflowing targets in rows `huge` (batch k: rows 16k..16k+15)."""
+  return type("Dirty", (base,), {"NAN_ROWS": tuple(nan), "HUGE_ROWS": tuple(huge)})
 
 
 class ClassTrainer(TinyTrainer):
@@ -81,30 +88,16 @@ def without_time(incidents):
 
 
 FAULTS = {
-  "rows with NaN inputs": dict(
-    cls=TinyTrainer, overrides={"drill.input_steps": "7", "drill.input_rows": 2}
-  ),
-  "non-finite examples": dict(
-    cls=TinyTrainer, overrides={"drill.loss_steps": "4,12", "drill.loss_rows": 3}
-  ),
-  "a skipped batch": dict(
-    cls=TinyTrainer, overrides={"drill.input_steps": "6", "guard.bad_inputs": "skip_batch"}
-  ),
-  "the data's end": dict(
-    cls=TinyTrainer, overrides={"drill.input_steps": "7,16", "train.repeat_data": False}
-  ),
+  "rows with NaN inputs": dict(cls=dirty(nan=(100, 101))),
+  "non-finite examples": dict(cls=dirty(huge=(50, 51, 200))),
+  "a skipped batch": dict(cls=dirty(nan=(90,)), overrides={"guard.bad_inputs": "skip_batch"}),
+  "the data's end": dict(cls=dirty(nan=(100, 250)), overrides={"train.repeat_data": False}),
   "examples under BatchNorm and dropout, select": dict(
-    cls=NormTrainer,
-    overrides={"drill.loss_steps": "9", "drill.loss_rows": 2, "train.skip_update": "select"},
+    cls=dirty(NormTrainer, huge=(140, 141)), overrides={"train.skip_update": "select"}
   ),
   "examples under mixed_float16": dict(
-    cls=NormTrainer,
-    overrides={
-      "drill.loss_steps": "6",
-      "drill.loss_rows": 1,
-      "precision.policy": "mixed_float16",
-      "loss_scale.initial": 2.0**8,
-    },
+    cls=dirty(NormTrainer, huge=(90,)),
+    overrides={"precision.policy": "mixed_float16", "loss_scale.initial": 2.0**8},
   ),
   "a label out of range": dict(cls=ClassTrainer, config=_class_config),
 }
@@ -181,10 +174,28 @@ def test_the_lean_loop_stashes_the_divergent_batch_as_the_built_one(mode, tmp_pa
   the loop): the same bytes as the loop built whole stashes."""
   stashed = {}
   for built in (False, True):
-    overrides = {"train.skip_update": mode, "drill.loss_steps": "6", "drill.input_steps": "8"}
-    t, result = run(tmp_path / str(built), built=built, **overrides)
+    overrides = {"train.skip_update": mode, "drill.loss_steps": "6"}
+    t, result = run(tmp_path / str(built), built=built, cls=dirty(nan=(120,)), **overrides)
     assert result.incidents
     stashed[built] = [v.numpy() for v in t.parts.compiled.loop.stash if v is not None]
   assert stashed[False][0].shape == (16, 4)
   for a, b in zip(stashed[False], stashed[True]):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_drill_of_bad_rows_builds_the_rare_paths_at_once(tmp_path, caplog):
+  """drill.input_steps, or drill.loss_steps with loss_rows: the fault is
+  certain, so the loop is traced once, whole; a drill of whole losses
+  (no row to drop) keeps the lean loop."""
+  caplog.set_level(logging.INFO)
+  for overrides, lean in (
+    ({"drill.input_steps": "3"}, False),
+    ({"drill.loss_steps": "3", "drill.loss_rows": 2}, False),
+    ({"drill.loss_steps": "3"}, True),
+  ):
+    t = TinyTrainer(
+      tiny_config(**{"train.steps": 5, **overrides}), str(tmp_path / str(len(overrides)))
+    )
+    t.build()
+    assert t.parts.compiled.loop.lean is lean, overrides
+  assert not [r for r in caplog.records if "rare paths" in r.getMessage()]
