@@ -59,6 +59,16 @@ class TinyTrainer(safetrain.Trainer):
     return ds.batch(self.config.train.batch_size, drop_remainder=True)
 
 
+def norm_model(dropout: float = 0.25) -> keras.Model:
+  """TinyTrainer's MLP with state a forward pass writes: BatchNorm
+  statistics, and dropout's seed when `dropout` > 0."""
+  layers = [keras.Input((4,)), keras.layers.Dense(8, activation="tanh")]
+  layers.append(keras.layers.BatchNormalization())
+  if dropout:
+    layers.append(keras.layers.Dropout(dropout))
+  return keras.Sequential(layers + [keras.layers.Dense(1)])
+
+
 class DirtyTrainer(TinyTrainer):
   """TinyTrainer's data in order (batch k is rows 16k..16k+15 at the
   default batch size), with faults in the data itself: a NaN feature in

@@ -5,10 +5,9 @@ rare path is built, compute_loss and its gradient are. Either way the run is
 the run without XLA: the same incidents, rollbacks and scales, the same
 weights up to XLA's float rounding."""
 
-import keras
 import numpy as np
 import pytest
-from common import DirtyTrainer, TinyTrainer, tiny_config
+from common import DirtyTrainer, TinyTrainer, norm_model, tiny_config
 
 import safetrain
 from safetrain import trainer as trainer_lib
@@ -19,14 +18,7 @@ class NormTrainer(TinyTrainer):
   XLA draws other random numbers than TensorFlow's kernels.)"""
 
   def build_model(self):
-    return keras.Sequential(
-      [
-        keras.Input((4,)),
-        keras.layers.Dense(8, activation="tanh"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Dense(1),
-      ]
-    )
+    return norm_model(dropout=0)
 
 
 def _xla_functions(trainer) -> list[set]:

@@ -13,22 +13,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import logging
-from common import DirtyTrainer, TinyTrainer, tiny_config
+from common import DirtyTrainer, TinyTrainer, norm_model, tiny_config
 
 
 class NormTrainer(DirtyTrainer):
   """State a forward pass writes (BatchNorm statistics, dropout's seed)."""
 
   def build_model(self):
-    return keras.Sequential(
-      [
-        keras.Input((4,)),
-        keras.layers.Dense(8, activation="tanh"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Dropout(0.25),
-        keras.layers.Dense(1),
-      ]
-    )
+    return norm_model()
 
 
 def dirty(base=DirtyTrainer, nan=(), huge=()):

@@ -5,11 +5,10 @@ loop body has no branch around the optimizer's update."""
 import os
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from common import ROOT, TinyTrainer, tiny_config
+from common import ROOT, TinyTrainer, norm_model, tiny_config
 
 import safetrain
 from safetrain import trainer as trainer_lib
@@ -28,15 +27,7 @@ class NormTrainer(TinyTrainer):
   seed; trained without shuffling."""
 
   def build_model(self):
-    return keras.Sequential(
-      [
-        keras.Input((4,)),
-        keras.layers.Dense(8, activation="tanh"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Dropout(0.25),
-        keras.layers.Dense(1),
-      ]
-    )
+    return norm_model()
 
 
 def everything(t) -> list:
