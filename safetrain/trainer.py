@@ -55,12 +55,14 @@ from safetrain.training.actions import LoopRecord
 __all__ = ["FitResult", "LoopRecord", "Trainer"]
 
 
+def _gpu_visible() -> bool:
+  return bool(tf.config.list_logical_devices("GPU"))
+
+
 def jit_compile(choice: bool | None) -> bool:
   """`train.jit_compile` resolved: None (auto) is XLA when a GPU is visible,
   as Keras's `jit_compile="auto"`; on a CPU XLA is slower (docs/speed.md)."""
-  if choice is not None:
-    return bool(choice)
-  return bool(tf.config.list_logical_devices("GPU"))
+  return bool(choice) if choice is not None else _gpu_visible()
 
 
 def skip_update(choice: str, *, jit_compile: bool) -> str:
@@ -70,7 +72,7 @@ def skip_update(choice: str, *, jit_compile: bool) -> str:
   the optimizer's state a step is the dearer (docs/speed.md)."""
   if choice != "auto":
     return choice
-  return "select" if jit_compile or tf.config.list_logical_devices("GPU") else "cond"
+  return "select" if jit_compile or _gpu_visible() else "cond"
 
 
 class Trainer(TrainerHooks):
@@ -361,8 +363,7 @@ class Trainer(TrainerHooks):
       jit_compile=jit,
       train_metrics=self._train_metrics or None,
       skip_update=skip_update(c.train.skip_update, jit_compile=jit),
-      # A drill of bad rows needs a rare path for certain: no lean trace first.
-      element_spec=None if self._drill.poisons_rows else self._element_spec,
+      element_spec=self._element_spec,
     )
     self._all_finite_fn = tf.function(self._loop.params_finite, autograph=False)
 

@@ -78,9 +78,10 @@ class GuardedLoop:
       the old value of every variable it (or the forward pass) wrote where
       the step is not good, with `tf.where`: no branch whose predicate a GPU
       must copy to the host, for a copy of the optimizer's state a step.
-    element_spec: the spec of one batch; with it (and one replica) the loop
-      is first traced lean: the rare paths are built when a batch first
-      needs one (see the module docstring). None builds them at once.
+    element_spec: the spec of one batch; with it (one replica, and no drill
+      of bad rows, which makes a rare path certain) the loop is first traced
+      lean: the rare paths are built when a batch first needs one (see the
+      module docstring). None builds them at once.
   """
 
   def __init__(
@@ -127,7 +128,9 @@ class GuardedLoop:
     self.scalar_loss: bool | None = None
     self.element_spec = element_spec
     # Lean: the rare paths are not in the graph yet (see the module docstring).
-    self.lean = element_spec is not None and strategy.num_replicas_in_sync == 1
+    self.lean = (
+      element_spec is not None and strategy.num_replicas_in_sync == 1 and not drill.poisons_rows
+    )
     self._resume: _Resume | None = None
     self.retrace()
 
@@ -180,18 +183,16 @@ class GuardedLoop:
       step,
     )
     state = loop_state.with_stop(state, loop_state.STOP_NONE)
-    if self._resume is None:
-      with self.strategy.scope():
-        self._resume = _Resume(
-          state=tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), state),
-          batch=[
-            tf.Variable(t, trainable=False, shape=tf.TensorShape(None))
-            for t in tf.nest.flatten(batch)
-          ],
-          active=tf.Variable(True, trainable=False),
-        )
-    else:
-      self._resume.assign(state, batch)
+    # Once per loop: it is lean no more.
+    with self.strategy.scope():
+      self._resume = _Resume(
+        state=tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), state),
+        batch=[
+          tf.Variable(t, trainable=False, shape=tf.TensorShape(None))
+          for t in tf.nest.flatten(batch)
+        ],
+        active=tf.Variable(True, trainable=False),
+      )
     self.build_rare_paths()
 
   # ------------------------------------------------------------ the loop
@@ -223,7 +224,7 @@ class GuardedLoop:
       held = [tf.zeros(spec.shape, spec.dtype) for spec in self._held_specs()]
       s, last, held = tf.while_loop(
         running,
-        lambda s, last, held: self._next(iterator, s, last, held=held),
+        lambda s, last, held: self._next_lean(iterator, s, last, held),
         (s, last, held),
         shape_invariants=(
           tf.nest.map_structure(lambda t: t.shape, s),
@@ -253,32 +254,36 @@ class GuardedLoop:
     out = loop_state.output(s, lr=lr, params_finite=self.params_finite(), pieces=self.pieces)
     return (out, s, last) if lean else out
 
+  @property
+  def branchless(self) -> bool:
+    """Hooks select rather than branch: under `skip_update="select"`, and
+    under XLA, which wants static shapes."""
+    return self.skip_update == "select" or self.jit_step
+
   def _held_specs(self) -> list:
     """The specs of the stash's leaves when a lean loop carries the last
     divergent batch by select (static shapes, `branchless`), else []."""
-    if self.stash is None or self.skip_update != "select" and not self.jit_step:
+    if self.stash is None or not self.branchless:
       return []
     specs = tf.nest.flatten(self.element_spec)
     if not all(spec.shape.is_fully_defined() for spec in specs):
       return []
     return [spec for var, spec in zip(self.stash, specs) if var is not None]
 
-  def _hold(self, s, new, batch, held: list) -> list:
-    """The last divergent batch, carried: this attempt's (as the model saw
-    it) where it diverged."""
-    seen = self.drill.corrupt_inputs(batch, s.counters[loop_state.RUN_ATTEMPT] + 1)
-    diverged = new.tallies[kinds.DIVERGENCE] > s.tallies[kinds.DIVERGENCE]
-    flat = [t for var, t in zip(self.stash, tf.nest.flatten(seen)) if var is not None]
-    return [tf.where(diverged, t, h) for t, h in zip(flat, held)]
+  def _stashed_leaves(self, batch) -> list:
+    """The leaves of `batch` the stash keeps (not strings), in order."""
+    return [t for var, t in zip(self.stash, tf.nest.flatten(batch)) if var is not None]
 
-  def _next(self, iterator, s: loop_state.LoopState, last=None, resume=None, held=None):
-    """One attempt on the next batch, or the data's end. A lean loop passes
-    the last attempt's batch (`last`) and the held divergent batch (`held`)
-    and gets (state, batch, held) back. `resume`: (active, begin, batch): the
-    first attempt of the call after a lean one stopped takes that call's
-    batch, not the iterator's next."""
-    if last is not None:
-      return self._next_lean(iterator, s, last, held)
+  def _hold(self, s, new, batch, held: list) -> list:
+    """The last divergent batch, carried: this attempt's where it diverged
+    (a lean loop has no input drill: the model saw the batch itself)."""
+    diverged = new.tallies[kinds.DIVERGENCE] > s.tallies[kinds.DIVERGENCE]
+    return [tf.where(diverged, t, h) for t, h in zip(self._stashed_leaves(batch), held)]
+
+  def _next(self, iterator, s: loop_state.LoopState, resume=None):
+    """One attempt on the next batch, or the data's end. `resume`: (active,
+    begin, batch): the first attempt of the call after a lean one stopped
+    takes that call's batch, not the iterator's next."""
     take = None
     if resume is not None:
       active, begin, pending = resume
@@ -301,6 +306,9 @@ class GuardedLoop:
     return tf.cond(optional.has_value(), lambda: self._attempt(s, optional.get_value()), end)
 
   def _next_lean(self, iterator, s, last, held):
+    """`_next` for a lean loop: it also returns the attempt's batch (`last`
+    at the data's end) and the held divergent batch (see `_hold`)."""
+
     def attempt(batch):
       new = self._attempt(s, batch)
       return new, batch, self._hold(s, new, batch, held) if held else held
@@ -327,10 +335,10 @@ class GuardedLoop:
       first, strategy.run(self._step_fn, args=(batch, attempt_now, s.pieces))
     )
     if self.lean and self.stash is not None and not self._held_specs():
-      # Out of the step (a variable of the batch's shape is not XLA's): the
-      # batch the model saw (a lean step changes no batch it does not redo).
-      seen = self.drill.corrupt_inputs(batch, attempt_now)
-      tf.cond(out.step_class == kinds.DIVERGENCE, lambda: self._stash_batch(seen), tf.no_op)
+      # Out of the step (a variable of the batch's shape is not XLA's). A
+      # lean loop has no input drill and changes no batch it does not redo:
+      # the model saw this one.
+      tf.cond(out.step_class == kinds.DIVERGENCE, lambda: self._stash_batch(batch), tf.no_op)
     folded = loop_state.fold(
       s,
       out,
@@ -359,8 +367,7 @@ class GuardedLoop:
       ctx=ctx,
       attempt=attempt,
       carried=carried,
-      # XLA wants static shapes: a branch a select can replace is one.
-      branchless=self.skip_update == "select" or self.jit_step,
+      branchless=self.branchless,
       lean=self.lean,
     )
     step.skip = tf.constant(False)
@@ -505,13 +512,10 @@ class GuardedLoop:
     return tf.map_fn(one, batch, fn_output_signature=tf.float32)
 
   def _stash_batch(self, batch):
-    for var, t in zip(self.stash, tf.nest.flatten(batch)):
-      if var is not None:
-        var.assign(t)
-    return tf.no_op()
+    return self._stash_flat(self._stashed_leaves(batch))
 
-  def _stash_flat(self, held: list):
-    for var, t in zip([v for v in self.stash if v is not None], held):
+  def _stash_flat(self, leaves: list):
+    for var, t in zip([v for v in self.stash if v is not None], leaves):
       var.assign(t)
     return tf.no_op()
 
@@ -600,12 +604,6 @@ class _Resume:
 
   def __init__(self, *, state, batch: list, active: tf.Variable):
     self.state, self.batch, self.active = state, batch, active
-
-  def assign(self, state, batch) -> None:
-    tf.nest.map_structure(lambda v, t: v.assign(t), self.state, state)
-    for v, t in zip(self.batch, tf.nest.flatten(batch)):
-      v.assign(t)
-    self.active.assign(True)
 
   def read_batch(self, element_spec):
     flat = [
